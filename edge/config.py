@@ -1,0 +1,213 @@
+"""Settings from flags, ``EDGEFERRY_*`` environment variables and one YAML file.
+
+Each long-running command declares its settings once, as a list of :class:`Option`.
+The same list builds the command-line parser (``--max-store-bytes``), names the
+environment variable (``EDGEFERRY_MAX_STORE_BYTES``) and the YAML key
+(``max_store_bytes``, at the top level of the file or in the command's section, e.g.
+``gateway:``). Precedence: flag, then environment, then the command's YAML section,
+then the YAML top level, then the default.
+
+This module is deliberately light (argparse, no pydantic): it runs in the gateway,
+whose resident memory is a product feature on a Raspberry Pi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge.errors import ConfigError
+from edge.mqtt import parse_url
+
+__all__ = ["Option", "load_settings", "parse_size", "parse_duration"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+          "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+          "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DUR_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_size(value: object) -> int:
+    """``256MiB``, ``64kB``, ``1000`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size (e.g. 256MiB, 64kB, 1000)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def parse_duration(value: object) -> float:
+    """``30s``, ``250ms``, ``24h``, ``2.5`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (e.g. 250ms, 30s, 24h)")
+    return float(m.group(1)) * _DUR_UNITS[m.group(2)]
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _parse_list(value: object) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    s = str(value).strip()
+    if s.startswith("["):
+        return [str(v) for v in json.loads(s)]
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _parse_url(value: object) -> str:
+    parse_url(str(value))
+    return str(value)
+
+
+_KINDS: dict[str, Callable[[Any], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "size": parse_size,
+    "duration": parse_duration,
+    "bool": _parse_bool,
+    "list": _parse_list,
+    "url": _parse_url,
+    "raw": lambda v: v,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting. ``kind`` is one of str, int, float, size, duration, bool, list, url,
+    raw; a ``list`` flag may be repeated. ``parse`` overrides the kind's converter."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    parse: Callable[[Any], Any] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "EDGEFERRY_" + self.name.upper()
+
+    def convert(self, value: Any, origin: str) -> Any:
+        try:
+            out = (self.parse or _KINDS[self.kind])(value)
+        except (ValueError, TypeError, ConfigError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{origin}: {e}") from None
+        if self.choices and out not in self.choices:
+            raise ConfigError(f"{origin}: {value!r} is not one of {', '.join(self.choices)}")
+        return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser(prog: str, description: str, options: Sequence[Option], epilog: str = "") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description, epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML settings file (env: EDGEFERRY_CONFIG)")
+    for opt in options:
+        extra = f" (env: {opt.env}; yaml: {opt.name}"
+        extra += f"; default: {opt.default})" if opt.default not in (None, [], "") else ")"
+        kwargs: dict[str, Any] = {"dest": opt.name, "default": None, "help": opt.help + extra,
+                                  "metavar": opt.metavar or opt.name.upper()}
+        if opt.kind == "list":
+            kwargs["action"] = "append"
+        p.add_argument(opt.flag, **kwargs)
+    return p
+
+
+def load_settings(
+    options: Sequence[Option],
+    argv: Sequence[str],
+    *,
+    prog: str,
+    description: str,
+    section: str,
+    epilog: str = "",
+    environ: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Resolve every option; raise :class:`ConfigError` with one line on bad input."""
+    env = os.environ if environ is None else environ
+    args = build_parser(prog, description, options, epilog).parse_args(list(argv))
+    file_values: dict[str, Any] = {}
+    section_keys: set[str] = set()
+    config = args.config or env.get("EDGEFERRY_CONFIG")
+    if config:
+        file_values, section_keys = _read_yaml(config, section)
+    known = {o.name for o in options}
+    out: dict[str, Any] = {}
+    for opt in options:
+        cli = getattr(args, opt.name)
+        if cli is not None:
+            out[opt.name] = opt.convert(cli, opt.flag)
+        elif opt.env in env:
+            out[opt.name] = opt.convert(env[opt.env], opt.env)
+        elif opt.name in file_values:
+            out[opt.name] = opt.convert(file_values[opt.name], f"{config}: {opt.name}")
+        elif opt.required:
+            raise ConfigError(f"{prog}: {opt.flag} is required (or {opt.env}, or '{opt.name}' in --config)")
+        else:
+            out[opt.name] = opt.default
+    unknown = section_keys - known
+    if unknown:
+        raise ConfigError(f"{config}: unknown key(s) in '{section}': {', '.join(sorted(unknown))}")
+    out["config"] = config
+    return out
+
+
+_SHARED_SECTIONS = {"gateway", "ingest", "service", "services", "sim"}
+
+
+def _read_yaml(path: str, section: str) -> tuple[dict[str, Any], set[str]]:
+    try:
+        import yaml  # only when a file is given
+    except ImportError:  # pragma: no cover
+        raise ConfigError("reading --config needs PyYAML") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of settings")
+    merged = {k: v for k, v in data.items() if k not in _SHARED_SECTIONS}
+    sect = data.get(section) or {}
+    if not isinstance(sect, dict):
+        raise ConfigError(f"config {path}: '{section}' must be a mapping")
+    merged.update(sect)
+    return merged, set(sect)

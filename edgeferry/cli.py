@@ -1,0 +1,160 @@
+"""The ``edgeferry`` command: typer groups per area."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="edgeferry: event-driven services on small devices, with a store-and-forward gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+gateway_app = typer.Typer(help="The store-and-forward gateway.", no_args_is_help=True)
+ingest_app = typer.Typer(help="Cloud-side ingest of gateway frames.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(ingest_app, name="ingest")
+
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@gateway_app.command("run", context_settings=_FORWARD, add_help_option=False)
+def gateway_run(ctx: typer.Context) -> None:
+    """Run the gateway (all flags: edgeferry gateway run --help).
+
+    Example: edgeferry gateway run --local mqtt://127.0.0.1:1883 --cloud mqtt://cloud:1883
+    --store /var/lib/edgeferry/store.db --node-id pi-01 --uplink 'dt/#' --uplink 'evt/#'
+    """
+    from gateway.main import run_gateway
+
+    raise typer.Exit(run_gateway(list(ctx.args)))
+
+
+@gateway_app.command("status")
+def gateway_status(
+    store: Path = typer.Option(..., "--store", help="path of the gateway's SQLite store"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Backlog per lane, drops by reason, link state; works while the gateway runs.
+
+    Example: edgeferry gateway status --store /var/lib/edgeferry/store.db --json
+    """
+    from gateway.errors import StoreError
+    from gateway.health import query_status
+    from gateway.store import inspect
+
+    st = query_status(store)
+    if st is None:
+        try:
+            st = inspect(store)
+        except StoreError as e:
+            _fail(str(e))
+            return
+        st["running"] = False
+        st["link"] = {"cloud": "unknown (gateway not running)", "local": "unknown (gateway not running)"}
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return
+    out = Console()
+    out.print(f"node [bold]{st.get('node_id')}[/bold]  epoch {st.get('epoch')}  store {st.get('store')}")
+    out.print(f"running: {st.get('running')}  cloud link: {st['link']['cloud']}  local link: {st['link']['local']}")
+    if st.get("offline_for_s"):
+        out.print(f"offline for {st['offline_for_s']:.1f} s")
+    t = Table("lane", "records", "bytes", "oldest age (s)")
+    for name, lane in st["lanes"].items():
+        t.add_row(name, str(lane["records"]), str(lane["bytes"]), str(lane["oldest_age_s"]))
+    out.print(t)
+    drops = st.get("drops") or {}
+    out.print("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+
+
+@ingest_app.command("run", context_settings=_FORWARD, add_help_option=False)
+def ingest_run(ctx: typer.Context) -> None:
+    """Run cloud-side ingest (all flags: edgeferry ingest run --help).
+
+    Example: edgeferry ingest run --cloud mqtt://127.0.0.1:1883 --sink jsonl:events.jsonl
+    """
+    from gateway.main import run_ingest
+
+    raise typer.Exit(run_ingest(list(ctx.args)))
+
+
+@app.command("chaos")
+def chaos(
+    listen: int = typer.Option(..., "--listen", help="local port to listen on"),
+    target: str = typer.Option(..., "--target", help="HOST:PORT to forward to"),
+    flap: str = typer.Option("", "--flap", help="UP_MIN-UP_MAX:DOWN_MIN-DOWN_MAX seconds, e.g. 1-3:1-3"),
+    mode: str = typer.Option("cut", "--mode", help="how the link goes down: cut or blackhole"),
+    seed: int = typer.Option(0, "--seed", help="random seed for the flap schedule"),
+) -> None:
+    """A TCP proxy that cuts, blackholes or flaps a link, to try outages by hand.
+
+    Example: edgeferry chaos --listen 18830 --target 127.0.0.1:1883 --flap 1-3:1-3
+    """
+    import asyncio
+
+    from firmware_sim.chaos import run_chaos_cli
+
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--target {target!r} must be HOST:PORT", 2)
+    if mode not in ("cut", "blackhole"):
+        _fail("--mode must be cut or blackhole", 2)
+    schedule = None
+    if flap:
+        try:
+            up, down = flap.split(":")
+            schedule = (tuple(map(float, up.split("-"))), tuple(map(float, down.split("-"))))
+        except ValueError:
+            _fail(f"--flap {flap!r} must look like 1-3:1-3", 2)
+    try:
+        asyncio.run(run_chaos_cli(listen, f"{host}:{port}", schedule, mode=mode, seed=seed))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("demo")
+def demo(
+    messages: int = typer.Option(2000, "--messages", help="messages the publisher sends"),
+    outage: float = typer.Option(3.0, "--outage", help="seconds the cloud link is cut mid-run"),
+) -> None:
+    """End-to-end demo: two brokers, a publisher, the gateway, a cut link, ingest.
+
+    Example: edgeferry demo --messages 5000 --outage 5
+    """
+    from edgeferry.demo import run_demo
+
+    code = run_demo(messages, outage)
+    raise typer.Exit(code)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from edgeferry import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """edgeferry: event-driven services on small devices, with a store-and-forward gateway."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,133 @@
+"""Batch frames: many stored records in one cloud MQTT message (docs/wire-format.md).
+
+Layout, little-endian::
+
+    "EF"  version:u8  flags:u8  epoch:u64  base_seq:u64  count:u32
+    node_len:u8 node  lane_len:u8 lane
+    body (zstd-compressed when flags & 1):
+        topic_count:u16  (topic_len:u16 topic)*
+        (seq_delta:u32 ts_ms:i64 topic_index:u16 payload_len:u32 payload)*count
+
+``seq = base_seq + seq_delta``. Records of one frame belong to one lane and are in
+sequence order. A decoder refuses an unknown version rather than guessing.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gateway.errors import FrameError
+
+__all__ = ["FRAME_VERSION", "Frame", "decode", "encode"]
+
+FRAME_VERSION = 1
+FLAG_ZSTD = 1
+MAX_RECORDS = 65535
+
+_HEAD = struct.Struct("<2sBBQQI")
+_REC = struct.Struct("<IqHI")
+_U16 = struct.Struct("<H")
+
+
+@dataclass(slots=True)
+class Frame:
+    """A decoded frame; ``records`` are ``(seq, ts_ms, topic, payload)``."""
+
+    node: str
+    epoch: int
+    lane: str
+    records: list[tuple[int, int, str, bytes]]
+
+
+def _zstd():  # imported only when compression is used
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise FrameError("zstd compression needs the 'zstandard' package") from None
+    return zstandard
+
+
+def encode(
+    node: str, epoch: int, lane: str, records: list[tuple[int, int, str, bytes]], compress: bool = False
+) -> bytes:
+    """Encode records ``(seq, ts_ms, topic, payload)`` (ascending seq) into one frame."""
+    if not records:
+        raise ValueError("a frame holds at least one record")
+    if len(records) > MAX_RECORDS:
+        raise ValueError(f"a frame holds at most {MAX_RECORDS} records")
+    base = records[0][0]
+    topics: dict[str, int] = {}
+    parts: list[bytes] = []
+    pack = _REC.pack
+    for seq, ts, topic, payload in records:
+        idx = topics.get(topic)
+        if idx is None:
+            idx = topics[topic] = len(topics)
+        parts.append(pack(seq - base, ts, idx, len(payload)))
+        parts.append(payload)
+    table = [_U16.pack(len(topics))]
+    for topic in topics:
+        t = topic.encode()
+        table.append(_U16.pack(len(t)))
+        table.append(t)
+    body = b"".join(table) + b"".join(parts)
+    flags = 0
+    if compress:
+        body = _zstd().ZstdCompressor(level=1).compress(body)
+        flags |= FLAG_ZSTD
+    n = node.encode()
+    ln = lane.encode()
+    return b"".join((
+        _HEAD.pack(b"EF", FRAME_VERSION, flags, epoch, base, len(records)),
+        bytes((len(n),)), n, bytes((len(ln),)), ln, body,
+    ))
+
+
+def decode(data: bytes) -> Frame:
+    """Decode a frame, raising :class:`FrameError` for anything malformed."""
+    try:
+        magic, version, flags, epoch, base, count = _HEAD.unpack_from(data, 0)
+    except struct.error:
+        raise FrameError(f"frame too short ({len(data)} bytes)") from None
+    if magic != b"EF":
+        raise FrameError("not an edgeferry frame (bad magic)")
+    if version != FRAME_VERSION:
+        raise FrameError(f"unsupported frame version {version}")
+    try:
+        pos = _HEAD.size
+        nlen = data[pos]
+        node = data[pos + 1 : pos + 1 + nlen].decode()
+        pos += 1 + nlen
+        llen = data[pos]
+        lane = data[pos + 1 : pos + 1 + llen].decode()
+        pos += 1 + llen
+        body = data[pos:]
+        if flags & FLAG_ZSTD:
+            body = _zstd().ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+        (ntopics,) = _U16.unpack_from(body, 0)
+        pos = 2
+        topics = []
+        for _ in range(ntopics):
+            (tlen,) = _U16.unpack_from(body, pos)
+            topics.append(body[pos + 2 : pos + 2 + tlen].decode())
+            pos += 2 + tlen
+        records = []
+        unpack = _REC.unpack_from
+        rsize = _REC.size
+        blen = len(body)
+        for _ in range(count):
+            delta, ts, idx, plen = unpack(body, pos)
+            pos += rsize
+            end = pos + plen
+            if end > blen:
+                raise FrameError("frame truncated")
+            records.append((base + delta, ts, topics[idx], bytes(body[pos:end])))
+            pos = end
+        if pos != blen:
+            raise FrameError(f"{blen - pos} stray bytes after the last record")
+    except FrameError:
+        raise
+    except Exception as e:  # struct.error, IndexError, UnicodeDecodeError, zstd errors
+        raise FrameError(f"corrupt frame: {e}") from None
+    return Frame(node, epoch, lane, records)

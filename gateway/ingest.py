@@ -1,0 +1,172 @@
+"""Cloud-side ingest: frames from every node -> decoded records -> a sink, exactly once.
+
+Ingest holds one persistent QoS 1 session on the cloud broker. Frames are written to
+the sink in groups (one write while the next group gathers), and acknowledged only
+after the write returned, so a kill -9 of ingest loses nothing: the broker redelivers
+what was not acknowledged and the sink drops what it already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from edge.backoff import Backoff
+from edge.errors import ConnectError, ConnectionLost
+from edge.mqtt import Message, MQTTClient
+from gateway import frames
+from gateway.errors import FrameError
+from gateway.settings import IngestSettings
+from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger("edgeferry.ingest")
+
+
+class Ingest:
+    """``async with Ingest(settings) as ing: await ing.wait()``."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self.s = settings
+        self.sink: JsonlSink | SqliteSink | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sink")
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batch: list[Message] = []
+        self._client: MQTTClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._entered = False
+        self.counters = {"frames": 0, "records": 0, "written": 0, "duplicates": 0,
+                         "bad_frames": 0, "connects": 0}
+
+    async def __aenter__(self) -> Ingest:
+        if self._entered:
+            raise RuntimeError("an Ingest can be entered only once")
+        self._entered = True
+        loop = asyncio.get_running_loop()
+        self.sink = await loop.run_in_executor(self._pool, open_sink, self.s.sink, self.s.fsync)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._tasks = [
+            self._tg.create_task(self._connection_loop(), name="ingest-connection"),
+            self._tg.create_task(self._writer(), name="ingest-writer"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._wake.set()
+        await self._idle.wait()
+        if self._client is not None and self._client.connected:
+            await self._client.close()
+        for t in self._tasks:
+            t.cancel()
+        assert self._tg is not None
+        try:
+            await self._tg.__aexit__(None, None, None)
+        except BaseExceptionGroup as eg:  # noqa: F821
+            log.error("ingest task failed at shutdown: %r", eg.exceptions)
+        if self.sink is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.sink.close)
+        self._pool.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def _connection_loop(self) -> None:
+        backoff = Backoff(0.2, self.s.backoff_max)
+        while not self._stop.is_set():
+            client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
+                                keepalive=self.s.keepalive, on_message=self._on_message)
+            self._batch = []
+            self._client = client
+            try:
+                await client.connect()
+            except ConnectError as e:
+                delay = backoff.next()
+                log.warning("cloud broker: %s; retrying in %.1f s", e, delay)
+                await self._sleep(delay)
+                continue
+            backoff.reset()
+            self.counters["connects"] += 1
+            try:
+                granted = await client.subscribe([(self.s.filter, 1)])
+                if granted and granted[0] == 0x80:
+                    log.error("the cloud broker refused the subscription to %r", self.s.filter)
+                log.info("ingest connected to %s, consuming %s", self.s.cloud, self.s.filter)
+                await client.closed
+            except ConnectionLost as e:
+                if not self._stop.is_set():
+                    log.warning("cloud broker: %s", e)
+            await self._idle.wait()
+            if not self._stop.is_set():
+                await self._sleep(backoff.next())
+
+    def _on_message(self, m: Message) -> None:
+        self._batch.append(m)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._batch:
+                if self._stop.is_set():
+                    return
+                continue
+            batch, self._batch = self._batch, []
+            client = self._client
+            rows: list[Row] = []
+            for m in batch:
+                try:
+                    f = frames.decode(m.payload)
+                except FrameError as e:
+                    self.counters["bad_frames"] += 1
+                    log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
+                    continue
+                self.counters["frames"] += 1
+                self.counters["records"] += len(f.records)
+                node, epoch, lane = f.node, f.epoch, f.lane
+                rows.extend([(node, epoch, lane, seq, ts, topic, payload)
+                             for seq, ts, topic, payload in f.records])
+            self._idle.clear()
+            try:
+                while True:
+                    try:
+                        assert self.sink is not None
+                        written, dups = await loop.run_in_executor(self._pool, self.sink.write, rows)
+                        break
+                    except OSError as e:
+                        log.error("sink write failed (%s); retrying in 1 s", e)
+                        await asyncio.sleep(1.0)
+            finally:
+                self._idle.set()
+            self.counters["written"] += written
+            self.counters["duplicates"] += dups
+            if client is not None and client is self._client and client.connected:
+                client.ack_many([m.pid for m in batch if m.qos])
+            # else: the broker redelivers them on the next connection; the sink drops them
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
+
+    def status(self) -> dict[str, Any]:
+        return {"sink": self.s.sink, "connected": bool(self._client and self._client.connected),
+                "counters": dict(self.counters), "time": time.time()}

@@ -1,0 +1,226 @@
+"""Gateway and ingest settings: declared once, read from flags, EDGEFERRY_* and YAML."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from edge.config import Option, load_settings, parse_duration
+from edge.errors import ConfigError
+from gateway.store import LaneSpec
+
+__all__ = ["GatewaySettings", "IngestSettings", "gateway_settings", "ingest_settings", "DEFAULT_LANES"]
+
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+DEFAULT_LANES = (
+    LaneSpec("events", ("evt/#",), "block"),
+    LaneSpec("telemetry", ("dt/#",), "drop_oldest"),
+)
+
+
+def check_filter(f: str) -> str:
+    """Validate an MQTT topic filter."""
+    if not f or len(f.encode()) > 65535 or "\x00" in f:
+        raise ValueError(f"{f!r} is not a valid topic filter")
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"{f!r}: '#' must be a whole, last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"{f!r}: '+' must be a whole level")
+    return f
+
+
+def _node_id(v: Any) -> str:
+    s = str(v)
+    if not _NODE.match(s):
+        raise ValueError(f"{s!r} is not a node id (letters, digits, _ . -, at most 64)")
+    return s
+
+
+def _filters(v: Any) -> list[str]:
+    from edge.config import _parse_list
+
+    out = [check_filter(f) for f in _parse_list(v)]
+    if not out:
+        raise ValueError("at least one filter is needed")
+    return out
+
+
+def _lane_specs(v: Any) -> list[LaneSpec]:
+    """Lanes from YAML (a list of mappings), JSON (EDGEFERRY_LANES) or repeated
+    ``--lane NAME:POLICY:FILTER[,FILTER...][:TTL]`` flags."""
+    import json
+
+    if isinstance(v, str):
+        v = json.loads(v) if v.strip().startswith("[") else [v]
+    specs = []
+    for item in v:
+        if isinstance(item, str):
+            parts = item.split(":")
+            if len(parts) not in (3, 4):
+                raise ValueError(f"lane {item!r} is not NAME:POLICY:FILTER[,FILTER...][:TTL]")
+            ttl = parse_duration(parts[3]) if len(parts) == 4 else 0.0
+            item = {"name": parts[0], "when_full": parts[1], "filters": parts[2].split(","), "ttl": ttl}
+        if not isinstance(item, dict):
+            raise ValueError(f"lane {item!r} must be a mapping with name, filters, when_full, ttl")
+        unknown = set(item) - {"name", "filters", "when_full", "ttl"}
+        if unknown:
+            raise ValueError(f"lane {item.get('name')!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        filters = item.get("filters") or []
+        if isinstance(filters, str):
+            filters = [filters]
+        specs.append(LaneSpec(
+            str(item.get("name", "")),
+            tuple(check_filter(str(f)) for f in filters),
+            str(item.get("when_full", "drop_oldest")),
+            parse_duration(item.get("ttl", 0) or 0),
+        ))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("lane names must be unique")
+    if not specs:
+        raise ValueError("at least one lane is needed")
+    return specs
+
+
+GATEWAY_OPTIONS = [
+    Option("local", "url", "mqtt://127.0.0.1:1883", "local broker URL", metavar="URL"),
+    Option("cloud", "url", None, "cloud broker URL", required=True, metavar="URL"),
+    Option("store", "str", "edgeferry-store.db", "path of the SQLite store", metavar="PATH"),
+    Option("node_id", "str", None, "this node's id (letters, digits, _ . -)", required=True,
+           metavar="ID", parse=_node_id),
+    Option("uplink", "list", ["dt/#", "evt/#"], "topic filter to carry to the cloud (repeatable)",
+           metavar="FILTER", parse=_filters),
+    Option("lanes", "list", [], "lane NAME:POLICY:FILTER[,FILTER...][:TTL], POLICY drop_oldest|block, "
+           "in priority order (repeatable; in YAML a list of mappings with name, filters, "
+           "when_full, ttl; default: events:block:evt/# then telemetry:drop_oldest:dt/#)",
+           metavar="SPEC", parse=_lane_specs),
+    Option("default_lane", "str", "events", "lane for messages no lane filter matches", metavar="NAME"),
+    Option("max_store_bytes", "size", 256 * 1024 * 1024, "store bound in record bytes", metavar="SIZE"),
+    Option("max_message_bytes", "size", 256 * 1024, "larger messages are rejected and counted",
+           metavar="SIZE"),
+    Option("sync", "str", "full", "SQLite synchronous: full (survives power loss) or normal",
+           choices=("full", "normal")),
+    Option("commit_interval", "duration", 0.05, "at most one store commit per interval",
+           metavar="DURATION"),
+    Option("frame_max_records", "int", 1000, "records per frame at most", metavar="N"),
+    Option("frame_max_bytes", "size", 256 * 1024, "frame size at most", metavar="SIZE"),
+    Option("frame_linger", "duration", 0.02, "how long a partial frame may wait for more records",
+           metavar="DURATION"),
+    Option("window", "int", 16, "frames in flight to the cloud broker", metavar="N"),
+    Option("compress", "str", "none", "frame compression", choices=("none", "zstd")),
+    Option("keepalive", "duration", 10.0, "cloud link keepalive: a silent link is noticed within it",
+           metavar="DURATION"),
+    Option("local_keepalive", "duration", 30.0, "local broker keepalive", metavar="DURATION"),
+    Option("backoff_max", "duration", 5.0, "cap of the reconnect backoff", metavar="DURATION"),
+    Option("client_id", "str", "", "client id on both brokers (default edgeferry-gw-NODE)",
+           metavar="ID"),
+    Option("metrics_port", "int", 0, "serve Prometheus metrics on this port (0: off)", metavar="PORT"),
+    Option("metrics_host", "str", "127.0.0.1", "address for the metrics endpoint", metavar="HOST"),
+    Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    local: str
+    cloud: str
+    store: str
+    node_id: str
+    uplink: list[str]
+    lanes: list[LaneSpec]
+    default_lane: str = "events"
+    max_store_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 256 * 1024
+    sync: str = "full"
+    commit_interval: float = 0.05
+    frame_max_records: int = 1000
+    frame_max_bytes: int = 256 * 1024
+    frame_linger: float = 0.02
+    window: int = 16
+    compress: str = "none"
+    keepalive: float = 10.0
+    local_keepalive: float = 30.0
+    backoff_max: float = 5.0
+    client_id: str = ""
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "info"
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [lane.name for lane in self.lanes]
+        if self.default_lane not in names:
+            raise ConfigError(f"default lane {self.default_lane!r} is not one of the lanes ({', '.join(names)})")
+        if not 1 <= self.frame_max_records <= 65535:
+            raise ConfigError("--frame-max-records must be between 1 and 65535")
+        if self.window < 1:
+            raise ConfigError("--window must be at least 1")
+        if self.max_message_bytes + 64 > self.max_store_bytes:
+            raise ConfigError("--max-store-bytes must be larger than --max-message-bytes")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("--metrics-port must be a TCP port")
+
+    @property
+    def gateway_client_id(self) -> str:
+        return self.client_id or f"edgeferry-gw-{self.node_id}"
+
+
+def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> GatewaySettings:
+    """Parse ``edgeferry gateway run`` arguments into settings (ConfigError on bad input)."""
+    values = load_settings(
+        GATEWAY_OPTIONS, argv, prog="edgeferry gateway run", section="gateway",
+        description="Carry local MQTT messages to the cloud broker through outages and crashes.",
+        epilog="example:\n  edgeferry gateway run --local mqtt://127.0.0.1:1883 "
+               "--cloud mqtt://cloud.example:1883 --store /var/lib/edgeferry/store.db "
+               "--node-id pi-01 --uplink 'dt/#' --uplink 'evt/#'",
+        environ=environ,
+    )
+    lanes = values.pop("lanes")
+    if not lanes:
+        lanes = list(DEFAULT_LANES)
+    return GatewaySettings(lanes=lanes, **values)
+
+
+INGEST_OPTIONS = [
+    Option("cloud", "url", None, "cloud broker URL", required=True, metavar="URL"),
+    Option("sink", "str", None, "jsonl:PATH or sqlite:PATH", required=True, metavar="SINK"),
+    Option("client_id", "str", "edgeferry-ingest", "client id (one persistent session)", metavar="ID"),
+    Option("filter", "str", "ef/+/up/+", "frames to consume", metavar="FILTER"),
+    Option("keepalive", "duration", 10.0, "keepalive", metavar="DURATION"),
+    Option("backoff_max", "duration", 5.0, "cap of the reconnect backoff", metavar="DURATION"),
+    Option("fsync", "bool", False, "fsync the sink before acknowledging each batch", metavar="BOOL"),
+    Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+]
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    cloud: str
+    sink: str
+    client_id: str = "edgeferry-ingest"
+    filter: str = "ef/+/up/+"
+    keepalive: float = 10.0
+    backoff_max: float = 5.0
+    fsync: bool = False
+    log_level: str = "info"
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        kind, _, path = self.sink.partition(":")
+        if kind not in ("jsonl", "sqlite") or not path:
+            raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH or sqlite:PATH")
+        check_filter(self.filter)
+
+
+def ingest_settings(argv: list[str], environ: dict[str, str] | None = None) -> IngestSettings:
+    values = load_settings(
+        INGEST_OPTIONS, argv, prog="edgeferry ingest run", section="ingest",
+        description="Decode gateway frames from the cloud broker, drop duplicates, write a sink.",
+        epilog="example:\n  edgeferry ingest run --cloud mqtt://127.0.0.1:1883 --sink jsonl:events.jsonl",
+        environ=environ,
+    )
+    return IngestSettings(**values)

@@ -1,0 +1,263 @@
+"""Where ingest writes: JSONL or SQLite, one row per original message, never twice.
+
+Both sinks drop duplicates by ``(node, epoch, seq)`` and survive a kill -9 of ingest:
+
+* JSONL keeps an in-memory set of sequence ranges per (node, epoch), rebuilt at start
+  by scanning the file (a half-written last line from a crash is cut off first).
+* SQLite has a primary key on (node, epoch, seq) and inserts with ``OR IGNORE``.
+
+A row: ``node``, ``epoch``, ``seq``, ``lane``, ``topic`` (the original local topic),
+``payload`` (UTF-8 text, or base64 with ``encoding: "base64"``), ``ts`` (RFC 3339 UTC,
+when the gateway received the message).
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+from gateway.errors import SinkError
+
+try:
+    import orjson
+
+    def _dumps(obj: dict[str, object]) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
+    import json
+
+    def _dumps(obj: dict[str, object]) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+__all__ = ["SeqSet", "JsonlSink", "SqliteSink", "open_sink", "rfc3339"]
+
+Row = tuple[str, int, str, int, int, str, bytes]  # node, epoch, lane, seq, ts_ms, topic, payload
+
+
+class SeqSet:
+    """A set of integers kept as sorted, disjoint, closed ranges."""
+
+    __slots__ = ("_lo", "_hi")
+
+    def __init__(self) -> None:
+        self._lo: list[int] = []
+        self._hi: list[int] = []
+
+    def __len__(self) -> int:
+        return sum(h - lo + 1 for lo, h in zip(self._lo, self._hi, strict=True))
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._lo, self._hi, strict=True))
+
+    def add(self, n: int) -> bool:
+        """Add n; False if it was already there."""
+        lo, hi = self._lo, self._hi
+        if hi and n == hi[-1] + 1:  # the common case: the next number
+            hi[-1] = n
+            return True
+        i = bisect.bisect_right(lo, n) - 1
+        if i >= 0 and n <= hi[i]:
+            return False
+        if i >= 0 and n == hi[i] + 1:
+            hi[i] = n
+            if i + 1 < len(lo) and lo[i + 1] == n + 1:
+                hi[i] = hi[i + 1]
+                del lo[i + 1], hi[i + 1]
+            return True
+        if i + 1 < len(lo) and lo[i + 1] == n + 1:
+            lo[i + 1] = n
+            return True
+        lo.insert(i + 1, n)
+        hi.insert(i + 1, n)
+        return True
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self._lo, n) - 1
+        return i >= 0 and n <= self._hi[i]
+
+
+_ts_cache: dict[int, str] = {}
+
+
+def rfc3339(ts_ms: int) -> str:
+    sec, ms = divmod(ts_ms, 1000)
+    prefix = _ts_cache.get(sec)
+    if prefix is None:
+        if len(_ts_cache) > 4096:
+            _ts_cache.clear()
+        prefix = _ts_cache[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{prefix}.{ms:03d}Z"
+
+
+def _payload_fields(payload: bytes) -> tuple[str, str | None]:
+    try:
+        return payload.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return base64.b64encode(payload).decode(), "base64"
+
+
+class JsonlSink:
+    _KEY = re.compile(rb'^\{"node":"((?:[^"\\]|\\.)*)","epoch":(\d+),"seq":(\d+),')
+
+    def __init__(self, path: str | Path, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.seen: dict[tuple[str, int], SeqSet] = {}
+        self._f = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(self.path, "a+b")
+        except OSError as e:
+            raise SinkError(f"cannot open sink {self.path}: {e.strerror}") from None
+        f.seek(0)
+        good = 0
+        key = self._KEY
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # half-written by a crash: cut off below
+            m = key.match(line)
+            if m:
+                k = (m.group(1).decode(), int(m.group(2)))
+                seen = self.seen.get(k)
+                if seen is None:
+                    seen = self.seen[k] = SeqSet()
+                seen.add(int(m.group(3)))
+            good += len(line)
+        if good != f.tell():
+            f.truncate(good)
+        f.seek(0, os.SEEK_END)
+        self._f = f
+
+    def write(self, rows: list[Row]) -> tuple[int, int]:
+        """Write rows not seen before; return (written, duplicates)."""
+        if self._f is None:
+            raise SinkError("sink is not open")
+        out = []
+        dups = 0
+        seen_map = self.seen
+        fresh: dict[tuple[str, int], set[int]] = {}
+        for node, epoch, lane, seq, ts, topic, payload in rows:
+            k = (node, epoch)
+            seen = seen_map.get(k)
+            batch_seen = fresh.get(k)
+            if batch_seen is None:
+                batch_seen = fresh[k] = set()
+            if (seen is not None and seq in seen) or seq in batch_seen:
+                dups += 1
+                continue
+            batch_seen.add(seq)
+            text, enc = _payload_fields(payload)
+            row: dict[str, object] = {"node": node, "epoch": epoch, "seq": seq, "lane": lane,
+                                      "topic": topic, "payload": text}
+            if enc:
+                row["encoding"] = enc
+            row["ts"] = rfc3339(ts)
+            out.append(_dumps(row))
+        if out:
+            out.append(b"")
+            try:
+                self._f.write(b"\n".join(out))
+                self._f.flush()
+                if self.fsync:
+                    os.fsync(self._f.fileno())
+            except OSError as e:
+                # nothing is marked seen: a retry writes these rows again
+                raise SinkError(f"cannot write sink {self.path}: {e.strerror}") from None
+        for k, seqs in fresh.items():
+            seen = seen_map.get(k)
+            if seen is None:
+                seen = seen_map[k] = SeqSet()
+            for seq in sorted(seqs):
+                seen.add(seq)
+        return len(out) - 1 if out else 0, dups
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class SqliteSink:
+    def __init__(self, path: str | Path, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS records (node TEXT NOT NULL, epoch INTEGER NOT NULL,"
+                " seq INTEGER NOT NULL, lane TEXT NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL,"
+                " encoding TEXT, ts TEXT NOT NULL, PRIMARY KEY (node, epoch, seq)) WITHOUT ROWID"
+            )
+        except sqlite3.Error as e:
+            raise SinkError(f"cannot open sink {self.path}: {e}") from None
+        self._db = db
+
+    def write(self, rows: list[Row]) -> tuple[int, int]:
+        db = self._db
+        if db is None:
+            raise SinkError("sink is not open")
+        values = []
+        for node, epoch, lane, seq, ts, topic, payload in rows:
+            text, enc = _payload_fields(payload)
+            values.append((node, epoch, seq, lane, topic, text, enc, rfc3339(ts)))
+        try:
+            before = db.total_changes
+            db.execute("BEGIN")
+            db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?)", values)
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise SinkError(f"cannot write sink {self.path}: {e}") from None
+        written = db.total_changes - before
+        return written, len(values) - written
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def open_sink(spec: str, fsync: bool = False) -> JsonlSink | SqliteSink:
+    kind, _, path = spec.partition(":")
+    if kind == "jsonl" and path:
+        sink: JsonlSink | SqliteSink = JsonlSink(path, fsync)
+    elif kind == "sqlite" and path:
+        sink = SqliteSink(path, fsync)
+    else:
+        raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")
+    sink.open()
+    return sink
+
+
+def read_sink(spec: str) -> list[dict[str, object]]:
+    """Every row of a sink, as dicts (for tests, `sim verify` and inspection)."""
+    import json
+
+    kind, _, path = spec.partition(":")
+    if kind == "jsonl":
+        with open(path, "rb") as f:
+            return [json.loads(line) for line in f if line.endswith(b"\n")]
+    if kind == "sqlite":
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM records ORDER BY node, epoch, seq")]
+        finally:
+            db.close()
+    raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")

@@ -1,0 +1,55 @@
+"""MQTT topic filter matching and the cloud topic scheme (docs/topics.md)."""
+
+from __future__ import annotations
+
+__all__ = ["matches", "LaneRouter", "uplink_topic"]
+
+
+def matches(filt: str, topic: str) -> bool:
+    """True when ``topic`` matches the MQTT filter ``filt`` (``+`` and ``#``)."""
+    if filt == topic:
+        return True
+    f = filt.split("/")
+    t = topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            # '#' does not match topics starting with '$' at the first level
+            return not (i == 0 and topic.startswith("$"))
+        if i >= len(t):
+            return False
+        if level == "+":
+            if i == 0 and t[0].startswith("$"):
+                return False
+            continue
+        if level != t[i]:
+            return False
+    return len(f) == len(t)
+
+
+class LaneRouter:
+    """Picks the lane of a topic: the first lane with a matching filter, else the default.
+    Results are cached (the cache is dropped when it grows past ``cache_size``)."""
+
+    def __init__(self, lanes: list[tuple[str, tuple[str, ...]]], default: str, cache_size: int = 4096):
+        self._lanes = lanes
+        self._default = default
+        self._cache: dict[str, str] = {}
+        self._cache_size = cache_size
+
+    def __call__(self, topic: str) -> str:
+        lane = self._cache.get(topic)
+        if lane is None:
+            lane = self._default
+            for name, filters in self._lanes:
+                if any(matches(f, topic) for f in filters):
+                    lane = name
+                    break
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[topic] = lane
+        return lane
+
+
+def uplink_topic(node: str, lane: str) -> str:
+    """Cloud topic of a node's frames for one lane."""
+    return f"ef/{node}/up/{lane}"

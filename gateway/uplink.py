@@ -1,0 +1,516 @@
+"""The store-and-forward uplink: local broker -> SQLite store -> batch frames -> cloud.
+
+Three loops share one event loop (plus a writer and a reader thread for SQLite):
+
+* **intake** holds a persistent QoS 1 session on the local broker. Each message is
+  routed to a lane and queued for the next group commit; it is acknowledged (PUBACK)
+  only after that commit. A message the broker redelivers after a crash or a dropped
+  connection (committed here, acknowledgement lost) is recognised by packet id and
+  content during the redelivery phase of a resumed session and not stored twice.
+* **committer** writes at most one transaction per ``commit_interval``: new records,
+  removal of records the cloud acknowledged, evictions and TTL expiry.
+* **uplink** keeps a session on the cloud broker. Once connected it drains at once,
+  lane by lane in priority order, in sequence order, ``window`` frames in flight; a
+  record leaves the store only after the cloud broker acknowledged its frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from edge.backoff import Backoff
+from edge.errors import ConnectError, ConnectionLost
+from edge.mqtt import Message, MQTTClient
+from gateway import frames
+from gateway.settings import GatewaySettings
+from gateway.store import RECORD_OVERHEAD, Store
+from gateway.topics import LaneRouter, uplink_topic
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("edgeferry.gateway")
+
+REDELIVERY_WINDOW = 20000
+"""Newest stored records checked against redeliveries after a restart (more than
+Mosquitto's in-flight window; packet ids repeat only every 65535 messages)."""
+
+
+class Gateway:
+    """The gateway: ``async with Gateway(settings) as gw: await gw.wait()``."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.s = settings
+        self.store = Store(settings.store, settings.lanes, max_bytes=settings.max_store_bytes,
+                           sync=settings.sync, node_id=settings.node_id)
+        self._router = LaneRouter([(ln.name, ln.filters) for ln in settings.lanes], settings.default_lane)
+        self._lane_order = [ln.name for ln in settings.lanes]
+        self._policy = {ln.name: ln.when_full for ln in settings.lanes}
+        self._wx = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._rx = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._stop = asyncio.Event()
+        self._entered = False
+        # intake
+        self._local: MQTTClient | None = None
+        self._pending: list[tuple[str, str, bytes, int, int]] = []
+        self._held: dict[str, deque[Message]] = {}
+        self._used = 0
+        self._candidates: dict[int, tuple[str, bytes]] = {}
+        self._unconfirmed: dict[int, tuple[str, bytes]] = {}
+        self._redelivery = False
+        self._confirmed_seq = 0
+        # committer
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._new_drops: dict[str, int] = {}
+        self._last_delete = 0.0
+        # uplink
+        self._uplink_wake = asyncio.Event()
+        self._acked: dict[str, int] = {}
+        self._deleted: dict[str, int] = {}
+        self._cloud_up = False
+        self._local_up = False
+        self._offline_since: float | None = time.time()
+        # counters (also persisted drops live in store.drops)
+        self.counters: dict[str, int] = {
+            "received": 0, "stored": 0, "acked_local": 0, "uplinked_records": 0, "frames": 0,
+            "redelivered_duplicates": 0, "retained_skipped": 0, "held": 0, "commits": 0,
+            "cloud_connects": 0, "local_connects": 0,
+        }
+        self.rejected: dict[str, int] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Gateway:
+        if self._entered:
+            raise RuntimeError("a Gateway can be entered only once")
+        self._entered = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._wx, self.store.open)
+        self._used = self.store.total_bytes
+        for lane in self._lane_order:
+            self._acked[lane] = self._deleted[lane] = 0
+        # after a restart nothing stored is known to be acknowledged by the cloud
+        recent = await loop.run_in_executor(self._wx, self.store.recent, REDELIVERY_WINDOW)
+        self._candidates = {pid: (topic, payload) for _, pid, topic, payload in recent if pid}
+        self._startup_high = self.store.next_seq - 1
+        log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d",
+                 self.s.node_id, self.store.path, self.store.epoch,
+                 sum(ln.count for ln in self.store.lanes.values()), self.store.total_bytes,
+                 self.store.next_seq)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._tasks = [
+            self._tg.create_task(self._intake_loop(), name="intake"),
+            self._tg.create_task(self._committer(), name="committer"),
+            self._tg.create_task(self._cloud_loop(), name="uplink"),
+            self._tg.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        try:
+            await self._shutdown()
+        finally:
+            assert self._tg is not None
+            for task in self._tasks:
+                task.cancel()
+            try:
+                await self._tg.__aexit__(None, None, None)
+            except BaseExceptionGroup as eg:  # noqa: F821 - builtin in 3.11
+                log.error("gateway task failed at shutdown: %r", eg.exceptions)
+            await asyncio.get_running_loop().run_in_executor(self._wx, self.store.close)
+            self._wx.shutdown(wait=True)
+            self._rx.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        """Run until :meth:`stop` is called (or a task fails)."""
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._uplink_wake.set()
+
+    async def _shutdown(self) -> None:
+        # take no new messages, finish the commit in flight and acknowledge it, then
+        # leave the local broker: what was not committed stays with the broker
+        self._closing = True
+        self._pending.clear()
+        await self._idle.wait()
+        if self._local is not None and self._local.connected:
+            await self._local.close()
+        # remove what the cloud acknowledged, so a restart does not resend it
+        deletes = self._due_deletes(force=True)
+        if deletes:
+            await asyncio.get_running_loop().run_in_executor(self._wx, self.store.commit, [], deletes, {})
+
+    # ------------------------------------------------------------ intake
+
+    async def _intake_loop(self) -> None:
+        backoff = Backoff(0.2, self.s.backoff_max)
+        while not self._stop.is_set():
+            client = MQTTClient(self.s.local, self.s.gateway_client_id, clean_session=False,
+                                keepalive=self.s.local_keepalive, on_message=self._on_local)
+            self._pending = []
+            self._held.clear()
+            self._candidates.update(self._unconfirmed)
+            self._unconfirmed = {}
+            self._redelivery = True
+            before = self.store.next_seq - 1
+            self._local = client
+            try:
+                present = await client.connect()
+            except ConnectError as e:
+                delay = backoff.next()
+                log.warning("local broker: %s; retrying in %.1f s", e, delay)
+                await self._sleep(delay)
+                continue
+            backoff.reset()
+            self.counters["local_connects"] += 1
+            if not present:
+                # a new session has nothing to redeliver
+                self._redelivery = False
+                self._candidates.clear()
+            try:
+                granted = await client.subscribe([(f, 1) for f in self.s.uplink])
+                for f, g in zip(self.s.uplink, granted, strict=False):
+                    if g == 0x80:
+                        log.error("local broker refused the subscription to %r", f)
+                # every redelivery precedes the answer to this ping
+                await client.ping()
+                self._redelivery = False
+                self._candidates.clear()
+                self._confirmed_seq = max(self._confirmed_seq, before)
+                self._local_up = True
+                log.info("local broker %s connected (session %s)", self.s.local,
+                         "resumed" if present else "new")
+                await client.closed
+            except ConnectionLost as e:
+                if not self._stop.is_set():
+                    log.warning("local broker: %s", e)
+            finally:
+                self._local_up = False
+            # let the commit in flight finish; its messages become redelivery candidates
+            await self._idle.wait()
+            if not self._stop.is_set():
+                await self._sleep(backoff.next())
+
+    def _on_local(self, m: Message) -> None:
+        counters = self.counters
+        counters["received"] += 1
+        client = self._local
+        if client is None or self._closing:
+            return
+        if m.retain:
+            # a retained message replayed by (re)subscribing is a snapshot, not a new event
+            counters["retained_skipped"] += 1
+            if m.qos:
+                client.ack(m.pid)
+            return
+        if len(m.payload) > self.s.max_message_bytes:
+            self._reject("oversize", m, client)
+            return
+        if self._redelivery and m.pid in self._candidates:
+            if self._candidates[m.pid] == (m.topic, m.payload):
+                counters["redelivered_duplicates"] += 1
+                client.ack(m.pid)
+                return
+        lane = self._router(m.topic)
+        held = self._held.get(lane)
+        if held:
+            held.append(m)
+            counters["held"] += 1
+            return
+        size = len(m.topic) + len(m.payload) + RECORD_OVERHEAD
+        if self._used + size > self.s.max_store_bytes and not self._room_for(lane, size):
+            if self._policy[lane] == "block":
+                log.warning("lane %s is full: holding messages unacknowledged at the local broker", lane)
+                self._held[lane] = deque([m])
+                counters["held"] += 1
+            else:
+                self._drop(f"store_full:{lane}")
+                if m.qos:
+                    client.ack(m.pid)
+            return
+        self._used += size
+        self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _room_for(self, lane: str, size: int) -> bool:
+        """Can the next commit make room by evicting telemetry? A drop_oldest lane may only
+        evict its own oldest records; a block lane may evict any drop_oldest lane."""
+        over = self._used + size - self.s.max_store_bytes
+        lanes = self.store.lanes
+        if self._policy[lane] == "drop_oldest":
+            evictable = lanes[lane].bytes
+        else:
+            evictable = sum(st.bytes for n, st in lanes.items() if self._policy[n] == "drop_oldest")
+        return evictable >= over
+
+    def _reject(self, reason: str, m: Message, client: MQTTClient) -> None:
+        n = self.rejected.get(reason, 0) + 1
+        self.rejected[reason] = n
+        self._drop(f"rejected:{reason}")
+        if n <= 10 or n % 1000 == 0:
+            log.warning("rejected message on %r (%d bytes): %s (%d so far)", m.topic, len(m.payload), reason, n)
+        if m.qos:
+            client.ack(m.pid)
+
+    def _drop(self, reason: str) -> None:
+        self._new_drops[reason] = self._new_drops.get(reason, 0) + 1
+        self._wake.set()
+
+    def _release_held(self) -> None:
+        if not self._held or self._local is None:
+            return
+        for lane, held in list(self._held.items()):
+            while held:
+                m = held[0]
+                size = len(m.topic) + len(m.payload) + RECORD_OVERHEAD
+                if self._used + size > self.s.max_store_bytes and not self._room_for(lane, size):
+                    break
+                held.popleft()
+                self._used += size
+                self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
+            if not held:
+                del self._held[lane]
+                log.info("lane %s has room again: accepting messages", lane)
+        if self._pending:
+            self._wake.set()
+
+    # ------------------------------------------------------------ committer
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            wait = last + self.s.commit_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self._closing:
+                continue
+            deletes = self._due_deletes()
+            if not self._pending and not deletes and not self._new_drops:
+                continue
+            batch, self._pending = self._pending, []
+            drops, self._new_drops = self._new_drops, {}
+            client = self._local
+            self._idle.clear()
+            last = time.monotonic()
+            try:
+                res = await loop.run_in_executor(self._wx, self.store.commit, batch, deletes, drops)
+            except Exception as e:  # disk full, I/O error: keep the batch, try again
+                log.error("store commit failed (%s); retrying", e)
+                self._pending[:0] = batch
+                for k, v in drops.items():
+                    self._new_drops[k] = self._new_drops.get(k, 0) + v
+                self._idle.set()
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
+            self.counters["commits"] += 1
+            for lane, upto in deletes.items():
+                self._deleted[lane] = upto
+            for part in (res.deleted, res.evicted, res.expired):
+                for _, (_, b) in part.items():
+                    self._used -= b
+            if res.evicted:
+                log.warning("store full: evicted %s", {k: v[0] for k, v in res.evicted.items()})
+            if batch:
+                self.counters["stored"] += len(batch)
+                self._ack(client, batch, res.last_seq)
+                self._uplink_wake.set()
+            self._idle.set()
+            self._release_held()
+
+    def _ack(self, client: MQTTClient | None, batch: list[tuple[str, str, bytes, int, int]], last_seq: int) -> None:
+        if client is not None and client is self._local and client.connected:
+            pids = [r[4] for r in batch if r[4]]
+            client.ack_many(pids)
+            self.counters["acked_local"] += len(pids)
+            mine = {r[4]: (r[1], r[2]) for r in batch if r[4]}
+            self._unconfirmed.update(mine)
+            try:
+                ping = client.ping()
+            except ConnectionLost:
+                return
+            ping.add_done_callback(partial(self._confirmed, mine, last_seq))
+        else:
+            # the connection that delivered these is gone: the broker will redeliver them
+            self._candidates.update({r[4]: (r[1], r[2]) for r in batch if r[4]})
+
+    def _confirmed(self, acked: dict[int, tuple[str, bytes]], last_seq: int, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for pid, val in acked.items():
+            if self._unconfirmed.get(pid) is val:
+                del self._unconfirmed[pid]
+        self._confirmed_seq = max(self._confirmed_seq, last_seq)
+
+    def _due_deletes(self, force: bool = False) -> dict[str, int]:
+        now = time.monotonic()
+        if not force and now - self._last_delete < 1.0:
+            return {}
+        out = {}
+        for lane, acked in self._acked.items():
+            upto = min(acked, self._confirmed_seq)
+            if upto > self._deleted[lane]:
+                out[lane] = upto
+        if out:
+            self._last_delete = now
+        return out
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await self._sleep(1.0)
+            if any(self._acked[n] > self._deleted[n] for n in self._acked) or any(
+                ln.spec.ttl for ln in self.store.lanes.values()
+            ):
+                self._wake.set()
+
+    # ------------------------------------------------------------ uplink
+
+    async def _cloud_loop(self) -> None:
+        backoff = Backoff(0.2, self.s.backoff_max)
+        while not self._stop.is_set():
+            client = MQTTClient(self.s.cloud, self.s.gateway_client_id, clean_session=False,
+                                keepalive=self.s.keepalive, max_inflight=self.s.window)
+            try:
+                await client.connect()
+            except ConnectError as e:
+                delay = backoff.next()
+                log.warning("cloud broker: %s; retrying in %.1f s", e, delay)
+                await self._sleep(delay)
+                continue
+            backoff.reset()
+            self.counters["cloud_connects"] += 1
+            self._cloud_up = True
+            down_for = time.time() - self._offline_since if self._offline_since else 0.0
+            self._offline_since = None
+            log.info("cloud broker %s connected after %.1f s offline; draining %d records",
+                     self.s.cloud, down_for, sum(ln.count for ln in self.store.lanes.values()))
+            client.closed.add_done_callback(lambda _: self._uplink_wake.set())
+            try:
+                await self._uplink(client)
+            except ConnectionLost as e:
+                log.warning("cloud link lost: %s", e)
+            finally:
+                self._cloud_up = False
+                self._offline_since = time.time()
+                if self._stop.is_set():
+                    await client.close()
+                else:
+                    client.abort()
+            if not self._stop.is_set():
+                await self._sleep(backoff.next())
+
+    async def _uplink(self, client: MQTTClient) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.s
+        sent = dict(self._acked)
+        inflight: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {n: deque() for n in self._lane_order}
+        linger_ms = int(s.frame_linger * 1000)
+        compress = s.compress == "zstd"
+        lanes = self.store.lanes
+        while not self._stop.is_set():
+            if client.closed.done():
+                client.closed.result()
+            self._uplink_wake.clear()
+            progress = False
+            deadline: float | None = None
+            for name in self._lane_order:
+                if lanes[name].newest_seq <= sent[name]:
+                    continue
+                rows = await loop.run_in_executor(
+                    self._rx, self.store.read, name, sent[name], s.frame_max_records, s.frame_max_bytes)
+                if not rows:  # evicted or expired meanwhile
+                    sent[name] = max(sent[name], lanes[name].newest_seq)
+                    continue
+                if len(rows) < s.frame_max_records and any(inflight.values()):
+                    age = int(time.time() * 1000) - rows[0][1]
+                    if age < linger_ms:
+                        wait = (linger_ms - age) / 1000
+                        deadline = wait if deadline is None else min(deadline, wait)
+                        continue
+                frame = frames.encode(s.node_id, self.store.epoch, name, rows, compress)
+                fut = await client.publish_nowait(uplink_topic(s.node_id, name), frame, 1)
+                assert fut is not None
+                hi = rows[-1][0]
+                sent[name] = hi
+                inflight[name].append((hi, fut))
+                fut.add_done_callback(partial(self._frame_acked, name, inflight[name], len(rows)))
+                self.counters["frames"] += 1
+                progress = True
+            if progress:
+                continue
+            try:
+                async with asyncio.timeout(deadline):
+                    await self._uplink_wake.wait()
+            except TimeoutError:
+                pass
+
+    def _frame_acked(self, lane: str, q: deque[tuple[int, asyncio.Future[None]]], n: int,
+                     fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.counters["uplinked_records"] += n
+        while q and q[0][1].done() and not q[0][1].cancelled() and q[0][1].exception() is None:
+            hi, _ = q.popleft()
+            if hi > self._acked[lane]:
+                self._acked[lane] = hi
+        self._uplink_wake.set()
+
+    # ------------------------------------------------------------ health
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        now_ms = int(now * 1000)
+        lanes = {}
+        for name, st in self.store.lanes.items():
+            lanes[name] = {
+                "records": st.count,
+                "bytes": st.bytes,
+                "oldest_age_s": round((now_ms - st.oldest_ts) / 1000, 3) if st.oldest_ts else None,
+                "policy": st.spec.when_full,
+                "held_at_broker": len(self._held.get(name, ())),
+            }
+        drops = dict(self.store.drops)
+        for k, v in self._new_drops.items():
+            drops[k] = drops.get(k, 0) + v
+        return {
+            "node_id": self.s.node_id,
+            "epoch": self.store.epoch,
+            "store": str(self.store.path),
+            "running": True,
+            "link": {"cloud": "up" if self._cloud_up else "down", "local": "up" if self._local_up else "down"},
+            "offline_since": self._offline_since,
+            "offline_for_s": round(now - self._offline_since, 3) if self._offline_since else 0.0,
+            "lanes": lanes,
+            "store_bytes": self._used,
+            "max_store_bytes": self.s.max_store_bytes,
+            "drops": drops,
+            "rejected": dict(self.rejected),
+            "counters": dict(self.counters),
+            "next_seq": self.store.next_seq,
+        }
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
