@@ -140,6 +140,23 @@ def demo(
     raise typer.Exit(code)
 
 
+def _register_areas() -> None:
+    """Each area adds its commands from its own module (edgeferry/cli_<area>.py)."""
+    import importlib
+
+    for name in ("edgeferry.cli_service", "edgeferry.cli_sim"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_areas()
+
+
 def _version_callback(value: bool) -> None:
     if value:
         from edgeferry import __version__
