@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +89,10 @@ class Gateway:
             "cloud_connects": 0, "local_connects": 0,
         }
         self.rejected: dict[str, int] = {}
+        # failpoint for tests: EDGEFERRY_FAILPOINT=crash_after_commit:N kills the process
+        # (SIGKILL) right after the Nth commit, before the local acknowledgement
+        fp = os.environ.get("EDGEFERRY_FAILPOINT", "")
+        self._crash_after = int(fp.split(":")[1]) if fp.startswith("crash_after_commit:") else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -168,6 +174,7 @@ class Gateway:
             self._unconfirmed = {}
             self._redelivery = True
             before = self.store.next_seq - 1
+            dups_before = self.counters["redelivered_duplicates"]
             self._local = client
             try:
                 present = await client.connect()
@@ -191,6 +198,10 @@ class Gateway:
                 await client.ping()
                 self._redelivery = False
                 self._candidates.clear()
+                dups = self.counters["redelivered_duplicates"] - dups_before
+                if dups:
+                    log.info("resumed session: %d redelivered messages were already stored "
+                             "(acknowledged, not stored again)", dups)
                 self._confirmed_seq = max(self._confirmed_seq, before)
                 self._local_up = True
                 log.info("local broker %s connected (session %s)", self.s.local,
@@ -332,6 +343,11 @@ class Gateway:
                 log.warning("store full: evicted %s", {k: v[0] for k, v in res.evicted.items()})
             if batch:
                 self.counters["stored"] += len(batch)
+                if self._crash_after is not None:
+                    self._crash_after -= 1
+                    if self._crash_after <= 0:
+                        log.warning("failpoint crash_after_commit: killing myself before acknowledging")
+                        os.kill(os.getpid(), signal.SIGKILL)
                 self._ack(client, batch, res.last_seq)
                 self._uplink_wake.set()
             self._idle.set()
