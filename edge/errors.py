@@ -4,6 +4,10 @@
 
     EdgeError
     ├── ConfigError (ValueError)            bad URL, flag or settings value
+    ├── EnvelopeError (ValueError)          a payload is not UTF-8, JSON or a valid envelope
+    ├── ServiceError                        a Service was declared or used wrongly
+    │   └── HandlerSignatureError (TypeError)  a handler's parameters do not fit its topic
+    ├── Reject                              raised by a handler: dead-letter now, no retry
     └── MQTTError
         ├── ProtocolError (ValueError)      the peer sent something MQTT 3.1.1 forbids
         ├── ConnectError (ConnectionError)  TCP connect failed or CONNACK refused
@@ -19,6 +23,30 @@ class EdgeError(Exception):
 
 class ConfigError(EdgeError, ValueError):
     """A URL, flag or settings value is not valid."""
+
+
+class EnvelopeError(EdgeError, ValueError):
+    """A payload is not UTF-8, not JSON, or not a valid CloudEvents envelope.
+
+    ``reason`` is the dead-letter reason: ``not_utf8``, ``invalid_json`` or ``bad_envelope``.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_envelope") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ServiceError(EdgeError):
+    """A Service was declared or used wrongly (e.g. entered twice, unknown module)."""
+
+
+class HandlerSignatureError(ServiceError, TypeError):
+    """A handler's parameters do not fit its topic pattern."""
+
+
+class Reject(EdgeError):
+    """Raise in a handler to dead-letter the message at once (reason ``rejected``),
+    without retrying."""
 
 
 class MQTTError(EdgeError):
