@@ -9,6 +9,7 @@ what was not acknowledged and the sink drops what it already holds.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from gateway import frames
 from gateway.errors import FrameError
 from gateway.settings import IngestSettings
 from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
+from gateway.topics import INGEST_HELLO, ack_topic
 
 __all__ = ["Ingest"]
 
@@ -43,6 +45,7 @@ class Ingest:
         self._tasks: list[asyncio.Task[None]] = []
         self._tg: asyncio.TaskGroup | None = None
         self._entered = False
+        self._confirmed: dict[tuple[str, int], dict[str, int]] = {}
         self.counters = {"frames": 0, "records": 0, "written": 0, "duplicates": 0,
                          "bad_frames": 0, "connects": 0}
 
@@ -104,6 +107,9 @@ class Ingest:
                 granted = await client.subscribe([(self.s.filter, 1)])
                 if granted and granted[0] == 0x80:
                     log.error("the cloud broker refused the subscription to %r", self.s.filter)
+                # gateways resend what we have not confirmed when our queue was lost
+                hello = {"client_id": self.s.client_id, "session_present": client.session_present}
+                await client.publish(INGEST_HELLO, json.dumps(hello).encode(), 1)
                 log.info("ingest connected to %s, consuming %s", self.s.cloud, self.s.filter)
                 await client.closed
             except ConnectionLost as e:
@@ -158,7 +164,27 @@ class Ingest:
             self.counters["duplicates"] += dups
             if client is not None and client is self._client and client.connected:
                 client.ack_many([m.pid for m in batch if m.qos])
+                await self._confirm(client, rows)
             # else: the broker redelivers them on the next connection; the sink drops them
+
+    async def _confirm(self, client: MQTTClient, rows: list[Row]) -> None:
+        """Tell each gateway (retained, QoS 1) the highest seq per lane now in the sink,
+        so it can remove those records from its store."""
+        high: dict[tuple[str, int], dict[str, int]] = {}
+        for node, epoch, lane, seq, *_ in rows:
+            lanes = high.setdefault((node, epoch), {})
+            if seq > lanes.get(lane, 0):
+                lanes[lane] = seq
+        for (node, epoch), lanes in high.items():
+            done = self._confirmed.setdefault((node, epoch), {})
+            for lane, seq in lanes.items():
+                if seq > done.get(lane, 0):
+                    done[lane] = seq
+            body = json.dumps({"epoch": epoch, "lanes": done}).encode()
+            try:
+                await client.publish_nowait(ack_topic(node), body, 1, retain=True)
+            except ConnectionLost:
+                return
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -110,6 +110,9 @@ GATEWAY_OPTIONS = [
     Option("frame_max_bytes", "size", 256 * 1024, "frame size at most", metavar="SIZE"),
     Option("frame_linger", "duration", 0.02, "how long a partial frame may wait for more records",
            metavar="DURATION"),
+    Option("confirm", "str", "ingest", "when a record may leave the store: after ingest reported it "
+           "written (ingest; survives a cloud broker crash) or after the cloud broker's PUBACK (broker)",
+           choices=("ingest", "broker")),
     Option("window", "int", 16, "frames in flight to the cloud broker", metavar="N"),
     Option("compress", "str", "none", "frame compression", choices=("none", "zstd")),
     Option("keepalive", "duration", 10.0, "cloud link keepalive: a silent link is noticed within it",
@@ -141,6 +144,7 @@ class GatewaySettings:
     frame_max_bytes: int = 256 * 1024
     frame_linger: float = 0.02
     window: int = 16
+    confirm: str = "ingest"
     compress: str = "none"
     keepalive: float = 10.0
     local_keepalive: float = 30.0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["matches", "LaneRouter", "uplink_topic"]
+__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "INGEST_HELLO"]
+
+INGEST_HELLO = "ef/_ingest/hello"
+"""Ingest announces here, after subscribing, whether its session was resumed."""
 
 
 def matches(filt: str, topic: str) -> bool:
@@ -53,3 +56,8 @@ class LaneRouter:
 def uplink_topic(node: str, lane: str) -> str:
     """Cloud topic of a node's frames for one lane."""
     return f"ef/{node}/up/{lane}"
+
+
+def ack_topic(node: str) -> str:
+    """Cloud topic where ingest reports (retained) what it wrote for a node."""
+    return f"ef/{node}/ack"

@@ -17,6 +17,7 @@ Three loops share one event loop (plus a writer and a reader thread for SQLite):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.settings import GatewaySettings
 from gateway.store import RECORD_OVERHEAD, Store
-from gateway.topics import LaneRouter, uplink_topic
+from gateway.topics import INGEST_HELLO, LaneRouter, ack_topic, uplink_topic
 
 __all__ = ["Gateway"]
 
@@ -62,6 +63,7 @@ class Gateway:
         self._entered = False
         # intake
         self._local: MQTTClient | None = None
+        self._cloud: MQTTClient | None = None
         self._pending: list[tuple[str, str, bytes, int, int]] = []
         self._held: dict[str, deque[Message]] = {}
         self._used = 0
@@ -77,7 +79,9 @@ class Gateway:
         self._last_delete = 0.0
         # uplink
         self._uplink_wake = asyncio.Event()
-        self._acked: dict[str, int] = {}
+        self._acked: dict[str, int] = {}  # per lane: highest seq the cloud broker acknowledged
+        self._ingested: dict[str, int] = {}  # per lane: highest seq ingest reported written
+        self._resend = False
         self._deleted: dict[str, int] = {}
         self._cloud_up = False
         self._local_up = False
@@ -104,7 +108,7 @@ class Gateway:
         await loop.run_in_executor(self._wx, self.store.open)
         self._used = self.store.total_bytes
         for lane in self._lane_order:
-            self._acked[lane] = self._deleted[lane] = 0
+            self._acked[lane] = self._deleted[lane] = self._ingested[lane] = 0
         # after a restart nothing stored is known to be acknowledged by the cloud
         recent = await loop.run_in_executor(self._wx, self.store.recent, REDELIVERY_WINDOW)
         self._candidates = {pid: (topic, payload) for _, pid, topic, payload in recent if pid}
@@ -382,8 +386,8 @@ class Gateway:
         if not force and now - self._last_delete < 1.0:
             return {}
         out = {}
-        for lane, acked in self._acked.items():
-            upto = min(acked, self._confirmed_seq)
+        for lane in self._acked:
+            upto = min(self._delivered(lane), self._confirmed_seq)
             if upto > self._deleted[lane]:
                 out[lane] = upto
         if out:
@@ -393,7 +397,7 @@ class Gateway:
     async def _housekeeping(self) -> None:
         while True:
             await self._sleep(1.0)
-            if any(self._acked[n] > self._deleted[n] for n in self._acked) or any(
+            if any(self._delivered(n) > self._deleted[n] for n in self._acked) or any(
                 ln.spec.ttl for ln in self.store.lanes.values()
             ):
                 self._wake.set()
@@ -404,7 +408,9 @@ class Gateway:
         backoff = Backoff(0.2, self.s.backoff_max)
         while not self._stop.is_set():
             client = MQTTClient(self.s.cloud, self.s.gateway_client_id, clean_session=False,
-                                keepalive=self.s.keepalive, max_inflight=self.s.window)
+                                keepalive=self.s.keepalive, max_inflight=self.s.window,
+                                on_message=self._on_cloud)
+            self._cloud = client
             try:
                 await client.connect()
             except ConnectError as e:
@@ -421,6 +427,8 @@ class Gateway:
                      self.s.cloud, down_for, sum(ln.count for ln in self.store.lanes.values()))
             client.closed.add_done_callback(lambda _: self._uplink_wake.set())
             try:
+                if self.s.confirm == "ingest":
+                    await client.subscribe([(ack_topic(self.s.node_id), 1), (INGEST_HELLO, 1)])
                 await self._uplink(client)
             except ConnectionLost as e:
                 log.warning("cloud link lost: %s", e)
@@ -437,7 +445,8 @@ class Gateway:
     async def _uplink(self, client: MQTTClient) -> None:
         loop = asyncio.get_running_loop()
         s = self.s
-        sent = dict(self._acked)
+        sent = {lane: self._delivered(lane) for lane in self._lane_order}
+        self._resend = False
         inflight: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {n: deque() for n in self._lane_order}
         linger_ms = int(s.frame_linger * 1000)
         compress = s.compress == "zstd"
@@ -446,6 +455,11 @@ class Gateway:
             if client.closed.done():
                 client.closed.result()
             self._uplink_wake.clear()
+            if self._resend:
+                # ingest lost its queue (new session): send again what it has not confirmed
+                self._resend = False
+                sent = {lane: self._delivered(lane) for lane in self._lane_order}
+                log.info("ingest started a new session: resending unconfirmed records")
             progress = False
             deadline: float | None = None
             for name in self._lane_order:
@@ -478,6 +492,35 @@ class Gateway:
                     await self._uplink_wake.wait()
             except TimeoutError:
                 pass
+
+    def _delivered(self, lane: str) -> int:
+        """Highest seq of a lane that may leave the store."""
+        if self.s.confirm == "ingest":
+            return self._ingested[lane]
+        return self._acked[lane]
+
+    def _on_cloud(self, m: Message) -> None:
+        client = self._cloud
+        if m.qos and client is not None:
+            client.ack(m.pid)
+        if m.topic == INGEST_HELLO:
+            try:
+                hello = json.loads(m.payload)
+            except ValueError:
+                return
+            if isinstance(hello, dict) and not hello.get("session_present", True):
+                self._resend = True
+                self._uplink_wake.set()
+            return
+        try:
+            ack = json.loads(m.payload)
+            if int(ack["epoch"]) != self.store.epoch:
+                return  # about a previous store of this node
+            for lane, seq in ack["lanes"].items():
+                if lane in self._ingested and int(seq) > self._ingested[lane]:
+                    self._ingested[lane] = int(seq)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("ignored a malformed ingest ack on %r", m.topic)
 
     def _frame_acked(self, lane: str, q: deque[tuple[int, asyncio.Future[None]]], n: int,
                      fut: asyncio.Future[None]) -> None:
