@@ -1,14 +1,28 @@
-"""edge: the service SDK and runtime for edgeferry devices, and the MQTT client it runs on."""
+"""edge: the service SDK and runtime for edgeferry devices, and the MQTT client it runs on.
+
+``import edge`` stays light (no pydantic): the gateway imports :mod:`edge.mqtt` and its
+resident memory matters. :class:`Service` and the event helpers load on first use.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import (
     ConfigError,
     ConnectError,
     ConnectionLost,
     EdgeError,
+    EnvelopeError,
+    HandlerSignatureError,
     MQTTError,
     ProtocolError,
+    Reject,
+    ServiceError,
 )
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will, parse_url
+
+if TYPE_CHECKING:
+    from edge.events import Event
+    from edge.service import Service, current_event
 
 __all__ = [
     "BrokerURL",
@@ -16,10 +30,30 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "EdgeError",
+    "EnvelopeError",
+    "Event",
+    "HandlerSignatureError",
     "Message",
     "MQTTClient",
     "MQTTError",
     "ProtocolError",
+    "Reject",
+    "Service",
+    "ServiceError",
     "Will",
+    "current_event",
     "parse_url",
 ]
+
+_LAZY = {"Service": "edge.service", "current_event": "edge.service", "Event": "edge.events"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,194 @@
+"""Running a service as a process: shared settings, logging, uvloop, signals.
+
+Used by ``Service.run()`` and ``edgeferry service run MODULE:ATTR``. The settings are
+declared once (:data:`OPTIONS`) and read, like the gateway's, from flags, then
+``EDGEFERRY_*`` variables, then the ``service:`` section of the YAML file, then its top
+level. A service's own settings are the YAML section named after it (``rules:``).
+
+This path imports neither typer nor rich; pydantic only as far as the service needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from edge.config import Option, load_settings
+from edge.errors import ConfigError, EdgeError, ServiceError
+from edge.mqtt import BrokerURL, parse_url
+
+__all__ = ["OPTIONS", "apply_settings", "load_target", "run_service", "service_config_section"]
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "edgeferry")
+
+
+def _positive_int(v: Any) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError(f"{v!r} must be at least 1")
+    return n
+
+
+OPTIONS = [
+    Option("broker", "url", None, "local broker URL, mqtt://HOST:PORT", metavar="URL"),
+    Option("username", "str", None, "user name for the broker"),
+    Option("password", "str", None, "password for the broker"),
+    Option("node_id", "str", None, "this node's id (the event source prefix; default: host name)"),
+    Option("state_dir", "str", None, "directory of the dedup tables (default: $XDG_STATE_HOME/edgeferry)",
+           metavar="DIR"),
+    Option("concurrency", "int", None, "handlers running at once, over all keys", parse=_positive_int),
+    Option("retries", "int", None, "retries of a failing handler before the message is dead-lettered"),
+    Option("retry_initial", "duration", None, "first retry delay (doubles, capped at 5 s, jittered)"),
+    Option("max_payload_bytes", "size", None, "larger messages are dead-lettered (reason oversize)"),
+    Option("dedup_ttl", "duration", None, "how long handled event ids are remembered"),
+    Option("dedup_max", "int", None, "at most this many ids are remembered", parse=_positive_int),
+    Option("heartbeat", "duration", None, "seconds between heartbeats on state/<service>/heartbeat"),
+    Option("drain_timeout", "duration", None, "on SIGTERM, wait this long for running handlers"),
+    Option("log_level", "str", None, "DEBUG, INFO, WARNING or ERROR (default INFO)",
+           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+]
+
+_ATTRS = ("node_id", "state_dir", "concurrency", "retries", "retry_initial", "max_payload_bytes",
+          "dedup_ttl", "dedup_max", "heartbeat", "drain_timeout")
+
+
+def load_target(spec: str) -> Any:
+    """Import ``MODULE:ATTR`` (MODULE importable from the current directory) and return the
+    :class:`edge.Service` it names; a callable ATTR is called with no arguments."""
+    from edge.service import Service
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ServiceError(f"{spec!r} is not MODULE:ATTR (e.g. myservice:svc)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ServiceError(f"cannot import {module_name!r}: no such module (looked in {os.getcwd()})") from None
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ServiceError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, Service) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Service):
+        raise ServiceError(f"{spec} is a {type(obj).__name__}, not an edge.Service")
+    return obj
+
+
+def service_config_section(config_path: str | None, name: str) -> dict[str, Any] | None:
+    """The YAML section named after the service, or None."""
+    if not config_path:
+        return None
+    import yaml
+
+    with open(config_path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    section = data.get(name) if isinstance(data, dict) else None
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{config_path}: '{name}' must be a mapping")
+    return section
+
+
+def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> None:
+    """Apply resolved settings to a service (code-given values stay unless overridden)."""
+    for attr in _ATTRS:
+        if settings.get(attr) is not None:
+            setattr(svc, attr, settings[attr])
+    if broker is not None:
+        svc.broker = broker
+    elif settings.get("broker"):
+        svc.broker = settings["broker"]
+    if svc.broker is None:
+        svc.broker = "mqtt://127.0.0.1:1883"
+    if isinstance(svc.broker, str) and (settings.get("username") or settings.get("password")):
+        u = parse_url(svc.broker)
+        svc.broker = BrokerURL(u.host, u.port, u.tls, settings.get("username") or u.username,
+                               settings.get("password") or u.password)
+    if svc.state_dir is None:
+        svc.state_dir = _default_state_dir()
+    svc.load_config(service_config_section(settings.get("config"), svc.name))
+
+
+def _configure_logging(level: str | None) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level or "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(main: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+async def _serve(svc: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    svc._stop_requested = stop
+    async with svc:
+        await stop.wait()
+        logging.getLogger("edge.service").info("service %s: stop requested, draining", svc.name)
+
+
+def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | None = None) -> int:
+    """Resolve settings and run ``svc`` until SIGTERM/SIGINT; return the exit code."""
+    try:
+        settings = load_settings(
+            OPTIONS, argv, prog=prog or f"{svc.name}", section="service",
+            description=f"Run the {svc.name} service.",
+        )
+        _configure_logging(settings.get("log_level"))
+        apply_settings(svc, settings, broker)
+        _run(_serve(svc))
+    except (EdgeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``edgeferry service run MODULE:ATTR [flags]`` (fast path, no typer)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        from edge.config import build_parser
+
+        p = build_parser("edgeferry service run MODULE:ATTR", "Run a service.", OPTIONS,
+                         epilog=_EPILOG)
+        p.print_help()
+        return 0 if argv else 2
+    spec, rest = argv[0], argv[1:]
+    try:
+        svc = load_target(spec)
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return run_service(svc, rest, prog=f"edgeferry service run {spec}")
+
+
+_EPILOG = """example:
+  edgeferry service run myservice:svc --broker mqtt://127.0.0.1:1883
+  edgeferry service run edge.services.rules:service --config /etc/edgeferry/rules.yaml
+"""
