@@ -1,0 +1,221 @@
+"""A fleet of simulated devices in one process, one MQTT connection each.
+
+::
+
+    async with Fleet("mqtt://127.0.0.1:18830", profile) as fleet:
+        await fleet.wait_connected(timeout=30)
+        await fleet.run()                      # profile.duration, or until fleet.stop()
+    fleet.manifest()                           # ground truth (written by --manifest)
+
+Leaving the context stops every device's ticks, gives the outboxes ``drain_timeout``
+seconds to empty, counts what is left as dropped (reason ``shutdown``), publishes
+``offline`` for every device and disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from edge.mqtt import parse_url
+from firmware_sim._rng import mix
+from firmware_sim.device import Device
+from firmware_sim.errors import ResourceLimitError
+from firmware_sim.faults import NO_FAULTS, plan_faults
+from firmware_sim.profile import Profile
+
+__all__ = ["Fleet", "raise_open_file_limit"]
+
+log = logging.getLogger("edgeferry.sim")
+
+
+def raise_open_file_limit(needed: int) -> int:
+    """Raise the soft open-file limit to at least ``needed``; return the new soft limit.
+    Raises :class:`ResourceLimitError` with one clear line when the hard limit is lower."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ResourceLimitError(
+                f"one connection per device needs about {needed} open files, but this process "
+                f"may open at most {hard} (hard limit): raise it (ulimit -Hn as root, or "
+                f"LimitNOFILE= in a systemd unit) or simulate fewer devices")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return needed
+    return soft
+
+
+class Fleet:
+    """Simulated devices sharing one event loop. ``url`` is the broker (or a chaos proxy
+    in front of it); ``run`` names this run in every payload (``simrun``) and manifest."""
+
+    def __init__(
+        self,
+        url: str,
+        profile: Profile,
+        *,
+        run: str | None = None,
+        client_prefix: str = "",
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.url = parse_url(url)
+        self.broker_url = url
+        self.profile = profile
+        self.run_id = run or f"{profile.site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self.client_prefix = client_prefix
+        self.drain_timeout = drain_timeout
+        self.rng = random.Random(mix(profile.seed))  # reconnect jitter only
+        self.plan = plan_faults(profile)
+        self.devices: list[Device] = []
+        self.by_name: dict[str, Device] = {}
+        # live counters (the progress line reads them)
+        self.generated = 0
+        self.acked = 0
+        self.connected = 0
+        self.boots = 0
+        self.faults_fired: dict[str, int] = {}
+        self.stopping = False
+        self.started_at = 0.0
+        self.wall_start = time.time()
+        self.ended_at: float | None = None
+        self.chaos: Any = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self.connection_changed = asyncio.Event()  # set whenever a device goes on- or offline
+        self._undrained: set[str] = set()
+        self._drained = asyncio.Event()
+        self._entered = False
+        self._manifest: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Fleet:
+        if self._entered:
+            raise RuntimeError("a Fleet runs once; make a new one")
+        self._entered = True
+        p = self.profile
+        raise_open_file_limit(p.devices + 256)
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self.wall_start = time.time()
+        for i, name in enumerate(p.device_names()):
+            d = Device(self, i, name, self.plan.get(name, NO_FAULTS))
+            self.devices.append(d)
+            self.by_name[name] = d
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        t0 = self.started_at
+        for i, d in enumerate(self.devices):
+            d.start(t0)
+            self._tasks.append(self._tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name))
+        log.info("fleet %s: %d devices, %g s interval, seed %d, broker %s",
+                 self.run_id, p.devices, p.interval, p.seed, self.url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self._shutdown()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                for t in self._tasks:
+                    t.cancel()
+                await tg.__aexit__(None, None, None)
+
+    async def _shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.ended_at = asyncio.get_running_loop().time()
+        for d in self.devices:
+            d.stop_ticks()
+        self._undrained = {d.name for d in self.devices if len(d.outbox) and d.alive}
+        if not self._undrained:
+            self._drained.set()
+        for d in self.devices:
+            d.wake.set()
+        if self._undrained:
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("fleet: %d devices still held messages after %g s; counted as "
+                            "dropped (shutdown)", len(self._undrained), self.drain_timeout)
+        for d in self.devices:
+            d.outbox.clear("shutdown")
+        await asyncio.gather(*(d.shutdown() for d in self.devices), return_exceptions=True)
+        self._manifest = self._build_manifest()
+
+    def device_emptied(self, device: Device) -> None:
+        """A device's outbox is empty (called while stopping)."""
+        if self.stopping and device.name in self._undrained:
+            self._undrained.discard(device.name)
+            if not self._undrained:
+                self._drained.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a short-lived device job (a reboot, an update) in the fleet's task group."""
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(coro, name=name)
+
+    # ------------------------------------------------------------------ running
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Run for ``duration`` seconds (default: the profile's; None: until stop())."""
+        duration = self.profile.duration if duration is None else duration
+        if duration is None:
+            await self._stop.wait()
+            return
+        remaining = self.started_at + duration - asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
+
+    async def wait_connected(self, n: int | None = None, timeout: float = 60.0) -> None:
+        """Wait until ``n`` devices (default: all) are online; TimeoutError otherwise."""
+        want = len(self.devices) if n is None else n
+        try:
+            async with asyncio.timeout(timeout):
+                while self.connected < want:
+                    self.connection_changed.clear()
+                    await self.connection_changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"only {self.connected} of {want} devices connected in {timeout:g} s") from None
+
+    def device(self, name: str) -> Device:
+        return self.by_name[name]
+
+    def stats(self) -> dict[str, Any]:
+        dropped = sum(d.outbox.dropped for d in self.devices)
+        return {"devices": len(self.devices), "connected": self.connected,
+                "generated": self.generated, "acked": self.acked, "dropped": dropped,
+                "held": sum(len(d.outbox) for d in self.devices), "boots": self.boots,
+                "faults": dict(self.faults_fired)}
+
+    # ------------------------------------------------------------------ manifest
+
+    def manifest(self) -> dict[str, Any]:
+        """The ground truth of this run (complete once the fleet has stopped)."""
+        return self._manifest if self._manifest is not None else self._build_manifest()
+
+    def _build_manifest(self) -> dict[str, Any]:
+        from firmware_sim.manifest import build_manifest
+
+        return build_manifest(self)
