@@ -12,6 +12,7 @@ import sys
 _FAST = {
     ("gateway", "run"): ("gateway.main", "run_gateway"),
     ("ingest", "run"): ("gateway.main", "run_ingest"),
+    ("service", "run"): ("edgeferry.cli_service", "run_service"),
 }
 
 
