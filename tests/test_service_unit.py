@@ -1,0 +1,185 @@
+"""Service SDK pieces without a broker: topic patterns, handler signatures, the dedup
+table, settings, loading MODULE:ATTR."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from pydantic import BaseModel
+
+from edge import Event, HandlerSignatureError, Service, ServiceError
+from edge._dedup import DedupTable
+from edge._routing import compile_pattern, make_route, match_specs
+from edge._runner import OPTIONS, apply_settings, load_target
+from edge.config import load_settings
+from edge.errors import ConfigError
+from edge.testing import topic_matches
+
+
+class M(BaseModel):
+    x: int
+
+
+@pytest.mark.parametrize("pattern,flt,topic,params", [
+    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature", {"device": "s1"}),
+    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/humidity", None),
+    ("dt/{device}/temperature", "dt/+/temperature", "dt//temperature", None),
+    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature/x", None),
+    ("dt/{device}/{stream}", "dt/+/+", "dt/a/b", {"device": "a", "stream": "b"}),
+    ("cmd/{target}/#", "cmd/+/#", "cmd/x/a/b", {"target": "x"}),
+    ("cmd/{target}/#", "cmd/+/#", "cmd/x", {"target": "x"}),
+    ("a/+/c", "a/+/c", "a/b/c", {}),
+])
+def test_patterns(pattern, flt, topic, params):
+    f, specs = compile_pattern(pattern)
+    assert f == flt
+    assert match_specs(specs, topic) == params
+    if params is not None:
+        assert topic_matches(flt, topic)
+
+
+@pytest.mark.parametrize("pattern", ["", "a/#/b", "a/{x}{y}", "a/{x}/{x}", "a/b+", "dt/{1x}"])
+def test_bad_patterns(pattern):
+    with pytest.raises(HandlerSignatureError):
+        compile_pattern(pattern)
+
+
+def test_signatures():
+    async def ok(device: str, m: M, event: Event, topic: str) -> None: ...
+
+    r = make_route("dt/{device}/x", ok)
+    assert (r.payload_param, r.event_param, r.topic_param, r.payload_type) == ("m", "event", "topic", M)
+    assert r.key("dt/a/x", {"device": "a"}) == "a"
+    assert make_route("a/{site}/{device}", lambda_async(), key="site").key("t", {"site": "s", "device": "d"}) == "s"
+
+    async def missing(m: M) -> None: ...
+
+    async def two_payloads(device: str, a: M, b: M) -> None: ...
+
+    def not_async(device: str) -> None: ...
+
+    async def bad_placeholder_type(device: list, m: M) -> None: ...
+
+    for fn in (missing, two_payloads, not_async, bad_placeholder_type):
+        with pytest.raises(HandlerSignatureError):
+            make_route("dt/{device}/x", fn)
+    with pytest.raises(HandlerSignatureError):
+        make_route("dt/{device}/x", ok, key="nope")
+
+
+def lambda_async():
+    async def h(site: str, device: str) -> None: ...
+
+    return h
+
+
+def test_overlapping_registration_and_bad_names():
+    svc = Service("svc1")
+
+    @svc.on("dt/{device}/x")
+    async def a(device: str) -> None: ...
+
+    with pytest.raises(ServiceError):
+        @svc.on("dt/{d}/x")
+        async def b(d: str) -> None: ...
+
+    for bad in ("", "a b", "x/y", "-x"):
+        with pytest.raises(ConfigError):
+            Service(bad)
+
+
+async def test_service_refuses_reentry_and_no_handlers():
+    from edge.testing import MemoryBroker
+
+    empty = Service("empty", broker=MemoryBroker())
+    with pytest.raises(ServiceError):
+        async with empty:
+            pass
+    svc = Service("twice", broker=MemoryBroker(), heartbeat=0)
+
+    @svc.on("a/{k}")
+    async def h(k: str) -> None: ...
+
+    async with svc:
+        with pytest.raises(ServiceError):
+            async with svc:
+                pass
+    async with svc:  # sequential re-use is fine
+        pass
+
+
+def test_dedup_table_persists_expires_and_stays_bounded(tmp_path):
+    path = str(tmp_path / "d.sqlite")
+    t = DedupTable(path, ttl=3600, max_entries=3)
+    for i in range(5):
+        t.add(f"id{i}")
+    t.commit()
+    assert len(t) == 3 and "id0" not in t and "id4" in t
+    t.close()
+    t2 = DedupTable(path, ttl=3600, max_entries=3)
+    assert {"id2", "id3", "id4"} == {i for i in ("id0", "id1", "id2", "id3", "id4") if i in t2}
+    t2.close()
+    # an uncommitted mark is not durable (the message was not acknowledged either)
+    t3 = DedupTable(path, ttl=3600, max_entries=10)
+    t3.add("late")
+    t3._db.close()
+    t3._db = None
+    assert "late" not in DedupTable(path, ttl=3600, max_entries=10)
+    # TTL
+    t4 = DedupTable(None, ttl=0.05, max_entries=10)
+    t4.add("x")
+    assert "x" in t4
+    deadline = time.monotonic() + 5
+    while "x" in t4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "x" not in t4 and t4.expire() == 1 and len(t4) == 0
+
+
+def test_settings_precedence_and_credentials(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("broker: mqtt://10.0.0.1:1884\nnode_id: pi-9\nservice:\n  concurrency: 4\n"
+                   "  retries: 1\nmysvc:\n  threshold: 5\n")
+
+    class Cfg(BaseModel):
+        threshold: int = 1
+
+    svc = Service("mysvc", config=Cfg, retries=7)
+    s = load_settings(OPTIONS, ["--config", str(cfg), "--retries", "2", "--username", "u"],
+                      prog="x", section="service", description="", environ={"EDGEFERRY_PASSWORD": "p"})
+    apply_settings(svc, s)
+    assert (svc.concurrency, svc.retries, svc.node_id) == (4, 2, "pi-9")
+    assert (svc.broker.host, svc.broker.port, svc.broker.username, svc.broker.password) == (
+        "10.0.0.1", 1884, "u", "p")
+    assert svc.config.threshold == 5 and svc.state_dir
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("service:\n  concurency: 4\n")
+    with pytest.raises(ConfigError, match="concurency"):
+        load_settings(OPTIONS, ["--config", str(bad)], prog="x", section="service", description="")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("mysvc:\n  threshold: lots\n")
+    s = load_settings(OPTIONS, ["--config", str(wrong)], prog="x", section="service", description="")
+    with pytest.raises(ConfigError, match="threshold"):
+        apply_settings(svc, s)
+
+
+def test_load_target(tmp_path, monkeypatch):
+    (tmp_path / "mysvc_mod.py").write_text(
+        "from edge import Service\nsvc = Service('fromfile')\nnot_a_service = 3\n"
+        "def make():\n    return Service('made')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_target("mysvc_mod:svc").name == "fromfile"
+    assert load_target("mysvc_mod:make").name == "made"
+    for spec, msg in [("mysvc_mod", "MODULE:ATTR"), ("nope_mod:svc", "no such module"),
+                      ("mysvc_mod:missing", "no attribute"), ("mysvc_mod:not_a_service", "not an edge.Service")]:
+        with pytest.raises(ServiceError, match=msg):
+            load_target(spec)
+
+
+def test_import_edge_stays_light():
+    code = ("import sys, edge, edge.mqtt; "
+            "heavy = [m for m in ('pydantic', 'yaml', 'typer', 'rich', 'sqlite3') if m in sys.modules]; "
+            "assert not heavy, heavy; from edge import Service; assert Service.__name__ == 'Service'")
+    subprocess.run([sys.executable, "-c", code], check=True)
