@@ -177,6 +177,12 @@ class Service:
         self._bg: list[asyncio.Task[Any]] = []
         self._lane_tasks: set[asyncio.Task[Any]] = set()
         self._dlq_logged: dict[str, int] = {}
+        # failpoint for tests: EDGEFERRY_FAILPOINT=service_crash_after_commit:N kills the
+        # process (SIGKILL) right after the Nth dedup commit, before acknowledging
+        import os
+
+        fp = os.environ.get("EDGEFERRY_FAILPOINT", "")
+        self._crash_after = int(fp.split(":")[1]) if fp.startswith("service_crash_after_commit:") else None
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {len(self.routes)} handlers)"
@@ -707,12 +713,21 @@ class Service:
         """Commit the dedup marks of this loop turn, then acknowledge their messages."""
         self._flush_scheduled = False
         if self._dedup is not None:
+            marks = len(self._dedup._pending)
             try:
                 self._dedup.commit()
             except Exception:
                 log.exception("service %s: dedup commit failed; messages stay unacknowledged", self.name)
                 self._acks.clear()
                 return
+            if self._crash_after is not None and marks:
+                self._crash_after -= 1
+                if self._crash_after <= 0:
+                    import os
+                    import signal
+
+                    log.warning("failpoint service_crash_after_commit: killing myself before acknowledging")
+                    os.kill(os.getpid(), signal.SIGKILL)
         acks, self._acks = self._acks, []
         if not acks:
             return
