@@ -307,7 +307,7 @@ class Device:
         delay = connect_at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        while not fleet.stopping:
+        while not fleet.stopping or (self.alive and len(self.outbox) and not fleet.drain_over):
             if not self.alive:
                 await self._sleep(None)
                 continue
@@ -328,7 +328,7 @@ class Device:
                 log.debug("%s: connect failed: %s", self.name, e)
                 await self._sleep(backoff.next())
                 continue
-            if not self.alive or fleet.stopping:
+            if not self.alive or fleet.drain_over:
                 await client.close()
                 continue
             self.client = client
@@ -356,7 +356,7 @@ class Device:
                 elif client.connected:
                     client.abort()
                 self.outbox.requeue_all()
-            if self.alive and not fleet.stopping and loop.time() >= self.net_down_until:
+            if self.alive and loop.time() >= self.net_down_until and not fleet.drain_over:
                 # the broker or the path to it went away: back off before trying again
                 self.counters["link_lost"] += 1
                 await self._sleep(backoff.next())
@@ -364,6 +364,8 @@ class Device:
     async def _sleep(self, seconds: float | None) -> None:
         """Sleep, but wake early on a state change (power on, fleet stop)."""
         self.wake.clear()
+        if seconds is not None and self.fleet.stopping:
+            seconds = min(seconds, 0.25)  # draining at the end: do not wait out a long backoff
         if seconds is None:
             await self.wake.wait()
             return

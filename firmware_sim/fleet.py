@@ -22,7 +22,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from edge.mqtt import parse_url
+from edge.mqtt import BrokerURL, parse_url
 from firmware_sim._rng import mix
 from firmware_sim.device import Device
 from firmware_sim.errors import ResourceLimitError
@@ -83,6 +83,7 @@ class Fleet:
         self.boots = 0
         self.faults_fired: dict[str, int] = {}
         self.stopping = False
+        self.drain_over = False
         self.started_at = 0.0
         self.wall_start = time.time()
         self.ended_at: float | None = None
@@ -103,8 +104,10 @@ class Fleet:
             raise RuntimeError("a Fleet runs once; make a new one")
         self._entered = True
         p = self.profile
-        raise_open_file_limit(p.devices + 256)
+        raise_open_file_limit(p.devices * (3 if p.chaos else 1) + 256)
         loop = asyncio.get_running_loop()
+        if p.chaos is not None:
+            await self._start_chaos()
         self.started_at = loop.time()
         self.wall_start = time.time()
         for i, name in enumerate(p.device_names()):
@@ -130,6 +133,24 @@ class Fleet:
                 for t in self._tasks:
                     t.cancel()
                 await tg.__aexit__(None, None, None)
+            if self.chaos is not None:
+                await self.chaos.__aexit__(None, None, None)
+
+    async def _start_chaos(self) -> None:
+        """Put a chaos proxy between every device and the broker (site-wide outages)."""
+        from firmware_sim.chaos import ChaosProxy
+
+        spec = self.profile.chaos
+        assert spec is not None
+        proxy = ChaosProxy(self.url.host, self.url.port, seed=self.profile.seed,
+                           on_change=lambda what: log.info("fleet link: %s", what))
+        await proxy.__aenter__()
+        self.chaos = proxy
+        self.url = BrokerURL("127.0.0.1", proxy.port, self.url.tls, self.url.username,
+                             self.url.password)
+        schedule = spec.schedule()
+        if schedule is not None:
+            await proxy.flap(schedule[0], schedule[1], mode=spec.mode)
 
     async def _shutdown(self) -> None:
         if self.stopping:
@@ -138,6 +159,8 @@ class Fleet:
         self.ended_at = asyncio.get_running_loop().time()
         for d in self.devices:
             d.stop_ticks()
+        if self.chaos is not None and self.chaos.flapping:
+            await self.chaos.up()  # the outage ends: let the devices drain
         self._undrained = {d.name for d in self.devices if len(d.outbox) and d.alive}
         if not self._undrained:
             self._drained.set()
@@ -150,8 +173,10 @@ class Fleet:
             except TimeoutError:
                 log.warning("fleet: %d devices still held messages after %g s; counted as "
                             "dropped (shutdown)", len(self._undrained), self.drain_timeout)
+        self.drain_over = True
         for d in self.devices:
             d.outbox.clear("shutdown")
+            d.wake.set()
         await asyncio.gather(*(d.shutdown() for d in self.devices), return_exceptions=True)
         self._manifest = self._build_manifest()
 

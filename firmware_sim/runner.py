@@ -1,0 +1,113 @@
+"""Run a fleet as a command: preflight, signals, a live progress line, the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from edge.errors import ConnectError
+from edge.mqtt import MQTTClient, parse_url
+from firmware_sim.errors import SimError
+from firmware_sim.fleet import Fleet, raise_open_file_limit
+from firmware_sim.manifest import write_manifest
+from firmware_sim.profile import Profile
+
+__all__ = ["run_fleet", "RateMeter"]
+
+
+class RateMeter:
+    """Messages per second over a sliding window of samples."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, t: float, count: int) -> float:
+        self.samples.append((t, count))
+        while len(self.samples) > 2 and t - self.samples[0][0] > self.window:
+            self.samples.pop(0)
+        t0, c0 = self.samples[0]
+        return (count - c0) / (t - t0) if t > t0 else 0.0
+
+
+async def _preflight(url: str) -> None:
+    """One connection before the fleet: a wrong URL fails at once, with one line."""
+    try:
+        async with MQTTClient(url, f"edgeferry-sim-preflight-{time.monotonic_ns() % 10**9}",
+                              connect_timeout=5):
+            pass
+    except ConnectError as e:
+        raise SimError(f"cannot reach the broker: {e}") from None
+
+
+async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_id: str | None,
+                drain_timeout: float, progress: bool) -> int:
+    await _preflight(broker)
+    fleet = Fleet(broker, profile, run=run_id, drain_timeout=drain_timeout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, fleet.stop)
+    target = profile.target_rate()
+    async with fleet:
+        if progress:
+            await _with_progress(fleet, target)
+        else:
+            await fleet.run()
+    m = fleet.manifest()
+    if manifest_path is not None:
+        write_manifest(manifest_path, m)
+    tot = m["totals"]
+    elapsed = m["duration_s"] or 0.0
+    rate = tot["acked"] / elapsed if elapsed else 0.0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(tot["dropped_by_reason"].items())) or "none"
+    print(f"run {m['run']}: {profile.devices} devices, {elapsed:.1f} s, sent {tot['sent']} readings, "
+          f"acked {tot['acked']} messages ({rate:.1f}/s, target {target:.1f}/s), dropped by devices: "
+          f"{reasons}" + (f"; manifest {manifest_path}" if manifest_path else ""), file=sys.stderr)
+    return 0
+
+
+async def _with_progress(fleet: Fleet, target: float) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    duration = fleet.profile.duration
+    meter = RateMeter()
+    cols = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
+    with Progress(*cols, transient=False, refresh_per_second=4) as bar:
+        task = bar.add_task("starting", total=duration)
+        runner = asyncio.ensure_future(fleet.run())
+        try:
+            while not runner.done():
+                now = asyncio.get_running_loop().time()
+                s = fleet.stats()
+                rate = meter.add(now, s["acked"])
+                desc = (f"connected {s['connected']}/{s['devices']} · {rate:,.1f} msg/s "
+                        f"(target {target:,.1f}) · acked {s['acked']:,} · held {s['held']:,} "
+                        f"· dropped {s['dropped']:,}")
+                bar.update(task, description=desc,
+                           completed=min(now - fleet.started_at, duration) if duration else None)
+                await asyncio.wait([runner], timeout=0.5)
+        finally:
+            if not runner.done():
+                runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+def run_fleet(broker: str, profile: Profile, *, manifest_path: Path | None = None,
+              run_id: str | None = None, drain_timeout: float = 10.0, progress: bool = True) -> int:
+    """Run the fleet to completion on uvloop (when available); return the exit code."""
+    parse_url(broker)  # ConfigError with one line if bad
+    raise_open_file_limit(profile.devices * (3 if profile.chaos else 1) + 256)
+    if manifest_path is not None:
+        parent = Path(manifest_path).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise SimError(f"cannot write manifest {manifest_path}: {parent} is not a writable directory")
+    main = _main(broker, profile, manifest_path, run_id, drain_timeout, progress)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - not on Linux
+        return asyncio.run(main)
+    return uvloop.run(main)
