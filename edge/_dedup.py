@@ -22,13 +22,14 @@ __all__ = ["DedupTable"]
 
 
 class DedupTable:
-    def __init__(self, path: str | None, *, ttl: float = 86400.0, max_entries: int = 100_000) -> None:
+    def __init__(self, path: str | None, *, ttl: float = 86400.0, max_entries: int = 10_000) -> None:
         self.path = path
         self.ttl = ttl
         self.max_entries = max(1, max_entries)
         self._ids: dict[str, float] = {}
         self._pending: list[tuple[str, float]] = []
         self._db: Any = None
+        self._now = time.time()  # one float object per commit, shared by its marks
         if path is not None:
             self._open(path)
 
@@ -60,7 +61,7 @@ class DedupTable:
 
     def add(self, event_id: str) -> None:
         """Mark an id; it is durable after the next :meth:`commit`."""
-        now = time.time()
+        now = self._now
         self._ids.pop(event_id, None)
         self._ids[event_id] = now
         if self._db is not None:
@@ -70,6 +71,7 @@ class DedupTable:
 
     def commit(self) -> None:
         """Write the marks made since the last commit in one transaction."""
+        self._now = time.time()
         if not self._pending or self._db is None:
             self._pending.clear()
             return

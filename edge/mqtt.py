@@ -214,6 +214,7 @@ class MQTTClient:
         self._ping_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._entered = False
+        self._reading_paused = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -405,6 +406,22 @@ class MQTTClient:
             pack = _PUBACK.pack
             self._write(b"".join([pack(0x40, 2, p) for p in pids]))
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (the receiver has enough unacknowledged messages
+        in hand); TCP flow control then holds the rest at the broker. Keepalive pings
+        still go out, and a paused connection is not declared silent."""
+        if self._transport is not None and not self._reading_paused and self.connected:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`."""
+        if self._transport is not None and self._reading_paused:
+            self._reading_paused = False
+            self._last_rx = time.monotonic()
+            if self.connected:
+                self._transport.resume_reading()
+
     def ping(self) -> asyncio.Future[None]:
         """Send PINGREQ; the future completes at PINGRESP. The broker handles packets in
         order, so a PINGRESP proves it has processed everything we sent before."""
@@ -420,6 +437,15 @@ class MQTTClient:
     def _tick(self) -> None:
         now = time.monotonic()
         half = self.keepalive / 2
+        if self._reading_paused:
+            # we are not reading, so answers cannot arrive: keep the broker's side alive
+            if now - self._last_tx > half:
+                try:
+                    self._write(_PINGREQ)
+                except ConnectionLost:
+                    return
+            self._timer = asyncio.get_running_loop().call_later(self.keepalive / 4, self._tick)
+            return
         if self._ping_sent is not None and now - self._ping_sent > half and now - self._last_rx > half:
             self._lost(ConnectionLost(f"no answer from {self.url} within {self.keepalive} s (keepalive)"))
             return

@@ -118,13 +118,14 @@ class Service:
         state_dir: str | None = None,
         dedup: bool = True,
         dedup_ttl: float = 86400.0,
-        dedup_max: int = 100_000,
+        dedup_max: int = 10_000,
         heartbeat: float = 30.0,
         drain_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         keepalive: float = 30.0,
         client_id: str | None = None,
         max_inflight: int = 64,
+        max_pending: int = 1000,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"service name {name!r}: letters, digits, _ . - only (at most 64)")
@@ -152,6 +153,7 @@ class Service:
         self.keepalive = keepalive
         self.client_id = client_id
         self.max_inflight = max_inflight
+        self.max_pending = max(1, max_pending)
         self.routes: list[Route] = []
         self.publishes_declared: list[tuple[str, Any, str]] = []
         self._on_start: list[Callable[[], Awaitable[Any]]] = []
@@ -166,6 +168,8 @@ class Service:
         )
         self.dead_lettered: dict[str, int] = {}
         self._lanes: dict[str, deque[_Work]] = {}
+        self._pending = 0  # received, not finished yet (bounded by max_pending)
+        self._paused: Any = None  # the client whose reading is paused
         self._inflight: dict[str, _Work] = {}
         self._acks: list[tuple[Any, int]] = []
         self._flush_scheduled = False
@@ -412,6 +416,7 @@ class Service:
                 await asyncio.sleep(delay)
         await client.subscribe([(r.filter, 1) for r in self.routes])
         self._client = client
+        self._paused = None  # a paused older connection is gone
         return client
 
     async def _go_online(self, client: Any) -> None:
@@ -467,7 +472,7 @@ class Service:
         """The counters the heartbeat publishes."""
         out: dict[str, Any] = dict(self.counters)
         out["dead_lettered"] = dict(self.dead_lettered)
-        out["in_flight"] = sum(len(q) for q in self._lanes.values())
+        out["in_flight"] = self._pending
         out["uptime_s"] = round(time.monotonic() - self._started, 3) if self._started else 0.0
         return out
 
@@ -556,6 +561,11 @@ class Service:
                 break
         key = route.key(topic, params) if route is not None else topic
         work = _Work(msg, route, params, key, client)
+        self._pending += 1
+        if self._pending >= self.max_pending and self._paused is None:
+            # enough in hand: let TCP hold the rest at the broker (memory stays flat)
+            self._paused = client
+            client.pause_reading()
         lane = self._lanes.get(key)
         if lane is not None:
             lane.append(work)
@@ -581,9 +591,14 @@ class Service:
                         log.exception("service %s: internal error on %s", self.name, work.msg.topic)
                         await self._dead(work, "handler_error", f"internal error: {e!r}", 0)
                 lane.popleft()
+                self._pending -= 1
+                if self._paused is not None and self._pending <= self.max_pending // 2:
+                    self._paused.resume_reading()
+                    self._paused = None
         finally:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]
+                self._pending -= len(lane)  # abandoned at stop: the broker sends them again
             if not self._lanes:
                 self._idle.set()
 

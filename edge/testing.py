@@ -225,6 +225,7 @@ class MemoryClient:
         self.session_present = False
         self._closed: asyncio.Future[None] | None = None
         self._entered = False
+        self._held: deque[Message] | None = None  # while reading is paused
 
     async def __aenter__(self) -> MemoryClient:
         await self.connect()
@@ -260,8 +261,20 @@ class MemoryClient:
         asyncio.get_running_loop().call_soon(self._dispatch, msg)
 
     def _dispatch(self, msg: Message) -> None:
-        if self.connected:
+        if self._held is not None:
+            self._held.append(msg)
+        elif self.connected:
             self.on_message(msg)
+
+    def pause_reading(self) -> None:
+        if self._held is None:
+            self._held = deque()
+
+    def resume_reading(self) -> None:
+        held, self._held = self._held, None
+        loop = asyncio.get_running_loop()
+        for msg in held or ():
+            loop.call_soon(self._dispatch, msg)
 
     def _end(self, clean: bool, why: str) -> None:
         if self._closed is not None and not self._closed.done():

@@ -348,3 +348,36 @@ async def test_retry_publishes_same_ids():
         await tc.publish_event("dt/a/x", {})
         got = await out.wait(2)
     assert got[0].event.id == got[1].event.id  # downstream dedup applies it once
+
+
+async def test_backlog_is_held_at_the_broker_not_in_memory(broker):
+    """With the handler stuck, the service stops reading once max_pending messages are in
+    hand (plus at most one socket read); the rest waits at the broker."""
+    svc = Service(name(), heartbeat=0, max_pending=20)
+    gate = asyncio.Event()
+    handled = []
+
+    @svc.on("dt/{device}/x")
+    async def handle(device: str, data: dict) -> None:
+        await gate.wait()
+        handled.append(data["n"])
+
+    pad = "x" * 2000
+    async with svc.running(broker), TestClient(broker) as tc:
+        for n in range(400):
+            await tc.publish(f"dt/d{n % 4}/x", {"n": n, "pad": pad})
+        await tc.settle()
+        async with asyncio.timeout(10):
+            while svc._pending < 20:
+                await asyncio.sleep(0.01)
+        for _ in range(20):  # give it every chance to read more than it should
+            await asyncio.sleep(0.005)
+        in_hand = svc._pending
+        gate.set()
+        async with asyncio.timeout(20):
+            while len(handled) < 400:
+                await asyncio.sleep(0.01)
+    print(f"\nin hand while stuck: {in_hand} of 400 (max_pending 20)")
+    limit = 20 if isinstance(broker, MemoryBroker) else 20 + 140  # one 256 KiB read of 2 kB messages
+    assert in_hand <= limit
+    assert sorted(handled) == list(range(400))
