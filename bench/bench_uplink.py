@@ -1,0 +1,605 @@
+"""Uplink benchmark (issue 2): the edgeferry gateway + ingest against Mosquitto's own bridge.
+
+Both pipelines run on this machine in the same run, from the same broker configs
+(deploy/mosquitto/edge.conf and cloud.conf; only listener and persistence_location are
+replaced), with the same TCP proxy on the cloud link:
+
+    edgeferry: loadgen -> edge mosquitto -> gateway (SQLite) -> proxy -> cloud mosquitto
+               -> edgeferry ingest -> JSONL
+    bridge:    loadgen -> edge mosquitto (bridge) ----------> proxy -> cloud mosquitto
+               -> bench.bridge_sink -> JSONL
+
+Every scenario counts sent / delivered / lost / duplicated at the sink by the message
+number ``n`` in each payload, with its own run id.
+
+    .venv/bin/python -m bench --only uplink [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from bench._proxy import make_proxy
+from bench._util import (
+    PY,
+    Broker,
+    Loadgen,
+    Proc,
+    SinkTail,
+    Workdir,
+    count_run,
+    cpu_seconds,
+    io_write_bytes,
+    mem_kb,
+    payload_bytes,
+    run_loadgen,
+    wait_for,
+)
+
+NAME = "uplink"
+BACKOFF = "1s"          # gateway --backoff-max
+RESTART_TIMEOUT = "1 1"  # bridge restart_timeout: base 1 s, cap 1 s (see _bridge_lines)
+BRIDGE_ID = "bench-bridge"
+
+
+def _log(msg: str) -> None:
+    print(f"  [uplink {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _bridge_lines(proxy_port: int) -> list[str]:
+    return [
+        "",
+        "# bench: Mosquitto's own bridge, configured for reliability",
+        "connection cloud",
+        f"address 127.0.0.1:{proxy_port}",
+        "topic dt/# out 1",
+        "cleansession false",
+        "bridge_protocol_version mqttv311",
+        f"remote_clientid {BRIDGE_ID}",
+        f"restart_timeout {RESTART_TIMEOUT}",
+    ]
+
+
+class Pipeline:
+    """Brokers, proxy, forwarder and sink of one pipeline in one temp dir."""
+
+    kind = ""
+
+    def __init__(self, tag: str) -> None:
+        self.wd = Workdir(f"efbench-{self.kind}-{tag}-")
+        self.sink = self.wd / "sink.jsonl"
+        self.tail = SinkTail(self.sink)
+        self.cloud = Broker(self.wd, "cloud", "cloud").start()
+        self.proxy, self.proxy_impl = make_proxy("127.0.0.1", self.cloud.port)
+        self.proxy.start()
+        self.edge: Broker
+
+    @property
+    def proxy_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.proxy.port}"
+
+    def cut(self) -> None:
+        self.proxy.cut()
+
+    def up(self) -> None:
+        self.proxy.up()
+
+    def forwarder_pid(self) -> int:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def cpu(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.pids().items():
+            try:
+                out[name] = cpu_seconds(pid)
+            except OSError:
+                out[name] = float("nan")
+        return out
+
+    def wait_backlog(self, n: int, timeout: float = 600) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        self.tail.close()
+        try:
+            self.proxy.stop()
+        finally:
+            self.wd.cleanup()
+
+
+class Edgeferry(Pipeline):
+    kind = "edgeferry"
+
+    def __init__(self, tag: str, *, sync: str = "full") -> None:
+        super().__init__(tag)
+        self.sync = sync
+        self.store = self.wd / "store.db"
+        self.edge = Broker(self.wd, "edge", "edge").start()
+        self.ingest = Proc(self.wd, "ingest", [
+            PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
+            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"])
+        self.ingest.start().wait_log("ingest ready")
+        self.gateway = Proc(self.wd, "gateway", [
+            PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
+            "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
+            "--uplink", "dt/#", "--backoff-max", BACKOFF, "--keepalive", "10s", "--sync", sync])
+        self.start_gateway()
+        self.wait_links(local=True, cloud=True)
+
+    def start_gateway(self) -> None:
+        self.gateway.start().wait_log("gateway ready", timeout=30)
+
+    def status(self) -> dict[str, Any] | None:
+        from gateway.health import query_status
+
+        return query_status(self.store)
+
+    def wait_links(self, *, local: bool | None = None, cloud: bool | None = None,
+                   timeout: float = 30) -> None:
+        def ok() -> bool:
+            st = self.status()
+            if not st:
+                return False
+            link = st["link"]
+            return ((local is None or (link["local"] == "up") == local)
+                    and (cloud is None or (link["cloud"] == "up") == cloud))
+        wait_for(ok, timeout, 0.02, f"gateway links local={local} cloud={cloud}")
+
+    def commits(self) -> int:
+        st = self.status()
+        return int(st["counters"]["commits"]) if st else -1
+
+    def backlog(self) -> int:
+        st = self.status()
+        return sum(ln["records"] for ln in st["lanes"].values()) if st else -1
+
+    def wait_backlog(self, n: int, timeout: float = 600) -> float:
+        t0 = time.monotonic()
+        wait_for(lambda: self.backlog() >= n, timeout, 0.02, f"{n} records in the gateway store")
+        return time.monotonic() - t0
+
+    def forwarder_pid(self) -> int:
+        return self.gateway.pid
+
+    def pids(self) -> dict[str, int]:
+        return {"gateway": self.gateway.pid, "edge_broker": self.edge.pid,
+                "cloud_broker": self.cloud.pid, "sink": self.ingest.pid}
+
+
+class Bridge(Pipeline):
+    kind = "bridge"
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.sinkp = Proc(self.wd, "bridge_sink", [
+            PY, "-m", "bench.bridge_sink", "--cloud", self.cloud.url, "--sink", str(self.sink),
+            "--client-id", "bench-bridge-sink", "--filter", "dt/#"])
+        self.sinkp.start().wait_log("sink ready")
+        self.edge = Broker(self.wd, "edge", "edge", extra=_bridge_lines(self.proxy.port))
+        self.start_edge()
+
+    def start_edge(self, *, wait_bridge: bool = True) -> None:
+        mark = self.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+        self.edge.start()
+        if wait_bridge:
+            wait_for(lambda: self.cloud.proc.log_text().count(f" as {BRIDGE_ID} ") > mark, 30, 0.02,
+                     "the bridge to connect to the cloud broker")
+
+    def forwarder_pid(self) -> int:
+        return self.edge.pid
+
+    def pids(self) -> dict[str, int]:
+        return {"edge_broker": self.edge.pid, "cloud_broker": self.cloud.pid,
+                "sink": self.sinkp.pid}
+
+
+PIPELINES = {"edgeferry": Edgeferry, "bridge": Bridge}
+
+
+def _per100k(cpu0: dict[str, float], cpu1: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round((cpu1[k] - cpu0[k]) * 100000 / n, 3) for k in cpu0 if n}
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+# ------------------------------------------------------------------ scenarios
+
+def live(n: int, ceiling_n: int, reps: int) -> dict[str, Any]:
+    """1 + 6: live throughput and CPU, and the load generator's own ceiling."""
+    out: dict[str, Any] = {"messages": n, "size": 100, "devices": 10}
+    wd = Workdir("efbench-ceiling-")
+    try:
+        b = Broker(wd, "edge", "edge").start()
+        ceil = []
+        for i in range(reps):
+            r = run_loadgen(b.url, ceiling_n, f"ceil{i}")
+            ceil.append(r["rate"])
+        out["loadgen_ceiling_msg_s"] = ceil
+        _log(f"loadgen alone: {ceil} msg/s")
+    finally:
+        wd.cleanup()
+    for rep in range(reps):
+        for kind in ("bridge", "edgeferry"):
+            p = PIPELINES[kind](f"live{rep}")
+            try:
+                run = f"live-{kind}-{rep}"
+                cpu0 = p.cpu()
+                lg = Loadgen(p.edge.url, n, run).start()
+                w = p.tail.wait(n, timeout=300, quiet=15)
+                res = lg.result()
+                cpu1 = p.cpu()
+                c = count_run(p.sink, run, n)
+                span = (w["last"] - w["first"]) if w["first"] else None
+                row = {
+                    **c,
+                    "sink_rate_msg_s": _r(c["delivered"] / span, 0) if span else None,
+                    "end_to_end_s": _r(w["last"] - lg.t_start) if w["last"] else None,
+                    "end_to_end_msg_s": _r(c["delivered"] / (w["last"] - lg.t_start), 0)
+                    if w["last"] else None,
+                    "loadgen_msg_s": res["rate"],
+                    "cpu_s_per_100k": _per100k(cpu0, cpu1, c["delivered"]),
+                    "forwarder_rss_kb": mem_kb(p.forwarder_pid()),
+                }
+                out.setdefault(kind, []).append(row)
+                _log(f"live {kind}: {row}")
+            finally:
+                p.close()
+    return out
+
+
+def drain(n: int) -> dict[str, Any]:
+    """2 + 5 (outage) + 6 (drain CPU): a backlog built while the link is cut, then up()."""
+    out: dict[str, Any] = {"messages": n, "gateway_backoff_max": BACKOFF,
+                           "bridge_restart_timeout": RESTART_TIMEOUT}
+    for kind in ("bridge", "edgeferry"):
+        p = PIPELINES[kind]("drain")
+        try:
+            run = f"drain-{kind}"
+            p.cut()
+            if isinstance(p, Edgeferry):
+                p.wait_links(cloud=False)
+            cpu0 = p.cpu()
+            lg = run_loadgen(p.edge.url, n, run)
+            p.wait_backlog(n)
+            cpu1 = p.cpu()
+            time.sleep(1.5)  # let reconnect attempts fail a few times: a real outage
+            cpu2 = p.cpu()
+            t_up = time.monotonic()
+            p.up()
+            w = p.tail.wait(n, timeout=600, quiet=15)
+            cpu3 = p.cpu()
+            c = count_run(p.sink, run, n)
+            row = {
+                **c,
+                "loadgen_msg_s": lg["rate"],
+                "reconnect_s": _r(w["first"] - t_up) if w["first"] else None,
+                "drain_s": _r(w["last"] - w["first"]) if w["first"] else None,
+                "drain_msg_s": _r(c["delivered"] / (w["last"] - w["first"]), 0)
+                if w["first"] and w["last"] > w["first"] else None,
+                "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None,
+                "cpu_s_per_100k_intake": _per100k(cpu0, cpu1, n),
+                "cpu_s_per_100k_drain": _per100k(cpu2, cpu3, c["delivered"]),
+                "forwarder_peak_rss_kb": mem_kb(p.forwarder_pid())["VmHWM"],
+            }
+            out[kind] = row
+            _log(f"drain {kind}: {row}")
+        finally:
+            p.close()
+    return out
+
+
+def cold_start(n: int) -> dict[str, Any]:
+    """3: messages queued at the local broker for the gateway's session while it was down."""
+    p = Edgeferry("cold")
+    try:
+        run = "cold"
+        p.gateway.terminate()
+        lg = run_loadgen(p.edge.url, n, run)
+        t0 = time.monotonic()
+        p.gateway.start()
+        # how far ahead of the gateway's acknowledgements the broker ran (its window is
+        # max_inflight_messages): the largest received - acked_local seen
+        ahead = [0]
+
+        def sample() -> None:
+            st = p.status()
+            if st:
+                k = st["counters"]
+                ahead[0] = max(ahead[0], k["received"] - k["acked_local"])
+        w = p.tail.wait(n, timeout=300, quiet=15, on_first=sample)
+        c = count_run(p.sink, run, n)
+        m = mem_kb(p.gateway.pid)
+        row = {**c, "messages": n, "loadgen_msg_s": lg["rate"],
+               "start_to_first_s": _r(w["first"] - t0) if w["first"] else None,
+               "start_to_last_s": _r(w["last"] - t0) if w["last"] else None,
+               "gateway_peak_rss_kb": m["VmHWM"], "gateway_rss_after_kb": m["VmRSS"],
+               "unacked_at_first_record": ahead[0]}
+        _log(f"cold start: {row}")
+        return row
+    finally:
+        p.close()
+
+
+def memory(n: int, steps: int = 4) -> dict[str, Any]:
+    """4: RSS holding a backlog of n messages (cut link), sampled at every n/steps."""
+    out: dict[str, Any] = {"messages": n}
+    chunk = n // steps
+    for kind in ("bridge", "edgeferry"):
+        p = PIPELINES[kind]("mem")
+        try:
+            run = f"mem-{kind}"
+            p.cut()
+            if isinstance(p, Edgeferry):
+                p.wait_links(cloud=False)
+            pid = p.forwarder_pid()
+            samples = [{"backlog": 0, **mem_kb(pid)}]
+            rates = []
+            for k in range(steps):
+                lg = run_loadgen(p.edge.url, chunk, run, start=k * chunk)
+                rates.append(lg["rate"])
+                p.wait_backlog((k + 1) * chunk)
+                s: dict[str, Any] = {"backlog": (k + 1) * chunk, **mem_kb(pid)}
+                if isinstance(p, Edgeferry):
+                    s["store_file_bytes"] = sum(
+                        f.stat().st_size for f in p.wd.path.glob("store.db*") if f.is_file())
+                    s["edge_broker_rss_kb"] = mem_kb(p.edge.pid)["VmRSS"]
+                samples.append(s)
+                _log(f"memory {kind}: {s}")
+            # then restore the link and count what the big backlog delivered
+            t_up = time.monotonic()
+            p.up()
+            w = p.tail.wait(chunk * steps, timeout=600, quiet=15)
+            c = count_run(p.sink, run, chunk * steps)
+            out[kind] = {"samples": samples, "loadgen_msg_s": rates,
+                         "who": "gateway process" if kind == "edgeferry"
+                         else "edge mosquitto (bridge queue)",
+                         "peak_rss_kb_after_drain": mem_kb(pid)["VmHWM"],
+                         "drain": {**c, "up_to_last_s": _r(w["last"] - t_up)
+                                   if w["last"] else None}}
+            _log(f"memory {kind}: drained {out[kind]['drain']}")
+        finally:
+            p.close()
+    return out
+
+
+def kill9(n: int, syncs: tuple[str, ...] = ("full",)) -> dict[str, Any]:
+    """5: kill -9 the edge side while it holds a backlog; restart; restore the link; count."""
+    out: dict[str, Any] = {"messages": n}
+    for kind in ("bridge", *(f"edgeferry-{s}" for s in syncs)):
+        if kind == "bridge":
+            p: Pipeline = Bridge("kill")
+        else:
+            p = Edgeferry("kill", sync=kind.split("-")[1])
+        try:
+            run = f"kill-{kind}"
+            p.cut()
+            if isinstance(p, Edgeferry):
+                p.wait_links(cloud=False)
+            run_loadgen(p.edge.url, n, run)
+            p.wait_backlog(n)
+            if isinstance(p, Edgeferry):
+                p.gateway.kill()
+                p.edge.kill()
+                p.edge.start()
+                p.start_gateway()
+            else:
+                assert isinstance(p, Bridge)
+                p.edge.kill()
+                p.start_edge(wait_bridge=False)
+            mark = p.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+            t_up = time.monotonic()
+            p.up()
+            w = p.tail.wait(n, timeout=300, quiet=8)
+            c = count_run(p.sink, run, n)
+            row = {**c, "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None}
+            if isinstance(p, Bridge):
+                # evidence that a zero is a loss, not a bridge that never came back
+                connects = p.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+                row["bridge_reconnected"] = connects > mark
+            out[kind] = row
+            _log(f"kill -9 {kind}: {row}")
+        finally:
+            p.close()
+    return out
+
+
+def flash(rate: int, seconds: int) -> dict[str, Any]:
+    """7: bytes the gateway writes per payload byte, online and during an outage."""
+    n = rate * seconds
+    out: dict[str, Any] = {"rate_msg_s": rate, "seconds": seconds, "messages": n}
+    for sync in ("full", "normal"):
+        p = Edgeferry(f"flash-{sync}", sync=sync)
+        try:
+            gw = p.gateway.pid
+            row: dict[str, Any] = {}
+            # online: link up; count until everything reached the sink and was removed
+            run = f"flash-{sync}-on"
+            pb = payload_bytes(run, n, 100)
+            io0, k0 = io_write_bytes(gw), p.commits()
+            run_loadgen(p.edge.url, n, run, rate=rate)
+            p.tail.wait(n, timeout=120, quiet=10)
+            wait_for(lambda p=p: p.backlog() == 0, 30, 0.05, "the store to empty")
+            time.sleep(1.2)  # the next commit carries the last deletes
+            io1, k1 = io_write_bytes(gw), p.commits()
+            c = count_run(p.sink, run, n)
+            row["online"] = {"write_bytes": io1 - io0, "payload_bytes": pb,
+                             "ratio": _r((io1 - io0) / pb, 2), "commits": k1 - k0,
+                             "bytes_per_commit": (io1 - io0) // max(1, k1 - k0),
+                             "lost": c["lost"], "duplicated": c["duplicated"]}
+            # outage: same load with the link cut; count until all of it is in the store
+            run = f"flash-{sync}-off"
+            pb = payload_bytes(run, n, 100)
+            p.cut()
+            p.wait_links(cloud=False)
+            io0, k0 = io_write_bytes(gw), p.commits()
+            run_loadgen(p.edge.url, n, run, rate=rate)
+            p.wait_backlog(n)
+            time.sleep(1.2)
+            io1, k1 = io_write_bytes(gw), p.commits()
+            row["outage"] = {"write_bytes": io1 - io0, "payload_bytes": pb,
+                             "ratio": _r((io1 - io0) / pb, 2), "commits": k1 - k0,
+                             "bytes_per_commit": (io1 - io0) // max(1, k1 - k0)}
+            out[sync] = row
+            _log(f"flash sync={sync}: {row}")
+        finally:
+            p.close()
+    return out
+
+
+def run(quick: bool) -> dict[str, Any]:
+    if quick:
+        n, mem_n, reps, flash_s = 20000, 200000, 1, 3
+    else:
+        n, mem_n, reps, flash_s = 100000, 1000000, 2, 10
+    results: dict[str, Any] = {
+        "quick": quick,
+        "config": {"gateway": f"--backoff-max {BACKOFF} --keepalive 10s (defaults otherwise)",
+                   "bridge": _bridge_lines(0)[2:], "proxy": make_proxy("127.0.0.1", 1)[1]},
+    }
+    scenarios = [
+        ("live", lambda: live(n, n, reps)),
+        ("drain", lambda: drain(n)),
+        ("cold_start", lambda: cold_start(n)),
+        ("kill9", lambda: kill9(n, ("full", "normal"))),
+        ("flash", lambda: flash(2000, flash_s)),
+        ("memory", lambda: memory(mem_n)),
+    ]
+    only = os.environ.get("EFBENCH_SCENARIOS")
+    for name, fn in scenarios:
+        if only and name not in only.split(","):
+            continue
+        t0 = time.monotonic()
+        _log(f"scenario {name} ...")
+        try:
+            results[name] = fn()
+        except Exception as e:  # a failed scenario is reported, the others still run
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            _log(f"scenario {name} FAILED: {e}")
+        results[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return results
+
+
+# ------------------------------------------------------------------ summary
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(res: dict[str, Any]) -> list[tuple[str, Any, Any, str, str, str]]:
+    """Rows: (what, edgeferry, bridge, ratio, target, verdict)."""
+    rows: list[tuple[str, Any, Any, str, str, str]] = []
+
+    def ok(cond: bool | None) -> str:
+        return "-" if cond is None else ("met" if cond else "MISSED")
+
+    lv = res.get("live", {})
+    if "edgeferry" in lv:
+        ef = _median([r["sink_rate_msg_s"] for r in lv["edgeferry"]])
+        br = _median([r["sink_rate_msg_s"] for r in lv["bridge"]])
+        ratio = ef / br if ef and br else None
+        rows.append(("1 live: delivered msg/s at the sink (median)", ef, br,
+                     f"{ratio:.2f}x" if ratio else "-", ">= 1x bridge", ok(ratio >= 1 if ratio else None)))
+        rows.append(("1 live: loadgen msg/s while feeding the pipeline",
+                     _median([r["loadgen_msg_s"] for r in lv["edgeferry"]]),
+                     _median([r["loadgen_msg_s"] for r in lv["bridge"]]), "", "", ""))
+        rows.append(("1 live: loadgen ceiling alone (msg/s, median)",
+                     _median(lv["loadgen_ceiling_msg_s"]), None, "", "", ""))
+        rows.append(("6 CPU s / 100k live: gateway | edge mosquitto",
+                     _median([r["cpu_s_per_100k"]["gateway"] for r in lv["edgeferry"]]),
+                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["bridge"]]), "", "", ""))
+        rows.append(("6 CPU s / 100k live: edge mosquitto (both)",
+                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["edgeferry"]]),
+                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["bridge"]]), "", "", ""))
+    dr = res.get("drain", {})
+    if "edgeferry" in dr:
+        e, b = dr["edgeferry"], dr["bridge"]
+        rows.append(("2 reconnect delay: up() -> first record (s)", e["reconnect_s"], b["reconnect_s"],
+                     "", "", ""))
+        sp = b["drain_s"] / e["drain_s"] if e["drain_s"] and b["drain_s"] else None
+        rows.append((f"2 drain {dr['messages']:,}: first -> last record (s)", e["drain_s"], b["drain_s"],
+                     f"{sp:.1f}x faster" if sp else "-", ">= 3x faster", ok(sp >= 3 if sp else None)))
+        rows.append(("2 drain rate (msg/s)", e["drain_msg_s"], b["drain_msg_s"], "", "", ""))
+        rows.append(("5 outage: lost / duplicated", f"{e['lost']} / {e['duplicated']}",
+                     f"{b['lost']} / {b['duplicated']}", "", "0 lost", ok(e["lost"] == 0)))
+        rows.append(("6 CPU s / 100k drain: gateway | edge mosquitto",
+                     e["cpu_s_per_100k_drain"]["gateway"], b["cpu_s_per_100k_drain"]["edge_broker"],
+                     "", "", ""))
+        rows.append(("6 CPU s / 100k intake while offline: gateway | edge mosquitto",
+                     e["cpu_s_per_100k_intake"]["gateway"], b["cpu_s_per_100k_intake"]["edge_broker"],
+                     "", "", ""))
+    cs = res.get("cold_start", {})
+    if "start_to_last_s" in cs:
+        rows.append((f"3 cold start {cs['messages']:,} queued: process start -> last record (s)",
+                     cs["start_to_last_s"], None, "", "<= 3 s",
+                     ok(cs["start_to_last_s"] is not None and cs["start_to_last_s"] <= 3 and cs["lost"] == 0)))
+        rows.append(("3 cold start: gateway peak RSS (MB)", cs["gateway_peak_rss_kb"] / 1024, None, "", "", ""))
+    mem = res.get("memory", {})
+    if "edgeferry" in mem:
+        es, bs = mem["edgeferry"]["samples"], mem["bridge"]["samples"]
+        for s_e, s_b in zip(es[1:], bs[1:], strict=False):
+            rows.append((f"4 peak RSS (MB) with {s_e['backlog']:,} backlog", s_e["VmHWM"] / 1024,
+                         s_b["VmHWM"] / 1024, "", "", ""))
+        peak = es[-1]["VmHWM"] / 1024
+        growth = (es[-1]["VmHWM"] - es[1]["VmHWM"]) / 1024
+        rows.append((f"4 gateway peak RSS at {es[-1]['backlog']:,}; growth from {es[1]['backlog']:,} (MB)",
+                     f"{peak:.1f}; +{growth:.1f}", None, "", "< 35 MB, flat",
+                     ok(peak < 35 and growth < 2)))
+        de, db = mem["edgeferry"]["drain"], mem["bridge"]["drain"]
+        rows.append(("4/5 that backlog after up(): lost / duplicated", f"{de['lost']} / {de['duplicated']}",
+                     f"{db['lost']} / {db['duplicated']}", "", "", ""))
+        rows.append(("4 that backlog: up() -> last record (s)", de["up_to_last_s"], db["up_to_last_s"],
+                     "", "", ""))
+    k9 = res.get("kill9", {})
+    if "bridge" in k9:
+        for kind, row in k9.items():
+            if kind.startswith("edgeferry"):
+                rows.append((f"5 kill -9 edge side holding {k9['messages']:,}: lost / dup ({kind})",
+                             f"{row['lost']} / {row['duplicated']}",
+                             f"{k9['bridge']['lost']} / {k9['bridge']['duplicated']}", "", "0 lost",
+                             ok(row["lost"] == 0)))
+    fl = res.get("flash", {})
+    for sync in ("full", "normal"):
+        if sync in fl:
+            for mode in ("online", "outage"):
+                r = fl[sync][mode]
+                rows.append((f"7 flash: written / payload bytes, {mode}, --sync {sync}", r["ratio"], None,
+                             "", "<= 3", ok(r["ratio"] <= 3)))
+    return rows
+
+
+def summary(res: dict[str, Any]) -> str:
+    rows = table(res)
+    head = ("what", "edgeferry", "bridge", "ratio", "target", "")
+    cells = [head] + [(a, _fmt(b), _fmt(c), d, e, f) for a, b, c, d, e, f in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(6)]
+    lines = []
+    for i, r in enumerate(cells):
+        lines.append("  " + "  ".join(
+            (r[j].ljust(widths[j]) if j in (0, 3, 4, 5) else r[j].rjust(widths[j])) for j in range(6)))
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    errors = [f"  {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    if errors:
+        lines += ["  scenarios that failed:"] + errors
+    return "\n".join(lines)
