@@ -27,7 +27,11 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
     from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
-    service_app = typer.Typer(help="Run services built with the edge SDK.", no_args_is_help=True)
+    service_app = typer.Typer(
+        help="Run services built with the edge SDK.\n\nExample: edgeferry service run edge.services.rules:service "
+             "--config deploy/services/rules.yaml",
+        no_args_is_help=True,
+    )
     app.add_typer(service_app, name="service")
 
     def fail(message: str, code: int = 1) -> None:
