@@ -377,7 +377,9 @@ class Service:
             self._bg.append(tg.create_task(self._heartbeat_loop(), name=f"{self.name}:heartbeat"))
         for i, (every, fn) in enumerate(self._every):
             self._bg.append(tg.create_task(self._every_loop(every, fn), name=f"{self.name}:every{i}"))
-        log.info("service %s ready on %s (%d handlers)", self.name, self._broker_label(), len(self.routes))
+        loop_kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        log.info("service %s ready on %s (%d handlers, %s loop)", self.name, self._broker_label(),
+                 len(self.routes), loop_kind)
 
     def _broker_label(self) -> str:
         b = self.broker

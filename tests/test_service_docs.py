@@ -30,3 +30,24 @@ def test_the_documented_settings_exist():
     flags = {o.flag for o in OPTIONS}
     documented = set(re.findall(r"`(--[a-z-]+)`", DOC.read_text()))
     assert documented - {"--builtins", "--json", "--asyncapi", "--diagram", "--config"} <= flags
+
+
+async def test_the_guide_example_runs_as_a_script(edge_broker, proc_factory, tmp_path):
+    """``python overheat.py`` (``svc.run()``): flags, uvloop, SIGTERM -> exit 0."""
+    import asyncio
+
+    from edge.testing import TestClient
+
+    [service_src] = [b for b in blocks("python") if "svc.run()" in b]
+    (tmp_path / "overheat.py").write_text(service_src)
+    p = proc_factory([sys.executable, "overheat.py", "--broker", edge_broker.url, "--state-dir",
+                      str(tmp_path / "state"), "--node-id", "pi-77"], "overheat", cwd=tmp_path)
+    ready = await asyncio.to_thread(p.wait_for_line, r"service overheat ready", 20)
+    assert "uvloop loop" in ready.string  # svc.run() runs on uvloop when it is installed
+    async with TestClient(edge_broker.url) as tc:
+        out = await tc.subscribe("evt/overheat/#")
+        await tc.publish_event("dt/pump-1/temperature", {"value": 212, "unit": "F"})
+        [m] = await out.wait(1)
+    assert m.event.data == {"device": "pump-1", "celsius": 100.0}
+    assert m.event.source == "/pi-77/services/overheat"
+    assert await asyncio.to_thread(p.terminate, 10) == 0
