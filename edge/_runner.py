@@ -161,6 +161,7 @@ def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | No
         )
         _configure_logging(settings.get("log_level"))
         apply_settings(svc, settings, broker)
+        svc.connect_timeout = float("inf")  # a daemon waits for its broker (it may boot later)
         _run(_serve(svc))
     except (EdgeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

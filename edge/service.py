@@ -416,9 +416,10 @@ class Service:
                 delay = backoff.next()
                 log.warning("service %s: cannot connect (%s); retrying in %.1f s", self.name, e, delay)
                 await asyncio.sleep(delay)
-        await client.subscribe([(r.filter, 1) for r in self.routes])
+        # current before SUBACK: a persistent session's messages may already be arriving
         self._client = client
         self._paused = None  # a paused older connection is gone
+        await client.subscribe([(r.filter, 1) for r in self.routes])
         return client
 
     async def _go_online(self, client: Any) -> None:
@@ -748,12 +749,14 @@ class Service:
         acks, self._acks = self._acks, []
         if not acks:
             return
-        current = self._client
-        pids = [pid for c, pid in acks if c is current]
-        # acks for an older connection are void: the broker sends those messages again
-        # and the dedup table answers them
-        if pids and current is not None and current.connected:
-            current.ack_many(pids)
+        # acks for a connection that is gone are void: the broker sends those messages
+        # again on the next session, and the dedup table answers them
+        by_client: dict[Any, list[int]] = {}
+        for c, pid in acks:
+            by_client.setdefault(c, []).append(pid)
+        for c, pids in by_client.items():
+            if c.connected:
+                c.ack_many(pids)
 
 
 def _event_type(data: Any, topic: str) -> str:

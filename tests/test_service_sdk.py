@@ -381,3 +381,34 @@ async def test_backlog_is_held_at_the_broker_not_in_memory(broker):
     limit = 20 if isinstance(broker, MemoryBroker) else 20 + 140  # one 256 KiB read of 2 kB messages
     assert in_hand <= limit
     assert sorted(handled) == list(range(400))
+
+
+async def test_messages_queued_while_offline_are_handled_and_acked_on_return(broker):
+    svc = Service(name(), heartbeat=0)
+    seen: list[int] = []
+
+    @svc.on("dt/{device}/x")
+    async def handle(device: str, data: dict) -> None:
+        seen.append(data["n"])
+
+    async with svc.running(broker):  # creates the persistent session
+        pass
+    async with TestClient(broker) as tc:
+        for n in range(50):
+            await tc.publish_event(f"dt/d{n % 3}/x", {"n": n})
+        await tc.settle()
+    async with svc.running(broker):
+        async with asyncio.timeout(10):
+            while len(seen) < 50:
+                await asyncio.sleep(0.01)
+    assert sorted(seen) == list(range(50))
+    for d in range(3):  # in order per key
+        assert [n for n in seen if n % 3 == d] == list(range(d, 50, 3))
+    seen.clear()
+    async with svc.running(broker), TestClient(broker) as tc:  # all were acknowledged
+        await tc.publish_event("dt/d0/x", {"n": 99})
+        async with asyncio.timeout(10):
+            while not seen:
+                await asyncio.sleep(0.01)
+        await tc.settle()
+    assert seen == [99]
