@@ -183,3 +183,21 @@ def test_import_edge_stays_light():
             "heavy = [m for m in ('pydantic', 'yaml', 'typer', 'rich', 'sqlite3') if m in sys.modules]; "
             "assert not heavy, heavy; from edge import Service; assert Service.__name__ == 'Service'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dedup_commit_is_short_enough_for_the_event_loop(tmp_path):
+    """The service commits on the loop (one transaction per loop turn): a large batch must
+    stay in the low milliseconds (WAL, synchronous=NORMAL)."""
+    from edge.events import new_id
+
+    t = DedupTable(str(tmp_path / "d.sqlite"), max_entries=10_000)
+    worst = 0.0
+    for _ in range(5):
+        for _ in range(1000):
+            t.add(new_id())
+        t0 = time.perf_counter()
+        t.commit()
+        worst = max(worst, time.perf_counter() - t0)
+    t.close()
+    print(f"\nworst commit of 1000 marks: {worst * 1000:.1f} ms")
+    assert worst < 0.05
