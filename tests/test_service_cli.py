@@ -161,3 +161,21 @@ async def test_builtin_rules_runs_from_the_cli(edge_broker, proc_factory, tmp_pa
     assert (a.event.data["rule"], a.event.data["state"], a.event.data["severity"]) == ("too-hot", "firing", "critical")
     rc = await asyncio.to_thread(p.terminate, 10)
     assert rc == 0
+
+
+async def test_builtin_aggregator_runs_from_the_cli(edge_broker, proc_factory, tmp_path):
+    cfg = tmp_path / "agg.yaml"
+    cfg.write_text("aggregator:\n  window: 10s\n  streams: [temperature]\nservice:\n  heartbeat: 1h\n")
+    p = proc_factory([sys.executable, "-m", "edgeferry", "service", "run", "edge.services.aggregator:service",
+                      "--config", str(cfg), "--broker", edge_broker.url, "--state-dir", str(tmp_path)],
+                     "aggregator")
+    await asyncio.to_thread(p.wait_for_line, r"service aggregator ready", 20)
+    async with TestClient(edge_broker.url) as tc:
+        out = await tc.subscribe("evt/aggregate/#")
+        for t, v in (("2026-01-01T00:00:01Z", 1), ("2026-01-01T00:00:05Z", 3), ("2026-01-01T00:00:11Z", 9)):
+            await tc.publish_event("dt/fridge/temperature", {"value": v}, time=t)
+        [a] = await out.wait(1)
+    assert a.topic == "evt/aggregate/fridge"
+    d = a.event.data
+    assert (d["count"], d["min"], d["max"], d["mean"], d["window_end"] - d["window_start"]) == (2, 1, 3, 2, 10)
+    assert await asyncio.to_thread(p.terminate, 10) == 0
