@@ -194,10 +194,14 @@ async def test_order_per_key_and_concurrency_across_keys(broker):
             active -= 1
 
     keys = ["k1", "k2", "k3", "k4"]
-    async with svc.running(broker), TestClient(broker) as tc:
+    async with svc.running(broker):  # the session exists; the backlog arrives as one burst
+        pass
+    async with TestClient(broker) as tc:
         for n in range(15):
             for k in keys:
                 await tc.publish(f"dt/{k}/seq", {"n": n})
+        await tc.settle()
+    async with svc.running(broker):
         async with asyncio.timeout(20):
             while svc.counters["handled"] < 60:
                 await asyncio.sleep(0.01)
