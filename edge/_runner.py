@@ -76,7 +76,17 @@ def load_target(spec: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
             raise ServiceError(f"cannot import {module_name!r}: no such module (looked in {os.getcwd()})") from None
+        raise ServiceError(f"importing {module_name!r} failed: {e}") from e
+    except EdgeError:
         raise
+    except Exception as e:  # a bug in the service module: one line, with where it is
+        where = ""
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(module_name.replace(".", "/") + ".py"):
+                where = f" (line {tb.tb_lineno})"
+            tb = tb.tb_next
+        raise ServiceError(f"importing {module_name!r} failed{where}: {type(e).__name__}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
         try:

@@ -179,3 +179,17 @@ async def test_builtin_aggregator_runs_from_the_cli(edge_broker, proc_factory, t
     d = a.event.data
     assert (d["count"], d["min"], d["max"], d["mean"], d["window_end"] - d["window_start"]) == (2, 1, 3, 2, 10)
     assert await asyncio.to_thread(p.terminate, 10) == 0
+
+
+@pytest.mark.parametrize("source,message", [
+    ('x = 1\nraise RuntimeError("oops")\n', "failed (line 2): RuntimeError: oops"),
+    ("def f(:\n", "SyntaxError"),
+    ('from edge import Service\nsvc = Service("a")\n@svc.on("dt/{device}/x")\nasync def h(m: int) -> None: ...\n',
+     "placeholder(s) device"),
+])
+@pytest.mark.parametrize("command", [["service", "run"], ["catalog"]])
+def test_a_broken_service_module_is_one_clear_line(tmp_path, source, message, command):
+    (tmp_path / "broken_mod.py").write_text(source)
+    res = edgeferry(*command, "broken_mod:svc", cwd=tmp_path)
+    err = res.stderr.strip()
+    assert res.returncode == 1 and message in err and len(err.splitlines()) == 1, err
