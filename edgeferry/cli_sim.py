@@ -38,6 +38,7 @@ def sim_run(
     run_id: str = typer.Option(None, "--run-id", help="name of this run in payloads (simrun) and the manifest"),
     drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="seconds to empty the outboxes at the end"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the live progress line"),
+    stats_every: float = typer.Option(None, "--stats-every", help="print a JSON 'stats' line on stderr every SECONDS"),
     log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Run a fleet of simulated devices, each on its own MQTT connection.
@@ -67,7 +68,7 @@ def sim_run(
 
     try:
         code = run_fleet(broker, prof, manifest_path=manifest, run_id=run_id,
-                         drain_timeout=drain_timeout, progress=progress)
+                         drain_timeout=drain_timeout, progress=progress, stats_every=stats_every)
     except (SimError, ConfigError) as e:
         _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
         return

@@ -81,6 +81,7 @@ class Fleet:
         self.acked = 0
         self.connected = 0
         self.boots = 0
+        self.max_lag = 0.0  # seconds; the largest event-loop delay since stats(reset_lag=True)
         self.faults_fired: dict[str, int] = {}
         self.stopping = False
         self.drain_over = False
@@ -120,6 +121,7 @@ class Fleet:
         for i, d in enumerate(self.devices):
             d.start(t0)
             self._tasks.append(self._tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name))
+        self._tasks.append(self._tg.create_task(self._lag_monitor(), name="lag-monitor"))
         log.info("fleet %s: %d devices, %g s interval, seed %d, broker %s",
                  self.run_id, p.devices, p.interval, p.seed, self.url)
         return self
@@ -180,6 +182,17 @@ class Fleet:
         await asyncio.gather(*(d.shutdown() for d in self.devices), return_exceptions=True)
         self._manifest = self._build_manifest()
 
+    async def _lag_monitor(self) -> None:
+        """How late the event loop runs timers: the fleet's own health (is one process
+        keeping up with this many devices?)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.1)
+            lag = loop.time() - t - 0.1
+            if lag > self.max_lag:
+                self.max_lag = lag
+
     def device_emptied(self, device: Device) -> None:
         """A device's outbox is empty (called while stopping)."""
         if self.stopping and device.name in self._undrained:
@@ -227,12 +240,17 @@ class Fleet:
     def device(self, name: str) -> Device:
         return self.by_name[name]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, reset_lag: bool = False) -> dict[str, Any]:
+        """Live counters: devices online, messages generated / acknowledged / dropped /
+        held in outboxes, reboots, faults fired, and the worst event-loop lag (ms)."""
         dropped = sum(d.outbox.dropped for d in self.devices)
-        return {"devices": len(self.devices), "connected": self.connected,
-                "generated": self.generated, "acked": self.acked, "dropped": dropped,
-                "held": sum(len(d.outbox) for d in self.devices), "boots": self.boots,
-                "faults": dict(self.faults_fired)}
+        out = {"devices": len(self.devices), "connected": self.connected,
+               "generated": self.generated, "acked": self.acked, "dropped": dropped,
+               "held": sum(len(d.outbox) for d in self.devices), "boots": self.boots,
+               "faults": dict(self.faults_fired), "max_lag_ms": round(self.max_lag * 1000, 1)}
+        if reset_lag:
+            self.max_lag = 0.0
+        return out
 
     # ------------------------------------------------------------------ manifest
 

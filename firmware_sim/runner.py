@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -45,7 +46,7 @@ async def _preflight(url: str) -> None:
 
 
 async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_id: str | None,
-                drain_timeout: float, progress: bool) -> int:
+                drain_timeout: float, progress: bool, stats_every: float | None) -> int:
     await _preflight(broker)
     fleet = Fleet(broker, profile, run=run_id, drain_timeout=drain_timeout)
     loop = asyncio.get_running_loop()
@@ -53,10 +54,16 @@ async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_i
         loop.add_signal_handler(sig, fleet.stop)
     target = profile.target_rate()
     async with fleet:
-        if progress:
-            await _with_progress(fleet, target)
-        else:
-            await fleet.run()
+        reporter = asyncio.ensure_future(_report(fleet, stats_every)) if stats_every else None
+        try:
+            if progress:
+                await _with_progress(fleet, target)
+            else:
+                await fleet.run()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
     m = fleet.manifest()
     if manifest_path is not None:
         write_manifest(manifest_path, m)
@@ -68,6 +75,18 @@ async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_i
           f"acked {tot['acked']} messages ({rate:.1f}/s, target {target:.1f}/s), dropped by devices: "
           f"{reasons}" + (f"; manifest {manifest_path}" if manifest_path else ""), file=sys.stderr)
     return 0
+
+
+async def _report(fleet: Fleet, every: float) -> None:
+    """A JSON line of live counters on stderr every ``every`` seconds (for scripts)."""
+    loop = asyncio.get_running_loop()
+    n = 1
+    while True:
+        await asyncio.sleep(max(0.0, fleet.started_at + n * every - loop.time()))
+        s = fleet.stats(reset_lag=True)
+        s["t"] = round(loop.time() - fleet.started_at, 3)
+        print("stats " + json.dumps(s, separators=(",", ":")), file=sys.stderr, flush=True)
+        n += 1
 
 
 async def _with_progress(fleet: Fleet, target: float) -> None:
@@ -97,7 +116,8 @@ async def _with_progress(fleet: Fleet, target: float) -> None:
 
 
 def run_fleet(broker: str, profile: Profile, *, manifest_path: Path | None = None,
-              run_id: str | None = None, drain_timeout: float = 10.0, progress: bool = True) -> int:
+              run_id: str | None = None, drain_timeout: float = 10.0, progress: bool = True,
+              stats_every: float | None = None) -> int:
     """Run the fleet to completion on uvloop (when available); return the exit code."""
     parse_url(broker)  # ConfigError with one line if bad
     raise_open_file_limit(profile.devices * (3 if profile.chaos else 1) + 256)
@@ -105,7 +125,7 @@ def run_fleet(broker: str, profile: Profile, *, manifest_path: Path | None = Non
         parent = Path(manifest_path).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise SimError(f"cannot write manifest {manifest_path}: {parent} is not a writable directory")
-    main = _main(broker, profile, manifest_path, run_id, drain_timeout, progress)
+    main = _main(broker, profile, manifest_path, run_id, drain_timeout, progress, stats_every)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - not on Linux
