@@ -147,7 +147,7 @@ def _print_report(report: object, all_devices: bool) -> None:
         out.print(f"({hidden} more devices not listed; --all lists every device)")
     out.print(f"devices sent {tot.duplicates_sent} duplicates and {tot.garbage_sent} garbage payloads "
               f"on purpose; {tot.dropped_delivered} messages counted as dropped arrived anyway; "
-              f"{report.foreign} rows of other runs or producers ignored")
+              f"{report.foreign} other rows (state, events, other runs) ignored")
     for d in report.devices:
         for stream, ranges in d.lost_ranges.items():
             shown_r = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in ranges[:5])

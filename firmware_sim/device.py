@@ -506,6 +506,8 @@ class Device:
     async def _reboot(self, firmware: str | None, cid: str) -> None:
         try:
             await self._flush(2.0)  # firmware sends what it holds before restarting
+            if not self.alive:
+                return  # lost power meanwhile: it boots (or not) on its own schedule
             c = self.client
             if c is not None and c.connected:
                 try:
@@ -529,14 +531,13 @@ class Device:
                 if i:
                     await asyncio.sleep(duration / (len(steps) - 1))
                 if not self.alive:
-                    return
+                    return  # power lost during the update: the old firmware boots again
                 self._event(f"evt/ota/{self.name}", "io.edgeferry.ota.progress",
                             {"command_id": cid, "version": version, "from": self.firmware,
                              "progress": pct}, cid)
-        except BaseException:
+            await self._reboot(version, cid)
+        finally:
             self._busy = False
-            raise
-        await self._reboot(version, cid)
 
     async def _flush(self, timeout: float) -> None:
         """Wait (bounded) until the outbox is empty."""
@@ -549,8 +550,8 @@ class Device:
                         await c.drain()
                 except (ConnectionLost, TimeoutError):
                     return
-                # the pump may still hold unsent entries: give it a turn
-                await asyncio.sleep(0)
+                # the pump may still hold unsent entries: give it a moment to send them
+                await asyncio.sleep(0.01)
             else:
                 return
 

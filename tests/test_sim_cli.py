@@ -80,3 +80,29 @@ def test_open_file_limit_too_low_is_a_clear_error() -> None:
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "at most 512" in line, line
+
+
+def test_verify_reads_a_sqlite_sink(tmp_path: Path) -> None:
+    from gateway.sinks import open_sink
+
+    manifest = {"format": "edgeferry-sim-manifest", "version": 1, "run": "r9", "devices": {
+        "dev-0000": {"streams": {"temperature": {"first": 1, "last": 4, "dropped": [[4, 4]]}}}}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+
+    def event(seq: int) -> bytes:
+        return json.dumps({"specversion": "1.0", "id": str(seq), "source": "/s/devices/dev-0000",
+                           "type": "io.edgeferry.telemetry.temperature", "simrun": "r9",
+                           "data": {"seq": seq, "value": 20.0}}).encode()
+
+    sink = open_sink(f"sqlite:{tmp_path / 'sink.db'}")
+    sink.write([("n1", 1, "telemetry", i, 0, "dt/dev-0000/temperature", event(seq))
+                for i, seq in enumerate((1, 3, 3), start=1)])
+    sink.close()
+    args = ["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink",
+            f"sqlite:{tmp_path / 'sink.db'}", "--json"]
+    r = runner.invoke(app, args)
+    report = json.loads(r.output)
+    assert r.exit_code == 1 and not report["ok"]
+    t = report["total"]
+    assert (t["sent"], t["delivered"], t["dropped"], t["lost"], t["duplicated"]) == (4, 2, 1, 1, 1)
+    assert report["devices"][0]["lost_ranges"] == {"temperature": [[2, 2]]}

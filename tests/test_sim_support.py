@@ -36,11 +36,15 @@ class Collector:
         self.filters = filters
         self.client_id = client_id
         self.got: list[Got] = []
+        self.markers: list[bytes] = []
         self.changed = asyncio.Event()
         self.client: MQTTClient | None = None
 
     def _on(self, m: Message) -> None:
-        self.got.append(Got(m.topic, m.payload, m.retain, time.time()))
+        if m.topic.startswith("_sync/"):
+            self.markers.append(m.payload)
+        else:
+            self.got.append(Got(m.topic, m.payload, m.retain, time.time()))
         if m.qos and self.client is not None:
             self.client.ack(m.pid)
         self.changed.set()
@@ -48,11 +52,22 @@ class Collector:
     async def __aenter__(self) -> Collector:
         self.client = MQTTClient(self.url, self.client_id, on_message=self._on, max_inflight=1000)
         await self.client.connect()
-        await self.client.subscribe([(f, 1) for f in self.filters])
+        await self.client.subscribe([(f, 1) for f in self.filters] + [(f"_sync/{self.client_id}", 1)])
         return self
+
+    async def sync(self, timeout: float = 10.0) -> None:
+        """Wait until everything the broker accepted before now has reached us: Mosquitto
+        handles packets in order, so a marker we publish now arrives after all of it."""
+        assert self.client is not None
+        topic = f"_sync/{self.client_id}"
+        marker = str(time.monotonic_ns()).encode()
+        await self.client.publish(topic, marker, 1)
+        await self.wait(lambda: marker in self.markers, timeout, "the sync marker")
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.client is not None
+        if exc[0] is None:
+            await self.sync()
         await self.client.close()
 
     async def wait(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
