@@ -53,6 +53,9 @@ async def test_aggregator_windows_per_device_and_stream(agg):
         await send(tc, "d2", "temperature", 7.5, T0 + 3)
         closer = await send(tc, "d1", "temperature", 10, T0 + 61)  # next window: closes the first
         [m] = await out.wait(1)
+        async with asyncio.timeout(10):
+            while agg.counters["handled"] < 6:
+                await asyncio.sleep(0.005)
         await tc.settle()
         assert len(out.messages) == 1  # the other keys' windows are still open
     ev = m.event

@@ -29,7 +29,7 @@ def test_the_documented_settings_exist():
 
     flags = {o.flag for o in OPTIONS}
     documented = set(re.findall(r"`(--[a-z-]+)`", DOC.read_text()))
-    assert documented - {"--builtins", "--json", "--asyncapi", "--diagram", "--config"} <= flags
+    assert documented - {"--builtins", "--json", "--asyncapi", "--diagram", "--config", "--quick"} <= flags
 
 
 async def test_the_guide_example_runs_as_a_script(edge_broker, proc_factory, tmp_path):

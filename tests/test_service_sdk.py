@@ -34,8 +34,14 @@ def name() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-def reasons(msgs):
-    return [m.event.data["reason"] for m in msgs]
+async def until(predicate, timeout=10.0, what="condition"):
+    """Wait for a condition that has no event to wait on (a handler counter)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def test_typed_handler_placeholders_model_and_correlation(broker):
@@ -90,7 +96,7 @@ async def test_retries_then_dead_letter_and_keeps_running(broker):
         await tc.publish_event("dt/ok/x", {"a": 4})
         got = await dlq.wait(2)
         await tc.publish_event("dt/after/x", {"a": 5})  # still running after the dead letter
-        await tc.settle()
+        await until(lambda: "after" in attempts and svc.counters["handled"] == 3, what="all handled")
     assert attempts == {"bad": 3, "flaky": 3, "reject": 1, "ok": 1, "after": 1}
     by_reason = {m.event.data["reason"]: m.event for m in got}
     assert set(by_reason) == {"handler_error", "rejected"}
@@ -127,6 +133,7 @@ async def test_bad_input_goes_to_dead_letter_counted(broker, reason, topic, payl
         await tc.publish(topic, payload)
         await tc.publish("dt/d2/t", b'{"value": 7}')  # a good one after it is still handled
         [dead] = await dlq.wait(1)
+        await until(lambda: seen, what="the good message")
         await tc.settle()
     assert seen == [("d2", 7.0)]
     assert dead.event.data["reason"] == reason
