@@ -12,8 +12,8 @@ costs a few microseconds each. Reconnecting is the caller's job: make a new clie
 The silent-link bound: a PINGREQ goes out when nothing was received for
 ``keepalive / 2`` seconds (or nothing was sent for as long); if still nothing arrives
 within another ``keepalive / 2``, the connection is closed with :class:`ConnectionLost`.
-A blackholed link is therefore noticed within ``keepalive`` seconds plus one timer tick
-(``keepalive / 4``).
+The check runs every ``keepalive / 8``, so a blackholed link is noticed within
+``1.25 * keepalive`` seconds.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ class MQTTClient:
             reason = _CONNACK_CODES.get(code, f"code {code}")
             raise ConnectError(f"{self.url} refused the connection: {reason}", code)
         self.session_present = present
-        self._timer = loop.call_later(self.keepalive / 4, self._tick)
+        self._timer = loop.call_later(self.keepalive / 8, self._tick)
         return present
 
     async def close(self) -> None:
@@ -444,10 +444,10 @@ class MQTTClient:
                     self._write(_PINGREQ)
                 except ConnectionLost:
                     return
-            self._timer = asyncio.get_running_loop().call_later(self.keepalive / 4, self._tick)
+            self._timer = asyncio.get_running_loop().call_later(self.keepalive / 8, self._tick)
             return
         if self._ping_sent is not None and now - self._ping_sent > half and now - self._last_rx > half:
-            self._lost(ConnectionLost(f"no answer from {self.url} within {self.keepalive} s (keepalive)"))
+            self._lost(ConnectionLost(f"no answer from {self.url} within the keepalive ({self.keepalive} s)"))
             return
         if self._ping_sent is None and (now - self._last_rx > half or now - self._last_tx > half):
             try:
@@ -455,7 +455,7 @@ class MQTTClient:
             except ConnectionLost:
                 return
             self._ping_sent = now
-        self._timer = asyncio.get_running_loop().call_later(self.keepalive / 4, self._tick)
+        self._timer = asyncio.get_running_loop().call_later(self.keepalive / 8, self._tick)
 
     # ---------------------------------------------------------------- receiving
 

@@ -2,14 +2,17 @@
 
 Layout, little-endian::
 
-    "EF"  version:u8  flags:u8  epoch:u64  base_seq:u64  count:u32
+    "EF"  version:u8  flags:u8  epoch:u64  prev_seq:u64  base_seq:u64  count:u32
     node_len:u8 node  lane_len:u8 lane
     body (zstd-compressed when flags & 1):
         topic_count:u16  (topic_len:u16 topic)*
         (seq_delta:u32 ts_ms:i64 topic_index:u16 payload_len:u32 payload)*count
 
 ``seq = base_seq + seq_delta``. Records of one frame belong to one lane and are in
-sequence order. A decoder refuses an unknown version rather than guessing.
+sequence order. ``prev_seq`` is the lane's sequence number the frame follows: the
+receiver writes a frame only when it already holds everything up to ``prev_seq`` (else
+a frame was lost on the way, and it asks for a resend). A decoder refuses an unknown
+version rather than guessing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ FRAME_VERSION = 1
 FLAG_ZSTD = 1
 MAX_RECORDS = 65535
 
-_HEAD = struct.Struct("<2sBBQQI")
+_HEAD = struct.Struct("<2sBBQQQI")
 _REC = struct.Struct("<IqHI")
 _U16 = struct.Struct("<H")
 
@@ -38,6 +41,7 @@ class Frame:
     epoch: int
     lane: str
     records: list[tuple[int, int, str, bytes]]
+    prev_seq: int = 0
 
 
 def _zstd():  # imported only when compression is used
@@ -49,14 +53,18 @@ def _zstd():  # imported only when compression is used
 
 
 def encode(
-    node: str, epoch: int, lane: str, records: list[tuple[int, int, str, bytes]], compress: bool = False
+    node: str, epoch: int, lane: str, records: list[tuple[int, int, str, bytes]],
+    compress: bool = False, prev_seq: int = 0,
 ) -> bytes:
-    """Encode records ``(seq, ts_ms, topic, payload)`` (ascending seq) into one frame."""
+    """Encode records ``(seq, ts_ms, topic, payload)`` (ascending seq, all above
+    ``prev_seq``) into one frame."""
     if not records:
         raise ValueError("a frame holds at least one record")
     if len(records) > MAX_RECORDS:
         raise ValueError(f"a frame holds at most {MAX_RECORDS} records")
     base = records[0][0]
+    if prev_seq >= base:
+        raise ValueError("prev_seq must be below the first record's seq")
     topics: dict[str, int] = {}
     parts: list[bytes] = []
     pack = _REC.pack
@@ -79,7 +87,7 @@ def encode(
     n = node.encode()
     ln = lane.encode()
     return b"".join((
-        _HEAD.pack(b"EF", FRAME_VERSION, flags, epoch, base, len(records)),
+        _HEAD.pack(b"EF", FRAME_VERSION, flags, epoch, prev_seq, base, len(records)),
         bytes((len(n),)), n, bytes((len(ln),)), ln, body,
     ))
 
@@ -87,7 +95,7 @@ def encode(
 def decode(data: bytes) -> Frame:
     """Decode a frame, raising :class:`FrameError` for anything malformed."""
     try:
-        magic, version, flags, epoch, base, count = _HEAD.unpack_from(data, 0)
+        magic, version, flags, epoch, prev_seq, base, count = _HEAD.unpack_from(data, 0)
     except struct.error:
         raise FrameError(f"frame too short ({len(data)} bytes)") from None
     if magic != b"EF":
@@ -130,4 +138,4 @@ def decode(data: bytes) -> Frame:
         raise
     except Exception as e:  # struct.error, IndexError, UnicodeDecodeError, zstd errors
         raise FrameError(f"corrupt frame: {e}") from None
-    return Frame(node, epoch, lane, records)
+    return Frame(node, epoch, lane, records, prev_seq)

@@ -22,7 +22,7 @@ from gateway import frames
 from gateway.errors import FrameError
 from gateway.settings import IngestSettings
 from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
-from gateway.topics import INGEST_HELLO, ack_topic
+from gateway.topics import INGEST_HELLO, ack_topic, nack_topic
 
 __all__ = ["Ingest"]
 
@@ -45,9 +45,9 @@ class Ingest:
         self._tasks: list[asyncio.Task[None]] = []
         self._tg: asyncio.TaskGroup | None = None
         self._entered = False
-        self._confirmed: dict[tuple[str, int], dict[str, int]] = {}
+        self._nacked: dict[tuple[str, int, str], tuple[int, float]] = {}
         self.counters = {"frames": 0, "records": 0, "written": 0, "duplicates": 0,
-                         "bad_frames": 0, "connects": 0}
+                         "bad_frames": 0, "gap_frames": 0, "connects": 0}
 
     async def __aenter__(self) -> Ingest:
         if self._entered:
@@ -136,6 +136,10 @@ class Ingest:
             batch, self._batch = self._batch, []
             client = self._client
             rows: list[Row] = []
+            assert self.sink is not None
+            high = self.sink.high
+            moved: dict[tuple[str, int, str], int] = {}
+            gaps: dict[tuple[str, int, str], int] = {}
             for m in batch:
                 try:
                     f = frames.decode(m.payload)
@@ -143,9 +147,18 @@ class Ingest:
                     self.counters["bad_frames"] += 1
                     log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
                     continue
+                node, epoch, lane = f.node, f.epoch, f.lane
+                key = (node, epoch, lane)
+                have = moved.get(key, high.get(key, 0))
+                if f.prev_seq > have:
+                    # a frame before this one went missing: write nothing out of order,
+                    # ask the gateway to resend from what we hold
+                    self.counters["gap_frames"] += 1
+                    gaps[key] = have
+                    continue
                 self.counters["frames"] += 1
                 self.counters["records"] += len(f.records)
-                node, epoch, lane = f.node, f.epoch, f.lane
+                moved[key] = max(have, f.records[-1][0])
                 rows.extend([(node, epoch, lane, seq, ts, topic, payload)
                              for seq, ts, topic, payload in f.records])
             self._idle.clear()
@@ -162,27 +175,36 @@ class Ingest:
                 self._idle.set()
             self.counters["written"] += written
             self.counters["duplicates"] += dups
+            high.update(moved)
             if client is not None and client is self._client and client.connected:
                 client.ack_many([m.pid for m in batch if m.qos])
-                await self._confirm(client, rows)
+                await self._confirm(client, {(k[0], k[1]) for k in moved})
+                await self._nack(client, gaps)
             # else: the broker redelivers them on the next connection; the sink drops them
 
-    async def _confirm(self, client: MQTTClient, rows: list[Row]) -> None:
-        """Tell each gateway (retained, QoS 1) the highest seq per lane now in the sink,
-        so it can remove those records from its store."""
-        high: dict[tuple[str, int], dict[str, int]] = {}
-        for node, epoch, lane, seq, *_ in rows:
-            lanes = high.setdefault((node, epoch), {})
-            if seq > lanes.get(lane, 0):
-                lanes[lane] = seq
-        for (node, epoch), lanes in high.items():
-            done = self._confirmed.setdefault((node, epoch), {})
-            for lane, seq in lanes.items():
-                if seq > done.get(lane, 0):
-                    done[lane] = seq
-            body = json.dumps({"epoch": epoch, "lanes": done}).encode()
+    async def _confirm(self, client: MQTTClient, nodes: set[tuple[str, int]]) -> None:
+        """Tell each gateway (retained, QoS 1) the highest seq per lane that the sink holds
+        with nothing missing before it, so the gateway can remove those records."""
+        assert self.sink is not None
+        for node, epoch in nodes:
+            lanes = {k[2]: v for k, v in self.sink.high.items() if k[0] == node and k[1] == epoch}
+            body = json.dumps({"epoch": epoch, "lanes": lanes}).encode()
             try:
                 await client.publish_nowait(ack_topic(node), body, 1, retain=True)
+            except ConnectionLost:
+                return
+
+    async def _nack(self, client: MQTTClient, gaps: dict[tuple[str, int, str], int]) -> None:
+        now = time.monotonic()
+        for (node, epoch, lane), after in gaps.items():
+            last = self._nacked.get((node, epoch, lane))
+            if last is not None and last[0] == after and now - last[1] < 1.0:
+                continue  # asked already; the resend is on its way
+            self._nacked[(node, epoch, lane)] = (after, now)
+            log.info("frame gap from %s lane %s after seq %d: asking for a resend", node, lane, after)
+            body = json.dumps({"epoch": epoch, "lane": lane, "after": after}).encode()
+            try:
+                await client.publish_nowait(nack_topic(node), body, 1)
             except ConnectionLost:
                 return
 

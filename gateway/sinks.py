@@ -1,6 +1,8 @@
 """Where ingest writes: JSONL or SQLite, one row per original message, never twice.
 
-Both sinks drop duplicates by ``(node, epoch, seq)`` and survive a kill -9 of ingest:
+Both sinks drop duplicates by ``(node, epoch, seq)``, know at start the highest seq they
+hold per (node, epoch, lane) (``high``: ingest's continuity check and its confirmations
+to gateways start from it), and survive a kill -9 of ingest:
 
 * JSONL keeps an in-memory set of sequence ranges per (node, epoch), rebuilt at start
   by scanning the file (a half-written last line from a crash is cut off first).
@@ -104,12 +106,13 @@ def _payload_fields(payload: bytes) -> tuple[str, str | None]:
 
 
 class JsonlSink:
-    _KEY = re.compile(rb'^\{"node":"((?:[^"\\]|\\.)*)","epoch":(\d+),"seq":(\d+),')
+    _KEY = re.compile(rb'^\{"node":"((?:[^"\\]|\\.)*)","epoch":(\d+),"seq":(\d+),"lane":"([a-z0-9_]*)"')
 
     def __init__(self, path: str | Path, fsync: bool = False) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self.seen: dict[tuple[str, int], SeqSet] = {}
+        self.high: dict[tuple[str, int, str], int] = {}
         self._f = None
 
     def open(self) -> None:
@@ -130,7 +133,11 @@ class JsonlSink:
                 seen = self.seen.get(k)
                 if seen is None:
                     seen = self.seen[k] = SeqSet()
-                seen.add(int(m.group(3)))
+                seq = int(m.group(3))
+                seen.add(seq)
+                hk = (k[0], k[1], m.group(4).decode())
+                if seq > self.high.get(hk, 0):
+                    self.high[hk] = seq
             good += len(line)
         if good != f.tell():
             f.truncate(good)
@@ -190,6 +197,7 @@ class SqliteSink:
     def __init__(self, path: str | Path, fsync: bool = False) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.high: dict[tuple[str, int, str], int] = {}
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -203,6 +211,10 @@ class SqliteSink:
                 " seq INTEGER NOT NULL, lane TEXT NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL,"
                 " encoding TEXT, ts TEXT NOT NULL, PRIMARY KEY (node, epoch, seq)) WITHOUT ROWID"
             )
+            for node, epoch, lane, high in db.execute(
+                "SELECT node, epoch, lane, max(seq) FROM records GROUP BY node, epoch, lane"
+            ):
+                self.high[(node, epoch, lane)] = high
         except sqlite3.Error as e:
             raise SinkError(f"cannot open sink {self.path}: {e}") from None
         self._db = db

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "INGEST_HELLO"]
+__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "nack_topic", "INGEST_HELLO"]
 
 INGEST_HELLO = "ef/_ingest/hello"
 """Ingest announces here, after subscribing, whether its session was resumed."""
@@ -61,3 +61,8 @@ def uplink_topic(node: str, lane: str) -> str:
 def ack_topic(node: str) -> str:
     """Cloud topic where ingest reports (retained) what it wrote for a node."""
     return f"ef/{node}/ack"
+
+
+def nack_topic(node: str) -> str:
+    """Cloud topic where ingest asks a node to resend a lane."""
+    return f"ef/{node}/nack"

@@ -33,7 +33,7 @@ from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.settings import GatewaySettings
 from gateway.store import RECORD_OVERHEAD, Store
-from gateway.topics import INGEST_HELLO, LaneRouter, ack_topic, uplink_topic
+from gateway.topics import INGEST_HELLO, LaneRouter, ack_topic, nack_topic, uplink_topic
 
 __all__ = ["Gateway"]
 
@@ -65,6 +65,7 @@ class Gateway:
         self._local: MQTTClient | None = None
         self._cloud: MQTTClient | None = None
         self._pending: list[tuple[str, str, bytes, int, int]] = []
+        self._pending_bytes: dict[str, int] = {}
         self._held: dict[str, deque[Message]] = {}
         self._used = 0
         self._candidates: dict[int, tuple[str, bytes]] = {}
@@ -82,6 +83,7 @@ class Gateway:
         self._acked: dict[str, int] = {}  # per lane: highest seq the cloud broker acknowledged
         self._ingested: dict[str, int] = {}  # per lane: highest seq ingest reported written
         self._resend = False
+        self._rewind: dict[str, int] = {}
         self._deleted: dict[str, int] = {}
         self._cloud_up = False
         self._local_up = False
@@ -156,7 +158,7 @@ class Gateway:
         # take no new messages, finish the commit in flight and acknowledge it, then
         # leave the local broker: what was not committed stays with the broker
         self._closing = True
-        self._pending.clear()
+        self._discard_pending()
         await self._idle.wait()
         if self._local is not None and self._local.connected:
             await self._local.close()
@@ -172,7 +174,7 @@ class Gateway:
         while not self._stop.is_set():
             client = MQTTClient(self.s.local, self.s.gateway_client_id, clean_session=False,
                                 keepalive=self.s.local_keepalive, on_message=self._on_local)
-            self._pending = []
+            self._discard_pending()
             self._held.clear()
             self._candidates.update(self._unconfirmed)
             self._unconfirmed = {}
@@ -259,6 +261,7 @@ class Gateway:
                     client.ack(m.pid)
             return
         self._used += size
+        self._pending_bytes[lane] = self._pending_bytes.get(lane, 0) + size
         self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
         if not self._wake.is_set():
             self._wake.set()
@@ -268,11 +271,21 @@ class Gateway:
         evict its own oldest records; a block lane may evict any drop_oldest lane."""
         over = self._used + size - self.s.max_store_bytes
         lanes = self.store.lanes
+        pending = self._pending_bytes
         if self._policy[lane] == "drop_oldest":
-            evictable = lanes[lane].bytes
+            evictable = lanes[lane].bytes + pending.get(lane, 0)
         else:
-            evictable = sum(st.bytes for n, st in lanes.items() if self._policy[n] == "drop_oldest")
+            evictable = sum(st.bytes + pending.get(n, 0) for n, st in lanes.items()
+                            if self._policy[n] == "drop_oldest")
         return evictable >= over
+
+    def _discard_pending(self) -> None:
+        """Forget messages not yet committed (their connection is gone: the broker
+        redelivers them)."""
+        for b in self._pending_bytes.values():
+            self._used -= b
+        self._pending = []
+        self._pending_bytes = {}
 
     def _reject(self, reason: str, m: Message, client: MQTTClient) -> None:
         n = self.rejected.get(reason, 0) + 1
@@ -298,6 +311,7 @@ class Gateway:
                     break
                 held.popleft()
                 self._used += size
+                self._pending_bytes[lane] = self._pending_bytes.get(lane, 0) + size
                 self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
             if not held:
                 del self._held[lane]
@@ -322,6 +336,7 @@ class Gateway:
             if not self._pending and not deletes and not self._new_drops:
                 continue
             batch, self._pending = self._pending, []
+            batch_bytes, self._pending_bytes = self._pending_bytes, {}
             drops, self._new_drops = self._new_drops, {}
             client = self._local
             self._idle.clear()
@@ -331,6 +346,8 @@ class Gateway:
             except Exception as e:  # disk full, I/O error: keep the batch, try again
                 log.error("store commit failed (%s); retrying", e)
                 self._pending[:0] = batch
+                for k, v in batch_bytes.items():
+                    self._pending_bytes[k] = self._pending_bytes.get(k, 0) + v
                 for k, v in drops.items():
                     self._new_drops[k] = self._new_drops.get(k, 0) + v
                 self._idle.set()
@@ -428,10 +445,12 @@ class Gateway:
             client.closed.add_done_callback(lambda _: self._uplink_wake.set())
             try:
                 if self.s.confirm == "ingest":
-                    await client.subscribe([(ack_topic(self.s.node_id), 1), (INGEST_HELLO, 1)])
+                    await client.subscribe([(ack_topic(self.s.node_id), 1), (nack_topic(self.s.node_id), 1),
+                                            (INGEST_HELLO, 1)])
                 await self._uplink(client)
             except ConnectionLost as e:
-                log.warning("cloud link lost: %s", e)
+                why = client.closed.exception() if client.closed.done() else None
+                log.warning("cloud link lost: %s", why or e)
             finally:
                 self._cloud_up = False
                 self._offline_since = time.time()
@@ -459,7 +478,15 @@ class Gateway:
                 # ingest lost its queue (new session): send again what it has not confirmed
                 self._resend = False
                 sent = {lane: self._delivered(lane) for lane in self._lane_order}
+                self._rewind.clear()
                 log.info("ingest started a new session: resending unconfirmed records")
+            if self._rewind:
+                # ingest saw a frame that did not follow what it holds: resend that lane
+                for lane, after in self._rewind.items():
+                    if sent[lane] > after:
+                        log.info("ingest asked to resend lane %s after seq %d", lane, after)
+                        sent[lane] = after
+                self._rewind.clear()
             progress = False
             deadline: float | None = None
             for name in self._lane_order:
@@ -476,7 +503,7 @@ class Gateway:
                         wait = (linger_ms - age) / 1000
                         deadline = wait if deadline is None else min(deadline, wait)
                         continue
-                frame = frames.encode(s.node_id, self.store.epoch, name, rows, compress)
+                frame = frames.encode(s.node_id, self.store.epoch, name, rows, compress, sent[name])
                 fut = await client.publish_nowait(uplink_topic(s.node_id, name), frame, 1)
                 assert fut is not None
                 hi = rows[-1][0]
@@ -516,6 +543,12 @@ class Gateway:
             ack = json.loads(m.payload)
             if int(ack["epoch"]) != self.store.epoch:
                 return  # about a previous store of this node
+            if m.topic.endswith("/nack"):
+                lane, after = str(ack["lane"]), int(ack["after"])
+                if lane in self._ingested:
+                    self._rewind[lane] = min(after, self._rewind.get(lane, after))
+                    self._uplink_wake.set()
+                return
             for lane, seq in ack["lanes"].items():
                 if lane in self._ingested and int(seq) > self._ingested[lane]:
                     self._ingested[lane] = int(seq)
@@ -560,6 +593,7 @@ class Gateway:
             "offline_for_s": round(now - self._offline_since, 3) if self._offline_since else 0.0,
             "lanes": lanes,
             "store_bytes": self._used,
+            "pending_commit": len(self._pending),
             "max_store_bytes": self.s.max_store_bytes,
             "drops": drops,
             "rejected": dict(self.rejected),

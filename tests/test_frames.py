@@ -31,9 +31,10 @@ def _ascending(recs):
 @given(records_st, st.booleans())
 def test_round_trip(recs, compress):
     records = _ascending(recs)
-    data = encode("node-1", 1795805035151766, "telemetry", records, compress=compress)
+    prev = records[0][0] - 1 - recs[0][0] % 7
+    data = encode("node-1", 1795805035151766, "telemetry", records, compress=compress, prev_seq=prev)
     f = decode(data)
-    assert (f.node, f.epoch, f.lane) == ("node-1", 1795805035151766, "telemetry")
+    assert (f.node, f.epoch, f.lane, f.prev_seq) == ("node-1", 1795805035151766, "telemetry", prev)
     assert f.records == records
 
 
@@ -77,3 +78,8 @@ def test_random_garbage_never_raises_anything_but_frame_error():
 def test_empty_frame_refused():
     with pytest.raises(ValueError):
         encode("n", 1, "events", [])
+
+
+def test_prev_seq_must_precede_the_records():
+    with pytest.raises(ValueError):
+        encode("n", 1, "events", [(5, 0, "t", b"")], prev_seq=5)
