@@ -55,8 +55,15 @@ def _stats_lines(proc: Proc) -> list[dict[str, Any]]:
     return out
 
 
-def _measure(wd: Workdir, label: str, argv: list[str], devices: int, duration: float,
-             warmup: float, broker: Broker) -> dict[str, Any]:
+def _measure(
+    wd: Workdir,
+    label: str,
+    argv: list[str],
+    devices: int,
+    duration: float,
+    warmup: float,
+    broker: Broker,
+) -> dict[str, Any]:
     """Run one fleet process; sample its /proc figures at each stats line."""
     proc = Proc(wd, label, argv).start()
     samples: list[dict[str, Any]] = []
@@ -81,13 +88,17 @@ def _measure(wd: Workdir, label: str, argv: list[str], devices: int, duration: f
     rc = proc.terminate(60)
     # the steady window starts once every device is connected and the start-up backlog is
     # gone (plus a margin), and never before ``warmup``
-    ready = next((s["t"] for s in samples if s["connected"] == devices and s.get("held", 0) < devices / 10),
-                 None)
+    ready = next(
+        (s["t"] for s in samples if s["connected"] == devices and s.get("held", 0) < devices / 10),
+        None,
+    )
     begin = max(warmup, ready + 2.0) if ready is not None else warmup
     steady = [s for s in samples if s["t"] >= begin]
     if len(steady) < 2:
-        return {"error": f"{label}: too few samples ({len(samples)}); rc {rc}; "
-                         f"log: {proc.log_text()[-400:]}"}
+        return {
+            "error": f"{label}: too few samples ({len(samples)}); rc {rc}; "
+            f"log: {proc.log_text()[-400:]}"
+        }
     a, b = steady[0], steady[-1]
     span = b["t"] - a["t"]
     rate = (b["acked"] - a["acked"]) / span
@@ -108,9 +119,13 @@ def _measure(wd: Workdir, label: str, argv: list[str], devices: int, duration: f
         "window_s": round(span, 1),
         "ramp_s": ready,
     }
-    res["sustained"] = bool(span >= duration / 2 and res["connected_min"] == devices
-                            and abs(res["rate_error_pct"]) <= 2.0
-                            and res["held_max"] < devices and res["loop_lag_max_ms"] < 500)
+    res["sustained"] = bool(
+        span >= duration / 2
+        and res["connected_min"] == devices
+        and abs(res["rate_error_pct"]) <= 2.0
+        and res["held_max"] < devices
+        and res["loop_lag_max_ms"] < 500
+    )
     return res
 
 
@@ -119,19 +134,52 @@ def _one(kind: str, devices: int, duration: float, warmup: float) -> dict[str, A
     try:
         broker = Broker(wd, "edge", f"edge-{kind}-{devices}").start()
         if kind == "sim":
-            argv = [PY, "-m", "edgeferry", "sim", "run", "--broker", broker.url, "--devices",
-                    str(devices), "--interval", "1", "--duration", str(duration), "--seed", "1",
-                    "--sensors", "temperature", "--no-progress", "--stats-every", "1",
-                    "--drain-timeout", "5", "--manifest", str(wd / "manifest.json")]
+            argv = [
+                PY,
+                "-m",
+                "edgeferry",
+                "sim",
+                "run",
+                "--broker",
+                broker.url,
+                "--devices",
+                str(devices),
+                "--interval",
+                "1",
+                "--duration",
+                str(duration),
+                "--seed",
+                "1",
+                "--sensors",
+                "temperature",
+                "--no-progress",
+                "--stats-every",
+                "1",
+                "--drain-timeout",
+                "5",
+                "--manifest",
+                str(wd / "manifest.json"),
+            ]
         else:
-            argv = [PY, "-m", "bench.bench_sim", "--bare", str(devices), "--broker", broker.url,
-                    "--duration", str(duration)]
+            argv = [
+                PY,
+                "-m",
+                "bench.bench_sim",
+                "--bare",
+                str(devices),
+                "--broker",
+                broker.url,
+                "--duration",
+                str(duration),
+            ]
         return _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
     finally:
         wd.cleanup()
 
 
-def run(quick: bool, sizes: list[int] | None = None, duration: float | None = None) -> dict[str, Any]:
+def run(
+    quick: bool, sizes: list[int] | None = None, duration: float | None = None
+) -> dict[str, Any]:
     """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate."""
     limit = _raise_nofile()
     duration = duration or (20.0 if quick else 40.0)
@@ -163,37 +211,49 @@ def run(quick: bool, sizes: list[int] | None = None, duration: float | None = No
             "rss_target_mb": TARGET_RSS_MB_AT_1000,
         }
         if "error" not in bare:
-            res["at_1000"]["rss_vs_bare_loop"] = round(at_1000["peak_rss_mb"] / bare["peak_rss_mb"], 2)
+            res["at_1000"]["rss_vs_bare_loop"] = round(
+                at_1000["peak_rss_mb"] / bare["peak_rss_mb"], 2
+            )
             res["at_1000"]["cpu_vs_bare_loop"] = round(
-                at_1000["cpu_pct_one_core"] / max(bare["cpu_pct_one_core"], 0.1), 2)
+                at_1000["cpu_pct_one_core"] / max(bare["cpu_pct_one_core"], 0.1), 2
+            )
     return res
 
 
 def summary(res: dict[str, Any]) -> str:
-    lines = [f"  largest fleet sustained at 1 msg/s per device: {res['largest_sustained_devices']} "
-             f"devices (target {TARGET_SIZE})"]
-    head = f"  {'devices':>8} {'msg/s':>9} {'err %':>6} {'peak RSS MB':>11} {'CPU %':>6} " \
-           f"{'broker %':>8} {'lag ms':>7} {'held':>6}  sustained"
+    lines = [
+        f"  largest fleet sustained at 1 msg/s per device: {res['largest_sustained_devices']} "
+        f"devices (target {TARGET_SIZE})"
+    ]
+    head = (
+        f"  {'devices':>8} {'msg/s':>9} {'err %':>6} {'peak RSS MB':>11} {'CPU %':>6} "
+        f"{'broker %':>8} {'lag ms':>7} {'held':>6}  sustained"
+    )
     lines.append(head)
     rows = [("sim", f) for f in res["fleets"]] + [("bare", res["bare_client_loop_1000"])]
     for kind, f in rows:
         if "error" in f:
             lines.append(f"  {kind} {f.get('devices', '?')}: {f['error']}")
             continue
-        lines.append(f"  {f['devices']:>8} {f['achieved_msg_s']:>9} {f['rate_error_pct']:>6} "
-                     f"{f['peak_rss_mb']:>11} {f['cpu_pct_one_core']:>6} "
-                     f"{f['broker_cpu_pct_one_core']:>8} {f['loop_lag_max_ms']:>7} {f['held_max']:>6}  "
-                     f"{f['sustained']}" + ("  (bare client loop)" if kind == "bare" else ""))
+        lines.append(
+            f"  {f['devices']:>8} {f['achieved_msg_s']:>9} {f['rate_error_pct']:>6} "
+            f"{f['peak_rss_mb']:>11} {f['cpu_pct_one_core']:>6} "
+            f"{f['broker_cpu_pct_one_core']:>8} {f['loop_lag_max_ms']:>7} {f['held_max']:>6}  "
+            f"{f['sustained']}" + ("  (bare client loop)" if kind == "bare" else "")
+        )
     a = res.get("at_1000")
     if a:
-        lines.append(f"  at 1,000 devices: {a['peak_rss_mb']} MB peak RSS (target < {a['rss_target_mb']}), "
-                     f"{a['achieved_msg_s']} msg/s ({a['rate_error_pct']:+}%), "
-                     f"{a.get('rss_vs_bare_loop', '?')}x the RSS and {a.get('cpu_vs_bare_loop', '?')}x "
-                     f"the CPU of the bare client loop")
+        lines.append(
+            f"  at 1,000 devices: {a['peak_rss_mb']} MB peak RSS (target < {a['rss_target_mb']}), "
+            f"{a['achieved_msg_s']} msg/s ({a['rate_error_pct']:+}%), "
+            f"{a.get('rss_vs_bare_loop', '?')}x the RSS and {a.get('cpu_vs_bare_loop', '?')}x "
+            f"the CPU of the bare client loop"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the bare client loop
+
 
 async def _bare(url: str, devices: int, duration: float) -> None:
     import asyncio
@@ -223,9 +283,20 @@ async def _bare(url: str, devices: int, duration: float) -> None:
         k = 1
         while True:
             await asyncio.sleep(max(0.0, start + k - loop.time()))
-            print("stats " + json.dumps({"t": round(loop.time() - start, 3), "acked": acked,
-                                         "connected": connected, "held": 0, "max_lag_ms": 0.0}),
-                  file=sys.stderr, flush=True)
+            print(
+                "stats "
+                + json.dumps(
+                    {
+                        "t": round(loop.time() - start, 3),
+                        "acked": acked,
+                        "connected": connected,
+                        "held": 0,
+                        "max_lag_ms": 0.0,
+                    }
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             k += 1
 
     loop = asyncio.get_running_loop()
@@ -239,8 +310,11 @@ async def _bare(url: str, devices: int, duration: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_sim", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", help="comma-separated fleet sizes")
     p.add_argument("--duration", type=float)

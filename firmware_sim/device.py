@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -68,10 +69,37 @@ class Device:
     """A simulated device; created and run by :class:`~firmware_sim.fleet.Fleet`."""
 
     __slots__ = (
-        "fleet", "index", "name", "faults", "sensors", "streams", "seqs", "acked_by_stream",
-        "boot", "firmware", "interval", "tick_interval", "k", "anchor", "anchor_k", "sim_anchor",
-        "last_t", "outbox", "client", "alive", "online", "net_down_until", "wake", "timer",
-        "timers", "storm_until", "seen", "counters", "state_topic", "source", "_busy",
+        "fleet",
+        "index",
+        "name",
+        "faults",
+        "sensors",
+        "streams",
+        "seqs",
+        "acked_by_stream",
+        "boot",
+        "firmware",
+        "interval",
+        "tick_interval",
+        "k",
+        "anchor",
+        "anchor_k",
+        "sim_anchor",
+        "last_t",
+        "outbox",
+        "client",
+        "alive",
+        "online",
+        "net_down_until",
+        "wake",
+        "timer",
+        "timers",
+        "storm_until",
+        "seen",
+        "counters",
+        "state_topic",
+        "source",
+        "_busy",
     )
 
     def __init__(self, fleet: Fleet, index: int, name: str, faults: DeviceFaults) -> None:
@@ -82,8 +110,10 @@ class Device:
         self.faults = faults
         self.sensors = Sensors(p.seed, index)
         # (stream, every, topic, type) in the profile's order: the order of reads is fixed
-        self.streams = [(s.name, s.every, f"dt/{name}/{s.name}", f"io.edgeferry.telemetry.{s.name}")
-                        for s in p.sensors]
+        self.streams = [
+            (s.name, s.every, f"dt/{name}/{s.name}", f"io.edgeferry.telemetry.{s.name}")
+            for s in p.sensors
+        ]
         self.seqs = [0] * len(self.streams)
         self.acked_by_stream = [0] * len(self.streams)
         self.boot = 1
@@ -106,9 +136,17 @@ class Device:
         self.storm_until = 0.0
         self.seen: OrderedDict[str, str] = OrderedDict()
         self.counters = {
-            "garbage_sent": 0, "duplicates_sent": 0, "events_sent": 0, "acked": 0,
-            "connects": 0, "connect_failures": 0, "abnormal_disconnects": 0, "link_lost": 0,
-            "commands_applied": 0, "commands_duplicate": 0, "commands_rejected": 0,
+            "garbage_sent": 0,
+            "duplicates_sent": 0,
+            "events_sent": 0,
+            "acked": 0,
+            "connects": 0,
+            "connect_failures": 0,
+            "abnormal_disconnects": 0,
+            "link_lost": 0,
+            "commands_applied": 0,
+            "commands_duplicate": 0,
+            "commands_rejected": 0,
         }
         self.state_topic = f"state/{name}"
         self.source = f"/{p.site}/devices/{name}"
@@ -204,11 +242,19 @@ class Device:
             for key, value in reading.items():
                 data[rename.get(key, key)] = value
             data.update(f.newer.extra)
-        return orjson.dumps({
-            "specversion": "1.0", "id": new_id(), "source": self.source, "type": etype,
-            "time": self._time(), "subject": self.name, "datacontenttype": "application/json",
-            "simrun": self.fleet.run_id, "data": data,
-        })
+        return orjson.dumps(
+            {
+                "specversion": "1.0",
+                "id": new_id(),
+                "source": self.source,
+                "type": etype,
+                "time": self._time(),
+                "subject": self.name,
+                "datacontenttype": "application/json",
+                "simrun": self.fleet.run_id,
+                "data": data,
+            }
+        )
 
     def _time(self) -> str:
         t = time.time()
@@ -219,11 +265,20 @@ class Device:
 
     def _event(self, topic: str, etype: str, data: dict[str, Any], correlationid: str) -> None:
         """Queue an event (reply, OTA progress) in the outbox: it survives a dropped link."""
-        body = orjson.dumps({
-            "specversion": "1.0", "id": new_id(), "source": self.source, "type": etype,
-            "time": self._time(), "subject": self.name, "datacontenttype": "application/json",
-            "correlationid": correlationid, "simrun": self.fleet.run_id, "data": data,
-        })
+        body = orjson.dumps(
+            {
+                "specversion": "1.0",
+                "id": new_id(),
+                "source": self.source,
+                "type": etype,
+                "time": self._time(),
+                "subject": self.name,
+                "datacontenttype": "application/json",
+                "correlationid": correlationid,
+                "simrun": self.fleet.run_id,
+                "data": data,
+            }
+        )
         self.outbox.put(Entry(topic, body, None, 0))
         self.counters["events_sent"] += 1
         self.wake.set()
@@ -317,9 +372,14 @@ class Device:
                 await self._sleep(min(backoff.next(), self.net_down_until - loop.time() + 0.05))
                 continue
             client = MQTTClient(
-                fleet.url, f"{fleet.client_prefix}{self.name}", clean_session=p.clean_session,
-                keepalive=p.keepalive, will=Will(self.state_topic, _OFFLINE, 1, True),
-                on_message=self._on_message, max_inflight=p.window, connect_timeout=10.0,
+                fleet.url,
+                f"{fleet.client_prefix}{self.name}",
+                clean_session=p.clean_session,
+                keepalive=p.keepalive,
+                will=Will(self.state_topic, _OFFLINE, 1, True),
+                on_message=self._on_message,
+                max_inflight=p.window,
+                connect_timeout=10.0,
             )
             try:
                 await client.connect()
@@ -390,7 +450,7 @@ class Device:
             key, entry = item
             fut = await client.publish_nowait(entry.topic, entry.payload, 1)
             assert fut is not None
-            fut.add_done_callback(lambda f, key=key: acked(key, f))
+            fut.add_done_callback(partial(acked, key))
 
     def _acked(self, key: int, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -409,11 +469,18 @@ class Device:
             self.fleet.device_emptied(self)
 
     def _birth(self) -> bytes:
-        return orjson.dumps({
-            "state": "online", "device": self.name, "firmware": self.firmware, "boot": self.boot,
-            "sensors": [s[0] for s in self.streams], "interval": self.interval,
-            "time": self._time(), "simrun": self.fleet.run_id,
-        })
+        return orjson.dumps(
+            {
+                "state": "online",
+                "device": self.name,
+                "firmware": self.firmware,
+                "boot": self.boot,
+                "sensors": [s[0] for s in self.streams],
+                "interval": self.interval,
+                "time": self._time(),
+                "simrun": self.fleet.run_id,
+            }
+        )
 
     async def shutdown(self) -> None:
         """Clean stop at the end of a run: ``offline`` (retained), then DISCONNECT."""
@@ -470,14 +537,24 @@ class Device:
         self._reply(name, cid, status, detail)
 
     def _reply(self, name: str, cid: str, status: str, detail: dict[str, Any]) -> None:
-        data = {"command": name, "command_id": cid, "status": status, "boot": self.boot,
-                "firmware": self.firmware, **detail}
+        data = {
+            "command": name,
+            "command_id": cid,
+            "status": status,
+            "boot": self.boot,
+            "firmware": self.firmware,
+            **detail,
+        }
         self._event(f"evt/reply/{self.name}", "io.edgeferry.command.reply", data, cid or new_id())
 
     def _apply(self, name: str, cid: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if name == "set_interval":
             value = args.get("interval", args.get("seconds"))
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value <= 86400
+            ):
                 return "error", {"detail": "set_interval needs data.interval in (0, 86400] seconds"}
             self.interval = float(value)
             if not self.storm_until and self.alive:
@@ -494,7 +571,11 @@ class Device:
             duration = args.get("duration", 2.0)
             if not isinstance(version, str) or not version:
                 return "error", {"detail": "ota needs data.version"}
-            if isinstance(duration, bool) or not isinstance(duration, int | float) or not 0 <= duration <= 3600:
+            if (
+                isinstance(duration, bool)
+                or not isinstance(duration, int | float)
+                or not 0 <= duration <= 3600
+            ):
                 return "error", {"detail": "ota data.duration must be 0..3600 seconds"}
             if self._busy:
                 return "error", {"detail": "busy (reboot or update in progress)"}
@@ -532,14 +613,17 @@ class Device:
                     await asyncio.sleep(duration / (len(steps) - 1))
                 if not self.alive:
                     return  # power lost during the update: the old firmware boots again
-                self._event(f"evt/ota/{self.name}", "io.edgeferry.ota.progress",
-                            {"command_id": cid, "version": version, "from": self.firmware,
-                             "progress": pct}, cid)
+                self._event(
+                    f"evt/ota/{self.name}",
+                    "io.edgeferry.ota.progress",
+                    {"command_id": cid, "version": version, "from": self.firmware, "progress": pct},
+                    cid,
+                )
             await self._reboot(version, cid)
         finally:
             self._busy = False
 
-    async def _flush(self, timeout: float) -> None:
+    async def _flush(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a cancel
         """Wait (bounded) until the outbox is empty."""
         deadline = self._now() + timeout
         while len(self.outbox) and self._now() < deadline and self.client is not None:
@@ -563,13 +647,17 @@ class Device:
             last = self.seqs[si]
             dropped = self.outbox.dropped_seqs.get(stream)
             streams[stream] = {
-                "first": 1 if last else 0, "last": last, "sent": last,
+                "first": 1 if last else 0,
+                "last": last,
+                "sent": last,
                 "acked": self.acked_by_stream[si],
                 "dropped": dropped.to_json() if dropped is not None else [],
             }
         out: dict[str, Any] = {
             "client_id": f"{self.fleet.client_prefix}{self.name}",
-            "firmware": self.firmware, "boots": self.boot, "interval": self.interval,
+            "firmware": self.firmware,
+            "boots": self.boot,
+            "interval": self.interval,
             "streams": streams,
             "dropped": dict(self.outbox.drop_reasons),
         }

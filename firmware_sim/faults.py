@@ -85,7 +85,9 @@ def plan_faults(profile: Profile) -> dict[str, DeviceFaults]:
     if f.drop:
         for i in _selected(f.drop, names, seed, "drop"):
             for n in range(f.drop.count):
-                get(i).timed.append((draw(f.drop.at, i, 1, 2 * n), "drop", draw(f.drop.down, i, 2, 2 * n)))
+                get(i).timed.append(
+                    (draw(f.drop.at, i, 1, 2 * n), "drop", draw(f.drop.down, i, 2, 2 * n))
+                )
     if f.flap:
         for i in _selected(f.flap, names, seed, "flap"):
             t = draw(f.flap.at, i, 3, 0)
@@ -98,11 +100,13 @@ def plan_faults(profile: Profile) -> dict[str, DeviceFaults]:
                 n += 1
     if f.die:
         for i in _selected(f.die, names, seed, "die"):
-            down = draw(f.die.down, i, 7, 0) if f.die.down is not None else None
-            get(i).timed.append((draw(f.die.at, i, 6, 0), "die", down))
+            back = draw(f.die.down, i, 7, 0) if f.die.down is not None else None
+            get(i).timed.append((draw(f.die.at, i, 6, 0), "die", back))
     if f.storm:
         for i in _selected(f.storm, names, seed, "storm"):
-            get(i).timed.append((draw(f.storm.at, i, 8, 0), "storm", (f.storm.duration, f.storm.rate)))
+            get(i).timed.append(
+                (draw(f.storm.at, i, 8, 0), "storm", (f.storm.duration, f.storm.rate))
+            )
     if f.garbage:
         for i in _selected(f.garbage, names, seed, "garbage"):
             get(i).garbage = f.garbage.probability

@@ -47,7 +47,8 @@ def raise_open_file_limit(needed: int) -> int:
             raise ResourceLimitError(
                 f"one connection per device needs about {needed} open files, but this process "
                 f"may open at most {hard} (hard limit): raise it (ulimit -Hn as root, or "
-                f"LimitNOFILE= in a systemd unit) or simulate fewer devices")
+                f"LimitNOFILE= in a systemd unit) or simulate fewer devices"
+            )
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         return needed
     return soft
@@ -122,8 +123,14 @@ class Fleet:
             d.start(t0)
             self._tasks.append(self._tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name))
         self._tasks.append(self._tg.create_task(self._lag_monitor(), name="lag-monitor"))
-        log.info("fleet %s: %d devices, %g s interval, seed %d, broker %s",
-                 self.run_id, p.devices, p.interval, p.seed, self.url)
+        log.info(
+            "fleet %s: %d devices, %g s interval, seed %d, broker %s",
+            self.run_id,
+            p.devices,
+            p.interval,
+            p.seed,
+            self.url,
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -144,12 +151,17 @@ class Fleet:
 
         spec = self.profile.chaos
         assert spec is not None
-        proxy = ChaosProxy(self.url.host, self.url.port, seed=self.profile.seed,
-                           on_change=lambda what: log.info("fleet link: %s", what))
+        proxy = ChaosProxy(
+            self.url.host,
+            self.url.port,
+            seed=self.profile.seed,
+            on_change=lambda what: log.info("fleet link: %s", what),
+        )
         await proxy.__aenter__()
         self.chaos = proxy
-        self.url = BrokerURL("127.0.0.1", proxy.port, self.url.tls, self.url.username,
-                             self.url.password)
+        self.url = BrokerURL(
+            "127.0.0.1", proxy.port, self.url.tls, self.url.username, self.url.password
+        )
         schedule = spec.schedule()
         if schedule is not None:
             await proxy.flap(schedule[0], schedule[1], mode=spec.mode)
@@ -173,8 +185,12 @@ class Fleet:
                 async with asyncio.timeout(self.drain_timeout):
                     await self._drained.wait()
             except TimeoutError:
-                log.warning("fleet: %d devices still held messages after %g s; counted as "
-                            "dropped (shutdown)", len(self._undrained), self.drain_timeout)
+                log.warning(
+                    "fleet: %d devices still held messages after %g s; counted as "
+                    "dropped (shutdown)",
+                    len(self._undrained),
+                    self.drain_timeout,
+                )
         self.drain_over = True
         for d in self.devices:
             d.outbox.clear("shutdown")
@@ -226,7 +242,7 @@ class Fleet:
         except TimeoutError:
             pass
 
-    async def wait_connected(self, n: int | None = None, timeout: float = 60.0) -> None:
+    async def wait_connected(self, n: int | None = None, timeout: float = 60.0) -> None:  # noqa: ASYNC109
         """Wait until ``n`` devices (default: all) are online; TimeoutError otherwise."""
         want = len(self.devices) if n is None else n
         try:
@@ -235,7 +251,9 @@ class Fleet:
                     self.connection_changed.clear()
                     await self.connection_changed.wait()
         except TimeoutError:
-            raise TimeoutError(f"only {self.connected} of {want} devices connected in {timeout:g} s") from None
+            raise TimeoutError(
+                f"only {self.connected} of {want} devices connected in {timeout:g} s"
+            ) from None
 
     def device(self, name: str) -> Device:
         return self.by_name[name]
@@ -244,10 +262,17 @@ class Fleet:
         """Live counters: devices online, messages generated / acknowledged / dropped /
         held in outboxes, reboots, faults fired, and the worst event-loop lag (ms)."""
         dropped = sum(d.outbox.dropped for d in self.devices)
-        out = {"devices": len(self.devices), "connected": self.connected,
-               "generated": self.generated, "acked": self.acked, "dropped": dropped,
-               "held": sum(len(d.outbox) for d in self.devices), "boots": self.boots,
-               "faults": dict(self.faults_fired), "max_lag_ms": round(self.max_lag * 1000, 1)}
+        out = {
+            "devices": len(self.devices),
+            "connected": self.connected,
+            "generated": self.generated,
+            "acked": self.acked,
+            "dropped": dropped,
+            "held": sum(len(d.outbox) for d in self.devices),
+            "boots": self.boots,
+            "faults": dict(self.faults_fired),
+            "max_lag_ms": round(self.max_lag * 1000, 1),
+        }
         if reset_lag:
             self.max_lag = 0.0
         return out

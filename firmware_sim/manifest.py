@@ -39,9 +39,17 @@ def _iso(t: float) -> str:
 
 def build_manifest(fleet: Fleet) -> dict[str, Any]:
     devices = {d.name: d.record() for d in fleet.devices}
-    totals: dict[str, Any] = {"sent": 0, "acked": 0, "dropped": 0, "garbage_sent": 0,
-                              "duplicates_sent": 0, "events_sent": 0, "boots": 0,
-                              "abnormal_disconnects": 0, "dropped_by_reason": {}}
+    totals: dict[str, Any] = {
+        "sent": 0,
+        "acked": 0,
+        "dropped": 0,
+        "garbage_sent": 0,
+        "duplicates_sent": 0,
+        "events_sent": 0,
+        "boots": 0,
+        "abnormal_disconnects": 0,
+        "dropped_by_reason": {},
+    }
     for rec in devices.values():
         for s in rec["streams"].values():
             totals["sent"] += s["sent"]
@@ -55,11 +63,18 @@ def build_manifest(fleet: Fleet) -> dict[str, Any]:
     loop_now = fleet.ended_at if fleet.ended_at is not None else None
     elapsed = (loop_now - fleet.started_at) if loop_now is not None else None
     return {
-        "format": FORMAT, "version": VERSION, "run": fleet.run_id, "seed": fleet.profile.seed,
-        "broker": fleet.broker_url, "started": _iso(fleet.wall_start),
+        "format": FORMAT,
+        "version": VERSION,
+        "run": fleet.run_id,
+        "seed": fleet.profile.seed,
+        "broker": fleet.broker_url,
+        "started": _iso(fleet.wall_start),
         "duration_s": round(elapsed, 3) if elapsed is not None else None,
-        "complete": fleet.stopping, "profile": fleet.profile.model_dump(mode="json"),
-        "faults_fired": dict(fleet.faults_fired), "totals": totals, "devices": devices,
+        "complete": fleet.stopping,
+        "profile": fleet.profile.model_dump(mode="json"),
+        "faults_fired": dict(fleet.faults_fired),
+        "totals": totals,
+        "devices": devices,
     }
 
 
@@ -88,8 +103,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an edgeferry simulator manifest")
     if data.get("version") != VERSION:
-        raise ManifestError(f"manifest {path} has version {data.get('version')!r}; this "
-                            f"edgeferry reads version {VERSION}")
+        raise ManifestError(
+            f"manifest {path} has version {data.get('version')!r}; this "
+            f"edgeferry reads version {VERSION}"
+        )
     if not isinstance(data.get("devices"), dict):
         raise ManifestError(f"manifest {path} has no devices")
     return data

@@ -22,9 +22,9 @@ def _range(v: Any) -> tuple[float, float]:
     if isinstance(v, int | float) and not isinstance(v, bool):
         return float(v), float(v)
     if isinstance(v, str):
-        lo, sep, hi = v.partition("..")
+        a, sep, b = v.partition("..")
         try:
-            return (float(lo), float(hi)) if sep else (float(v), float(v))
+            return (float(a), float(b)) if sep else (float(v), float(v))
         except ValueError:
             raise ValueError(f"{v!r} is not a number or a range like 2..8") from None
     if isinstance(v, list | tuple) and len(v) == 2:
@@ -138,7 +138,9 @@ class Chaos(_Strict):
                     if not 0 < lo <= hi:
                         raise ValueError
             except ValueError:
-                raise ValueError(f"{v!r} must look like 2-5:1-3 (seconds up : seconds down)") from None
+                raise ValueError(
+                    f"{v!r} must look like 2-5:1-3 (seconds up : seconds down)"
+                ) from None
         return v
 
     def schedule(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
@@ -160,16 +162,18 @@ class Profile(_Strict):
     seed: int = 0
     site: str = Field("sim", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     prefix: str = Field("dev", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    sensors: list[SensorSpec] = Field(default_factory=lambda: [SensorSpec(name=s) for s in STREAMS])
+    sensors: list[SensorSpec] = Field(
+        default_factory=lambda: [SensorSpec.model_validate({"name": s}) for s in STREAMS]
+    )
     firmware: str = "1.4.2"
     outbox: int = Field(100, ge=1, description="messages a device keeps while offline")
     window: int = Field(8, ge=1, le=65535, description="QoS 1 publishes in flight per device")
     keepalive: int = Field(15, ge=1, le=65535)
     clean_session: bool = True
-    reconnect: Reconnect = Reconnect()
+    reconnect: Reconnect = Field(default_factory=lambda: Reconnect.model_validate({}))
     reboot_time: float = Field(1.0, ge=0)
     connect_rate: float = Field(1000.0, gt=0, description="new connections per second at start")
-    faults: Faults = Faults()
+    faults: Faults = Field(default_factory=lambda: Faults.model_validate({}))
     chaos: Chaos | None = None
 
     @field_validator("sensors", mode="before")
@@ -217,7 +221,9 @@ def load_profile(path: str | Path | None = None, **overrides: Any) -> Profile:
         except OSError as e:
             raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ProfileError(f"profile {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ProfileError(
+                f"profile {path} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ProfileError(f"profile {path} must be a mapping")
         data = loaded.get("sim", loaded) if isinstance(loaded.get("sim"), dict) else loaded
@@ -241,7 +247,9 @@ def parse_fault_flag(spec: str) -> tuple[str, dict[str, Any]]:
     kind, _, rest = spec.partition(":")
     kind = kind.strip().replace("-", "_")
     if kind not in FAULT_KINDS:
-        raise ProfileError(f"--fault {spec!r}: unknown kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
+        raise ProfileError(
+            f"--fault {spec!r}: unknown kind {kind!r} (one of {', '.join(FAULT_KINDS)})"
+        )
     params: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")

@@ -38,15 +38,23 @@ class RateMeter:
 async def _preflight(url: str) -> None:
     """One connection before the fleet: a wrong URL fails at once, with one line."""
     try:
-        async with MQTTClient(url, f"edgeferry-sim-preflight-{time.monotonic_ns() % 10**9}",
-                              connect_timeout=5):
+        async with MQTTClient(
+            url, f"edgeferry-sim-preflight-{time.monotonic_ns() % 10**9}", connect_timeout=5
+        ):
             pass
     except ConnectError as e:
         raise SimError(f"cannot reach the broker: {e}") from None
 
 
-async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_id: str | None,
-                drain_timeout: float, progress: bool, stats_every: float | None) -> int:
+async def _main(
+    broker: str,
+    profile: Profile,
+    manifest_path: Path | None,
+    run_id: str | None,
+    drain_timeout: float,
+    progress: bool,
+    stats_every: float | None,
+) -> int:
     await _preflight(broker)
     fleet = Fleet(broker, profile, run=run_id, drain_timeout=drain_timeout)
     loop = asyncio.get_running_loop()
@@ -71,9 +79,12 @@ async def _main(broker: str, profile: Profile, manifest_path: Path | None, run_i
     elapsed = m["duration_s"] or 0.0
     rate = tot["acked"] / elapsed if elapsed else 0.0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(tot["dropped_by_reason"].items())) or "none"
-    print(f"run {m['run']}: {profile.devices} devices, {elapsed:.1f} s, sent {tot['sent']} readings, "
-          f"acked {tot['acked']} messages ({rate:.1f}/s, target {target:.1f}/s), dropped by devices: "
-          f"{reasons}" + (f"; manifest {manifest_path}" if manifest_path else ""), file=sys.stderr)
+    print(
+        f"run {m['run']}: {profile.devices} devices, {elapsed:.1f} s, sent {tot['sent']} readings, "
+        f"acked {tot['acked']} messages ({rate:.1f}/s, target {target:.1f}/s), dropped by devices: "
+        f"{reasons}" + (f"; manifest {manifest_path}" if manifest_path else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -103,11 +114,16 @@ async def _with_progress(fleet: Fleet, target: float) -> None:
                 now = asyncio.get_running_loop().time()
                 s = fleet.stats()
                 rate = meter.add(now, s["acked"])
-                desc = (f"connected {s['connected']}/{s['devices']} · {rate:,.1f} msg/s "
-                        f"(target {target:,.1f}) · acked {s['acked']:,} · held {s['held']:,} "
-                        f"· dropped {s['dropped']:,}")
-                bar.update(task, description=desc,
-                           completed=min(now - fleet.started_at, duration) if duration else None)
+                desc = (
+                    f"connected {s['connected']}/{s['devices']} · {rate:,.1f} msg/s "
+                    f"(target {target:,.1f}) · acked {s['acked']:,} · held {s['held']:,} "
+                    f"· dropped {s['dropped']:,}"
+                )
+                bar.update(
+                    task,
+                    description=desc,
+                    completed=min(now - fleet.started_at, duration) if duration else None,
+                )
                 await asyncio.wait([runner], timeout=0.5)
         finally:
             if not runner.done():
@@ -115,16 +131,25 @@ async def _with_progress(fleet: Fleet, target: float) -> None:
             await asyncio.gather(runner, return_exceptions=True)
 
 
-def run_fleet(broker: str, profile: Profile, *, manifest_path: Path | None = None,
-              run_id: str | None = None, drain_timeout: float = 10.0, progress: bool = True,
-              stats_every: float | None = None) -> int:
+def run_fleet(
+    broker: str,
+    profile: Profile,
+    *,
+    manifest_path: Path | None = None,
+    run_id: str | None = None,
+    drain_timeout: float = 10.0,
+    progress: bool = True,
+    stats_every: float | None = None,
+) -> int:
     """Run the fleet to completion on uvloop (when available); return the exit code."""
     parse_url(broker)  # ConfigError with one line if bad
     raise_open_file_limit(profile.devices * (3 if profile.chaos else 1) + 256)
     if manifest_path is not None:
         parent = Path(manifest_path).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise SimError(f"cannot write manifest {manifest_path}: {parent} is not a writable directory")
+            raise SimError(
+                f"cannot write manifest {manifest_path}: {parent} is not a writable directory"
+            )
     main = _main(broker, profile, manifest_path, run_id, drain_timeout, progress, stats_every)
     try:
         import uvloop

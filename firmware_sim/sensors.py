@@ -40,9 +40,24 @@ _MSG_DRAIN_PCT = 0.00025  # per message: radio time dominates
 class Sensors:
     """The physical state of one device's sensors."""
 
-    __slots__ = ("seed", "dev", "k", "t", "day0", "temp_bias", "walk", "temp", "pres_base",
-                 "pres", "burst_left", "burst_level", "door_open", "door_changes", "door_new",
-                 "battery")
+    __slots__ = (
+        "seed",
+        "dev",
+        "k",
+        "t",
+        "day0",
+        "temp_bias",
+        "walk",
+        "temp",
+        "pres_base",
+        "pres",
+        "burst_left",
+        "burst_level",
+        "door_open",
+        "door_changes",
+        "door_new",
+        "battery",
+    )
 
     def __init__(self, seed: int, dev: int, start_of_day: float | None = None) -> None:
         self.seed = seed
@@ -50,7 +65,9 @@ class Sensors:
         self.k = -1
         self.t = 0.0
         # the site's local time of day at t = 0 (same for every device of a seed)
-        self.day0 = start_of_day if start_of_day is not None else between(0, _DAY, seed, -1, _P_INIT)
+        self.day0 = (
+            start_of_day if start_of_day is not None else between(0, _DAY, seed, -1, _P_INIT)
+        )
         self.temp_bias = gauss(seed, dev, 0, _P_INIT) * 1.5
         self.walk = 0.0
         self.temp = 20.0
@@ -101,10 +118,17 @@ class Sensors:
             return {"value": round(self.pres, 2), "unit": "hPa"}
         if stream == "vibration":
             base = 0.25 + abs(gauss(seed, dev, k, _P_VIB)) * 0.05
-            rms = base + (self.burst_level * (0.7 + 0.3 * uniform(seed, dev, k, _P_VIB, 3))
-                          if self.burst_left else 0.0)
-            return {"rms": round(rms, 3), "peak": round(rms * 1.41 + base, 3),
-                    "burst": bool(self.burst_left), "unit": "mm/s"}
+            rms = base + (
+                self.burst_level * (0.7 + 0.3 * uniform(seed, dev, k, _P_VIB, 3))
+                if self.burst_left
+                else 0.0
+            )
+            return {
+                "rms": round(rms, 3),
+                "peak": round(rms * 1.41 + base, 3),
+                "burst": bool(self.burst_left),
+                "unit": "mm/s",
+            }
         if stream == "door":
             if not self.door_new:
                 return None

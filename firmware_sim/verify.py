@@ -55,8 +55,14 @@ class Report:
         return self.total.lost == 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"run": self.run, "ok": self.ok, "rows": self.rows, "foreign": self.foreign,
-                "total": self.total.to_json(), "devices": [d.to_json() for d in self.devices]}
+        return {
+            "run": self.run,
+            "ok": self.ok,
+            "rows": self.rows,
+            "foreign": self.foreign,
+            "total": self.total.to_json(),
+            "devices": [d.to_json() for d in self.devices],
+        }
 
 
 def _ranges(nums: list[int]) -> list[list[int]]:
@@ -108,8 +114,12 @@ def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
     total = DeviceResult("total")
     for name in sorted(devices):
         rec = devices[name]
-        r = DeviceResult(name, duplicates_sent=int(rec.get("duplicates_sent", 0)),
-                         garbage_sent=int(rec.get("garbage_sent", 0)), garbage=garbage.get(name, 0))
+        r = DeviceResult(
+            name,
+            duplicates_sent=int(rec.get("duplicates_sent", 0)),
+            garbage_sent=int(rec.get("garbage_sent", 0)),
+            garbage=garbage.get(name, 0),
+        )
         for stream, s in rec.get("streams", {}).items():
             first, last = int(s.get("first", 0)), int(s.get("last", 0))
             dropped = [(int(lo), int(hi)) for lo, hi in s.get("dropped", [])]
@@ -131,7 +141,16 @@ def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
             if missing:
                 r.lost_ranges[stream] = _ranges(missing)
         results.append(r)
-        for key in ("sent", "delivered", "dropped", "dropped_delivered", "lost", "duplicated",
-                    "duplicates_sent", "garbage", "garbage_sent"):
+        for key in (
+            "sent",
+            "delivered",
+            "dropped",
+            "dropped_delivered",
+            "lost",
+            "duplicated",
+            "duplicates_sent",
+            "garbage",
+            "garbage_sent",
+        ):
             setattr(total, key, getattr(total, key) + getattr(r, key))
     return Report(run, results, total, foreign, len(rows))

@@ -37,12 +37,27 @@ def test_sim_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
         (["sim", "run", "--broker", "localhost:99"], 2, "not of the form mqtt://"),
         (["sim", "run", "--broker", closed, "--fault", "meteor"], 2, "unknown kind 'meteor'"),
         (["sim", "run", "--broker", closed, "--interval", "-1"], 2, "interval"),
-        (["sim", "run", "--broker", closed, "--profile", str(tmp_path / "nope.yaml")], 2, "cannot read profile"),
+        (
+            ["sim", "run", "--broker", closed, "--profile", str(tmp_path / "nope.yaml")],
+            2,
+            "cannot read profile",
+        ),
         (["sim", "run", "--broker", closed, "--chaos", "soon"], 2, "must look like"),
-        (["sim", "run", "--broker", closed, "--devices", "2", "--duration", "1"], 1, "cannot reach the broker"),
-        (["sim", "run", "--broker", closed, "--manifest", str(tmp_path / "no/such/dir/m.json")], 1,
-         "not a writable directory"),
-        (["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink", "jsonl:x"], 2, "cannot read manifest"),
+        (
+            ["sim", "run", "--broker", closed, "--devices", "2", "--duration", "1"],
+            1,
+            "cannot reach the broker",
+        ),
+        (
+            ["sim", "run", "--broker", closed, "--manifest", str(tmp_path / "no/such/dir/m.json")],
+            1,
+            "not a writable directory",
+        ),
+        (
+            ["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink", "jsonl:x"],
+            2,
+            "cannot read manifest",
+        ),
     ]
     for args, code, needle in cases:
         rc, out = _err(args)
@@ -55,12 +70,28 @@ def test_sim_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps(good))
     rc, out = _err(["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink", "csv:x"])
     assert rc == 2 and "jsonl:PATH or sqlite:PATH" in out
-    rc, out = _err(["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink",
-                    f"jsonl:{tmp_path / 'none.jsonl'}"])
+    rc, out = _err(
+        [
+            "sim",
+            "verify",
+            "--manifest",
+            str(tmp_path / "m.json"),
+            "--sink",
+            f"jsonl:{tmp_path / 'none.jsonl'}",
+        ]
+    )
     assert rc == 2 and "does not exist" in out
     (tmp_path / "empty.jsonl").write_text("")
-    rc, out = _err(["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink",
-                    f"jsonl:{tmp_path / 'empty.jsonl'}"])
+    rc, out = _err(
+        [
+            "sim",
+            "verify",
+            "--manifest",
+            str(tmp_path / "m.json"),
+            "--sink",
+            f"jsonl:{tmp_path / 'empty.jsonl'}",
+        ]
+    )
     assert rc == 0 and "OK" in out
 
 
@@ -74,9 +105,23 @@ def test_open_file_limit_too_low_is_a_clear_error() -> None:
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
 
-    r = subprocess.run([sys.executable, "-m", "edgeferry", "sim", "run", "--broker",
-                        f"mqtt://127.0.0.1:{free_port()}", "--devices", "1000"],
-                       capture_output=True, text=True, preexec_fn=low_limit, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeferry",
+            "sim",
+            "run",
+            "--broker",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--devices",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=low_limit,
+        timeout=60,
+    )
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "at most 512" in line, line
@@ -85,21 +130,45 @@ def test_open_file_limit_too_low_is_a_clear_error() -> None:
 def test_verify_reads_a_sqlite_sink(tmp_path: Path) -> None:
     from gateway.sinks import open_sink
 
-    manifest = {"format": "edgeferry-sim-manifest", "version": 1, "run": "r9", "devices": {
-        "dev-0000": {"streams": {"temperature": {"first": 1, "last": 4, "dropped": [[4, 4]]}}}}}
+    manifest = {
+        "format": "edgeferry-sim-manifest",
+        "version": 1,
+        "run": "r9",
+        "devices": {
+            "dev-0000": {"streams": {"temperature": {"first": 1, "last": 4, "dropped": [[4, 4]]}}}
+        },
+    }
     (tmp_path / "m.json").write_text(json.dumps(manifest))
 
     def event(seq: int) -> bytes:
-        return json.dumps({"specversion": "1.0", "id": str(seq), "source": "/s/devices/dev-0000",
-                           "type": "io.edgeferry.telemetry.temperature", "simrun": "r9",
-                           "data": {"seq": seq, "value": 20.0}}).encode()
+        return json.dumps(
+            {
+                "specversion": "1.0",
+                "id": str(seq),
+                "source": "/s/devices/dev-0000",
+                "type": "io.edgeferry.telemetry.temperature",
+                "simrun": "r9",
+                "data": {"seq": seq, "value": 20.0},
+            }
+        ).encode()
 
     sink = open_sink(f"sqlite:{tmp_path / 'sink.db'}")
-    sink.write([("n1", 1, "telemetry", i, 0, "dt/dev-0000/temperature", event(seq))
-                for i, seq in enumerate((1, 3, 3), start=1)])
+    sink.write(
+        [
+            ("n1", 1, "telemetry", i, 0, "dt/dev-0000/temperature", event(seq))
+            for i, seq in enumerate((1, 3, 3), start=1)
+        ]
+    )
     sink.close()
-    args = ["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink",
-            f"sqlite:{tmp_path / 'sink.db'}", "--json"]
+    args = [
+        "sim",
+        "verify",
+        "--manifest",
+        str(tmp_path / "m.json"),
+        "--sink",
+        f"sqlite:{tmp_path / 'sink.db'}",
+        "--json",
+    ]
     r = runner.invoke(app, args)
     report = json.loads(r.output)
     assert r.exit_code == 1 and not report["ok"]

@@ -16,21 +16,41 @@ from tests.test_sim_support import Collector, delivered_or_dropped, profile, unt
 
 
 async def test_birth_telemetry_and_last_will_of_a_dead_device(edge_broker: Broker) -> None:
-    p = profile(devices=3, interval=0.1, seed=4, site="lab",
-                faults={"die": {"only": ["dev-0001"], "at": 1.0, "down": 0.6}})
+    p = profile(
+        devices=3,
+        interval=0.1,
+        seed=4,
+        site="lab",
+        faults={"die": {"only": ["dev-0001"], "at": 1.0, "down": 0.6}},
+    )
     async with Collector(edge_broker.url, ["state/#", "dt/#"]) as col:
         async with Fleet(edge_broker.url, p) as fleet:
             dead = fleet.device("dev-0001")
-            await col.wait(lambda: len(col.on("state/dev-0001")) >= 3, 10,
-                           "birth, will, second birth of dev-0001")
-            await col.wait(lambda: any(ev["data"]["boot"] == 2 for ev in col.telemetry("dev-0001", "temperature")),
-                           5, "telemetry after the second boot")
+            await col.wait(
+                lambda: len(col.on("state/dev-0001")) >= 3,
+                10,
+                "birth, will, second birth of dev-0001",
+            )
+            await col.wait(
+                lambda: any(
+                    ev["data"]["boot"] == 2 for ev in col.telemetry("dev-0001", "temperature")
+                ),
+                5,
+                "telemetry after the second boot",
+            )
         # a late subscriber gets the retained state
         async with Collector(edge_broker.url, ["state/#"], "late") as late:
             await late.wait(lambda: len(late.got) >= 3, 5, "retained state of 3 devices")
     birth = col.on("state/dev-0000")[0].json()
     assert birth["state"] == "online" and birth["firmware"] == "1.4.2" and birth["boot"] == 1
-    assert birth["sensors"] == ["temperature", "humidity", "pressure", "vibration", "door", "battery"]
+    assert birth["sensors"] == [
+        "temperature",
+        "humidity",
+        "pressure",
+        "vibration",
+        "door",
+        "battery",
+    ]
     # dev-0001 died without DISCONNECT: the broker published its will
     states = [g.payload for g in col.on("state/dev-0001")]
     assert states[1] == b"offline", states
@@ -71,14 +91,26 @@ def _values(col: Collector, devices: list[str]) -> dict[tuple[str, str, int], An
 
 
 async def _run_for_values(url: str, seed: int, tag: str) -> tuple[dict, dict]:
-    p = profile(devices=2, interval=0.03, seed=seed,
-                faults={"duplicate": {"probability": 0.2},
-                        # planned (and compared) but after the run: a drop would resend in-flight messages
-                        "drop": {"devices": 0.5, "at": [50, 60], "down": 1}})
+    p = profile(
+        devices=2,
+        interval=0.03,
+        seed=seed,
+        faults={
+            "duplicate": {"probability": 0.2},
+            # planned (and compared) but after the run: a drop would resend in-flight messages
+            "drop": {"devices": 0.5, "at": [50, 60], "down": 1},
+        },
+    )
     async with Collector(url, ["dt/#"], f"det-{tag}") as col:
         async with Fleet(url, p) as fleet:
-            await col.wait(lambda: len(col.seqs("dev-0000", "temperature")) >= 25
-                           and len(col.seqs("dev-0001", "temperature")) >= 25, 10, "25 readings each")
+            await col.wait(
+                lambda: (
+                    len(col.seqs("dev-0000", "temperature")) >= 25
+                    and len(col.seqs("dev-0001", "temperature")) >= 25
+                ),
+                10,
+                "25 readings each",
+            )
     return _values(col, ["dev-0000", "dev-0001"]), fleet.manifest()
 
 
@@ -98,14 +130,26 @@ async def test_same_seed_gives_the_same_values_and_faults(edge_broker: Broker) -
 
 
 async def test_outbox_keeps_the_newest_while_offline_and_counts_drops(edge_broker: Broker) -> None:
-    p = profile(devices=1, interval=0.02, sensors="temperature", outbox=5, seed=1,
-                faults={"drop": {"at": 0.4, "down": 0.6}})
+    p = profile(
+        devices=1,
+        interval=0.02,
+        sensors="temperature",
+        outbox=5,
+        seed=1,
+        faults={"drop": {"at": 0.4, "down": 0.6}},
+    )
     async with Collector(edge_broker.url, ["dt/#", "state/#"]) as col:
         async with Fleet(edge_broker.url, p) as fleet:
             dev = fleet.device("dev-0000")
             await until(lambda: dev.counters["connects"] >= 2, 10, "reconnect after the drop")
-            await col.wait(lambda: len(set(col.seqs("dev-0000", "temperature"))) + dev.outbox.dropped
-                           >= dev.seqs[0] - 2, 5, "the backlog to arrive")
+            await col.wait(
+                lambda: (
+                    len(set(col.seqs("dev-0000", "temperature"))) + dev.outbox.dropped
+                    >= dev.seqs[0] - 2
+                ),
+                5,
+                "the backlog to arrive",
+            )
     got, dropped, last = delivered_or_dropped(col, fleet, "dev-0000", "temperature")
     rec = fleet.manifest()["devices"]["dev-0000"]
     print(f"sent {last}, delivered {len(got)}, dropped by the outbox {len(dropped)}")
@@ -160,12 +204,23 @@ async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> No
             assert r["data"]["status"] == "ok" and r["data"]["interval"] == 0.4
             assert r["correlationid"] == "c1" and r["type"] == "io.edgeferry.command.reply"
             n = len(col.seqs("dev-0000", "temperature"))
-            await col.wait(lambda: len(col.seqs("dev-0000", "temperature")) >= n + 3, 5, "3 slow readings")
+            await col.wait(
+                lambda: len(col.seqs("dev-0000", "temperature")) >= n + 3, 5, "3 slow readings"
+            )
             slow = [g.at for g in col.on("dt/dev-0000/temperature")][-3:]
             assert min(b - a for a, b in zip(slow, slow[1:], strict=False)) > 0.25
             # reboot (as an event envelope), then the same command id again
-            await cmd.send("dev-0000", "reboot", {"specversion": "1.0", "id": "c2", "source": "/t",
-                                                  "type": "io.edgeferry.command", "data": {}})
+            await cmd.send(
+                "dev-0000",
+                "reboot",
+                {
+                    "specversion": "1.0",
+                    "id": "c2",
+                    "source": "/t",
+                    "type": "io.edgeferry.command",
+                    "data": {},
+                },
+            )
             await col.wait(lambda: len(col.on("state/dev-0000")) >= 3, 5, "offline and a new birth")
             states = col.on("state/dev-0000")
             assert states[1].payload == b"offline" and states[2].json()["boot"] == 2
@@ -178,8 +233,11 @@ async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> No
             await col.wait(lambda: len(col.on("state/dev-0000")) >= 5, 5, "birth after the update")
             new_birth = col.on("state/dev-0000")[4].json()
             assert new_birth["firmware"] == "2.1.0" and new_birth["boot"] == 3
-            await col.wait(lambda: col.telemetry("dev-0000", "temperature")[-1]["data"]["fw"] == "2.1.0",
-                           5, "telemetry from the new firmware")
+            await col.wait(
+                lambda: col.telemetry("dev-0000", "temperature")[-1]["data"]["fw"] == "2.1.0",
+                5,
+                "telemetry from the new firmware",
+            )
             # unknown commands and commands without an id are answered, not applied
             await cmd.send("dev-0000", "self_destruct", {"id": "c4"})
             await cmd.send("dev-0000", "reboot", {"no": "id"})
@@ -211,6 +269,9 @@ async def test_many_devices_each_on_its_own_connection(edge_broker: Broker) -> N
     print(f"200 devices: {rate:.1f} msg/s acknowledged, target {p.target_rate():.1f}")
     assert abs(rate - p.target_rate()) / p.target_rate() < 0.05
     log = edge_broker.log_text()
-    clients = {line.split(" as ")[1].split()[0] for line in log.splitlines()
-               if "New client connected" in line and " as dev-" in line}
+    clients = {
+        line.split(" as ")[1].split()[0]
+        for line in log.splitlines()
+        if "New client connected" in line and " as dev-" in line
+    }
     assert len(clients) == 200

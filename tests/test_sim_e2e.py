@@ -23,61 +23,153 @@ def _sink_rows(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.endswith(b"\n")]
 
 
-def _verify(proc_factory: Callable[..., Proc], manifest: Path, sink: Path, name: str,
-            *extra: str) -> tuple[int, str]:
-    p = proc_factory([PY, "-m", "edgeferry", "sim", "verify", "--manifest", str(manifest),
-                      "--sink", f"jsonl:{sink}", *extra], name)
+def _verify(
+    proc_factory: Callable[..., Proc], manifest: Path, sink: Path, name: str, *extra: str
+) -> tuple[int, str]:
+    p = proc_factory(
+        [
+            PY,
+            "-m",
+            "edgeferry",
+            "sim",
+            "verify",
+            "--manifest",
+            str(manifest),
+            "--sink",
+            f"jsonl:{sink}",
+            *extra,
+        ],
+        name,
+    )
     rc = p.wait(60)
     return rc, p.log_text()
 
 
 async def test_manifest_and_verify_through_the_gateway_with_an_outage(
-    tmp_path: Path, broker_factory: Callable[..., Broker], proc_factory: Callable[..., Proc],
+    tmp_path: Path,
+    broker_factory: Callable[..., Broker],
+    proc_factory: Callable[..., Proc],
     chaos: Callable[..., Any],
 ) -> None:
     edge, cloud = broker_factory("edge"), broker_factory("cloud")
     link = chaos(cloud)
     sink, manifest = tmp_path / "sink.jsonl", tmp_path / "manifest.json"
-    ingest = proc_factory([PY, "-m", "edgeferry", "ingest", "run", "--cloud", cloud.url,
-                           "--sink", f"jsonl:{sink}", "--client-id", "ingest-sim"], "ingest")
+    ingest = proc_factory(
+        [
+            PY,
+            "-m",
+            "edgeferry",
+            "ingest",
+            "run",
+            "--cloud",
+            cloud.url,
+            "--sink",
+            f"jsonl:{sink}",
+            "--client-id",
+            "ingest-sim",
+        ],
+        "ingest",
+    )
     ingest.wait_for_line("ingest ready", 20)
-    gateway = proc_factory([PY, "-m", "edgeferry", "gateway", "run", "--local", edge.url,
-                            "--cloud", f"mqtt://127.0.0.1:{link.port}", "--store",
-                            str(tmp_path / "store.db"), "--node-id", "site-1", "--uplink", "dt/#",
-                            "--uplink", "evt/#", "--uplink", "state/#", "--backoff-max", "1s",
-                            "--keepalive", "3s"], "gateway")
+    gateway = proc_factory(
+        [
+            PY,
+            "-m",
+            "edgeferry",
+            "gateway",
+            "run",
+            "--local",
+            edge.url,
+            "--cloud",
+            f"mqtt://127.0.0.1:{link.port}",
+            "--store",
+            str(tmp_path / "store.db"),
+            "--node-id",
+            "site-1",
+            "--uplink",
+            "dt/#",
+            "--uplink",
+            "evt/#",
+            "--uplink",
+            "state/#",
+            "--backoff-max",
+            "1s",
+            "--keepalive",
+            "3s",
+        ],
+        "gateway",
+    )
     gateway.wait_for_line("gateway ready", 20)
     async with Collector(edge.url, ["dt/#"], "e2e-watch") as watch:
-        sim = proc_factory([PY, "-m", "edgeferry", "sim", "run", "--broker", edge.url,
-                            "--devices", "8", "--interval", "0.1", "--duration", "6", "--seed", "21",
-                            "--sensors", "temperature,humidity,door", "--outbox", "10",
-                            "--fault", "drop:only=dev-0002,at=1..1.2,down=1.5",
-                            "--fault", "garbage:only=dev-0003,probability=0.05",
-                            "--fault", "duplicate:only=dev-0004,probability=0.05",
-                            "--manifest", str(manifest), "--run-id", "e2e-21", "--no-progress"], "sim")
+        sim = proc_factory(
+            [
+                PY,
+                "-m",
+                "edgeferry",
+                "sim",
+                "run",
+                "--broker",
+                edge.url,
+                "--devices",
+                "8",
+                "--interval",
+                "0.1",
+                "--duration",
+                "6",
+                "--seed",
+                "21",
+                "--sensors",
+                "temperature,humidity,door",
+                "--outbox",
+                "10",
+                "--fault",
+                "drop:only=dev-0002,at=1..1.2,down=1.5",
+                "--fault",
+                "garbage:only=dev-0003,probability=0.05",
+                "--fault",
+                "duplicate:only=dev-0004,probability=0.05",
+                "--manifest",
+                str(manifest),
+                "--run-id",
+                "e2e-21",
+                "--no-progress",
+            ],
+            "sim",
+        )
         await watch.wait(lambda: len(watch.got) >= 100, 20, "100 readings on the local broker")
         wait_until(lambda: len(_sink_rows(sink)) >= 50, 20, "50 rows in the sink")
         link.cut()  # the site's uplink goes down in the middle of the run
         before = len(watch.got)
-        await watch.wait(lambda: len(watch.got) >= before + 300, 20, "300 readings during the outage")
+        await watch.wait(
+            lambda: len(watch.got) >= before + 300, 20, "300 readings during the outage"
+        )
         during = len(_sink_rows(sink))
         link.up()
         assert sim.wait(60) == 0, sim.log_tail()
     m = json.loads(manifest.read_text())
     tot = m["totals"]
     # everything the local broker acknowledged reaches the sink (telemetry, garbage, replies)
-    wait_until(lambda: sum(1 for r in _sink_rows(sink) if r["topic"].startswith("dt/")) >= tot["acked"],
-               30, f"{tot['acked']} telemetry rows in the sink")
+    wait_until(
+        lambda: sum(1 for r in _sink_rows(sink) if r["topic"].startswith("dt/")) >= tot["acked"],
+        30,
+        f"{tot['acked']} telemetry rows in the sink",
+    )
     rc, out = _verify(proc_factory, manifest, sink, "verify")
     print(out)
     assert rc == 0 and "OK" in out
     rc, out = _verify(proc_factory, manifest, sink, "verify-json", "--json")
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out[out.index("{") :])
     t = report["total"]
-    print(f"sent {t['sent']}, delivered {t['delivered']}, dropped by devices {t['dropped']}, "
-          f"lost {t['lost']}, duplicated {t['duplicated']}, garbage {t['garbage']}; "
-          f"{during} rows in the sink when the outage ended")
-    assert t["lost"] == 0 and t["sent"] > 800 and t["delivered"] + t["dropped"] - t["dropped_delivered"] == t["sent"]
+    print(
+        f"sent {t['sent']}, delivered {t['delivered']}, dropped by devices {t['dropped']}, "
+        f"lost {t['lost']}, duplicated {t['duplicated']}, garbage {t['garbage']}; "
+        f"{during} rows in the sink when the outage ended"
+    )
+    assert (
+        t["lost"] == 0
+        and t["sent"] > 800
+        and t["delivered"] + t["dropped"] - t["dropped_delivered"] == t["sent"]
+    )
     devs = {d["device"]: d for d in report["devices"]}
     assert devs["dev-0002"]["dropped"] > 0, "the dropped device's small outbox overflowed"
     assert devs["dev-0002"]["dropped"] == m["devices"]["dev-0002"]["dropped"]["outbox_full"]
@@ -89,10 +181,9 @@ async def test_manifest_and_verify_through_the_gateway_with_an_outage(
     rows = _sink_rows(sink)
     victims = [i for i, r in enumerate(rows) if r["topic"] == "dt/dev-0005/temperature"][10:13]
     tampered = tmp_path / "tampered.jsonl"
-    with open(tampered, "w") as f:
-        for i, r in enumerate(rows):
-            if i not in victims:
-                f.write(json.dumps(r) + "\n")
+    tampered.write_text(
+        "".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if i not in victims)
+    )
     rc, out = _verify(proc_factory, manifest, tampered, "verify-tampered")
     print(out)
     assert rc == 1 and "LOSS" in out and "dev-0005 temperature" in out

@@ -52,10 +52,12 @@ class Collector:
     async def __aenter__(self) -> Collector:
         self.client = MQTTClient(self.url, self.client_id, on_message=self._on, max_inflight=1000)
         await self.client.connect()
-        await self.client.subscribe([(f, 1) for f in self.filters] + [(f"_sync/{self.client_id}", 1)])
+        await self.client.subscribe(
+            [(f, 1) for f in self.filters] + [(f"_sync/{self.client_id}", 1)]
+        )
         return self
 
-    async def sync(self, timeout: float = 10.0) -> None:
+    async def sync(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until everything the broker accepted before now has reached us: Mosquitto
         handles packets in order, so a marker we publish now arrives after all of it."""
         assert self.client is not None
@@ -70,7 +72,12 @@ class Collector:
             await self.sync()
         await self.client.close()
 
-    async def wait(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
+    async def wait(
+        self,
+        predicate: Callable[[], object],
+        timeout: float,  # noqa: ASYNC109
+        what: str,
+    ) -> None:
         try:
             async with asyncio.timeout(timeout):
                 while not predicate():
@@ -105,7 +112,12 @@ def profile(**kw: Any) -> Profile:
     return load_profile(None, **kw)
 
 
-async def until(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.01) -> None:
+async def until(
+    predicate: Callable[[], object],
+    timeout: float,  # noqa: ASYNC109
+    what: str,
+    step: float = 0.01,
+) -> None:
     """Wait for a condition on live counters with a deadline (no event exists for them)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -115,7 +127,9 @@ async def until(predicate: Callable[[], object], timeout: float, what: str, step
         await asyncio.sleep(step)
 
 
-def delivered_or_dropped(col: Collector, fleet: Fleet, device: str, stream: str) -> tuple[set[int], set[int], int]:
+def delivered_or_dropped(
+    col: Collector, fleet: Fleet, device: str, stream: str
+) -> tuple[set[int], set[int], int]:
     """(delivered seqs, dropped seqs, last seq) of one device stream after a run."""
     rec = fleet.manifest()["devices"][device]["streams"][stream]
     dropped = {n for lo, hi in rec["dropped"] for n in range(lo, hi + 1)}

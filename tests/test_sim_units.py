@@ -10,7 +10,6 @@ import pytest
 
 from firmware_sim import (
     Outbox,
-    Profile,
     ProfileError,
     Sensors,
     compare,
@@ -24,7 +23,9 @@ from firmware_sim.outbox import Entry, SeqRanges
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _series(seed: int, dev: int, ticks: int, interval: float, streams: tuple[str, ...]) -> list[tuple]:
+def _series(
+    seed: int, dev: int, ticks: int, interval: float, streams: tuple[str, ...]
+) -> list[tuple]:
     s = Sensors(seed, dev)
     out = []
     for k in range(ticks):
@@ -84,11 +85,14 @@ def test_battery_drains_faster_with_a_shorter_interval() -> None:
 
 
 def test_fault_plan_is_fixed_by_the_seed() -> None:
-    faults = {"drop": {"devices": 0.2, "at": [5, 10], "down": [1, 2], "count": 2},
-              "flap": {"devices": 0.1, "at": [1, 2], "duration": 6, "up": [0.5, 1], "down": [0.2, 0.4]},
-              "die": {"devices": 0.05, "at": [3, 4], "down": [1, 1]},
-              "garbage": {"devices": 0.5, "probability": 0.1}, "clock_skew": {"devices": 0.3},
-              "storm": {"only": ["dev-0003"], "at": 2}}
+    faults = {
+        "drop": {"devices": 0.2, "at": [5, 10], "down": [1, 2], "count": 2},
+        "flap": {"devices": 0.1, "at": [1, 2], "duration": 6, "up": [0.5, 1], "down": [0.2, 0.4]},
+        "die": {"devices": 0.05, "at": [3, 4], "down": [1, 1]},
+        "garbage": {"devices": 0.5, "probability": 0.1},
+        "clock_skew": {"devices": 0.3},
+        "storm": {"only": ["dev-0003"], "at": 2},
+    }
     p1 = load_profile(None, devices=40, seed=5, faults=faults)
     p2 = load_profile(None, devices=40, seed=5, faults=faults)
     p3 = load_profile(None, devices=40, seed=6, faults=faults)
@@ -141,18 +145,30 @@ def test_profile_from_yaml_flags_and_errors(tmp_path: Path) -> None:
     example = load_profile(REPO / "deploy/sim/profile-example.yaml")
     assert example.devices >= 1 and example.faults.drop is not None
     f = tmp_path / "p.yaml"
-    f.write_text("devices: 3\ninterval: 0.5\nsensors: [temperature, {name: battery, every: 10}]\n"
-                 "faults:\n  garbage: {probability: 0.2}\n")
-    p = load_profile(f, devices=5, faults=dict([parse_fault_flag("die:devices=0.5,at=1..2,down=never")]))
+    f.write_text(
+        "devices: 3\ninterval: 0.5\nsensors: [temperature, {name: battery, every: 10}]\n"
+        "faults:\n  garbage: {probability: 0.2}\n"
+    )
+    p = load_profile(
+        f, devices=5, faults=dict([parse_fault_flag("die:devices=0.5,at=1..2,down=never")])
+    )
     assert p.devices == 5 and p.interval == 0.5
     assert [(s.name, s.every) for s in p.sensors] == [("temperature", 1), ("battery", 10)]
     assert p.faults.garbage is not None and p.faults.garbage.probability == 0.2
     assert p.faults.die is not None and p.faults.die.at == (1.0, 2.0) and p.faults.die.down is None
     assert p.target_rate() == pytest.approx(5 * 1.1 / 0.5)
-    assert parse_fault_flag("drop:only=dev-0001+dev-0002") == ("drop", {"only": ["dev-0001", "dev-0002"]})
-    for bad, needle in [("interval: 0\n", "interval"), ("devices: [1]\n", "devices"),
-                        ("faults: {melt: {}}\n", "melt"), ("sensors: [smell]\n", "sensors"),
-                        ("faults: {drop: {at: [9, 1]}}\n", "upper end"), (": :\n", "not valid YAML")]:
+    assert parse_fault_flag("drop:only=dev-0001+dev-0002") == (
+        "drop",
+        {"only": ["dev-0001", "dev-0002"]},
+    )
+    for bad, needle in [
+        ("interval: 0\n", "interval"),
+        ("devices: [1]\n", "devices"),
+        ("faults: {melt: {}}\n", "melt"),
+        ("sensors: [smell]\n", "sensors"),
+        ("faults: {drop: {at: [9, 1]}}\n", "upper end"),
+        (": :\n", "not valid YAML"),
+    ]:
         f.write_text(bad)
         with pytest.raises(ProfileError) as e:
             load_profile(f)
@@ -175,37 +191,73 @@ def test_garbage_payloads_are_not_readable_events() -> None:
             ev = orjson.loads(bad)
         except orjson.JSONDecodeError:
             continue
-        assert not (isinstance(ev, dict) and isinstance(ev.get("data"), dict)
-                    and isinstance(ev["data"].get("seq"), int))
+        assert not (
+            isinstance(ev, dict)
+            and isinstance(ev.get("data"), dict)
+            and isinstance(ev["data"].get("seq"), int)
+        )
 
 
 def _manifest(run: str = "r1") -> dict:
-    return {"format": "edgeferry-sim-manifest", "version": 1, "run": run, "devices": {
-        "dev-a": {"streams": {"t": {"first": 1, "last": 10, "dropped": [[3, 4]]},
-                              "door": {"first": 0, "last": 0, "dropped": []}},
-                  "duplicates_sent": 1, "garbage_sent": 1},
-        "dev-b": {"streams": {"t": {"first": 1, "last": 5, "dropped": []}}},
-    }}
+    return {
+        "format": "edgeferry-sim-manifest",
+        "version": 1,
+        "run": run,
+        "devices": {
+            "dev-a": {
+                "streams": {
+                    "t": {"first": 1, "last": 10, "dropped": [[3, 4]]},
+                    "door": {"first": 0, "last": 0, "dropped": []},
+                },
+                "duplicates_sent": 1,
+                "garbage_sent": 1,
+            },
+            "dev-b": {"streams": {"t": {"first": 1, "last": 5, "dropped": []}}},
+        },
+    }
 
 
 def _row(device: str, stream: str, seq: int, run: str = "r1") -> dict:
-    ev = {"specversion": "1.0", "id": f"{device}{seq}", "source": f"/s/devices/{device}",
-          "type": "io.edgeferry.telemetry.t", "simrun": run, "data": {"seq": seq}}
+    ev = {
+        "specversion": "1.0",
+        "id": f"{device}{seq}",
+        "source": f"/s/devices/{device}",
+        "type": "io.edgeferry.telemetry.t",
+        "simrun": run,
+        "data": {"seq": seq},
+    }
     return {"topic": f"dt/{device}/{stream}", "payload": orjson.dumps(ev).decode()}
 
 
 def test_verify_counts_sent_delivered_dropped_lost_duplicated() -> None:
-    rows = [_row("dev-a", "t", n) for n in (1, 2, 4, 5, 6, 7, 8, 9, 10)]  # 3 dropped, 4 dropped but arrived
+    rows = [
+        _row("dev-a", "t", n) for n in (1, 2, 4, 5, 6, 7, 8, 9, 10)
+    ]  # 3 dropped, 4 dropped but arrived
     rows.append(_row("dev-a", "t", 5))  # a duplicate
-    rows.append({"topic": "dt/dev-a/t", "payload": "{\"spec"})  # garbage
+    rows.append({"topic": "dt/dev-a/t", "payload": '{"spec'})  # garbage
     rows.append({"topic": "dt/dev-a/t", "payload": "/w==", "encoding": "base64"})  # garbage too
     rows += [_row("dev-b", "t", n) for n in (1, 2, 5)]  # 3 and 4 lost
     rows.append(_row("dev-b", "t", 3, run="other"))  # another run: not ours
     rows.append({"topic": "evt/reply/dev-a", "payload": "{}"})
     r = compare(_manifest(), rows)
     a, b = r.devices
-    assert (a.sent, a.delivered, a.dropped, a.dropped_delivered, a.lost, a.duplicated, a.garbage) == \
-        (10, 9, 2, 1, 0, 1, 2, )
+    assert (
+        a.sent,
+        a.delivered,
+        a.dropped,
+        a.dropped_delivered,
+        a.lost,
+        a.duplicated,
+        a.garbage,
+    ) == (
+        10,
+        9,
+        2,
+        1,
+        0,
+        1,
+        2,
+    )
     assert (b.sent, b.delivered, b.lost, b.lost_ranges) == (5, 3, 2, {"t": [[3, 4]]})
     assert r.total.lost == 2 and not r.ok and r.foreign == 2
     rows += [_row("dev-b", "t", 3), _row("dev-b", "t", 4)]
