@@ -45,8 +45,15 @@ class HandlerSignatureError(ServiceError, TypeError):
 
 
 class Reject(EdgeError):
-    """Raise in a handler to dead-letter the message at once (reason ``rejected``),
-    without retrying."""
+    """Raise in a handler to dead-letter the message at once, without retrying.
+
+    ``reason`` is the dead-letter reason: ``rejected`` by default; ``schema`` when the
+    handler found the data does not fit (see docs/events.md for the reasons).
+    """
+
+    def __init__(self, message: str = "", reason: str = "rejected") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MQTTError(EdgeError):

@@ -665,7 +665,7 @@ class Service:
                     await route.handler(**kwargs)
                     break
                 except Reject as e:
-                    return await self._dead(work, "rejected", str(e) or "rejected by the handler", attempts, event)
+                    return await self._dead(work, e.reason, str(e) or "rejected by the handler", attempts, event)
                 except Exception as e:
                     self.counters["failed"] += 1
                     if attempts > self.retries:
@@ -779,6 +779,15 @@ def _jsonable(data: Any) -> Any:
 
 
 def _one_line(e: BaseException) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors) and hasattr(e, "title"):  # pydantic ValidationError, without the URLs
+        try:
+            items = errors(include_url=False)
+            parts = [f"{'.'.join(str(x) for x in err['loc']) or 'data'}: {err['msg']}" for err in items[:5]]
+            more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+            return f"{len(items)} validation error(s) for {e.title}: " + "; ".join(parts) + more
+        except Exception:  # noqa: S110 - fall back to the plain text
+            pass
     s = str(e).strip().replace("\n", "; ")
     return f"{type(e).__name__}: {s}" if s else type(e).__name__
 

@@ -99,6 +99,25 @@ async def test_aggregator_late_samples_stream_filter_and_bad_input(agg):
     assert m.event.data["count"] == 1 and m.event.data["last"] == 1.0
 
 
+async def test_aggregator_fields_per_stream_and_objects_without_the_number(agg):
+    agg.load_config({"window": 60, "fields": {"battery": "percent"}})
+    broker = MemoryBroker()
+    async with agg.running(broker), TestClient(broker) as tc:
+        out = await tc.subscribe("evt/aggregate/#")
+        dlq = await tc.subscribe("dlq/aggregator")
+        await send(tc, "s1", "battery", {"percent": 80, "voltage": 4.1}, T0 + 1)
+        await send(tc, "s1", "battery", {"percent": 70, "voltage": 4.0}, T0 + 2)
+        await send(tc, "s1", "door", {"open": True, "changes": 3}, T0 + 3)  # no 'value': skipped
+        await send(tc, "s1", "battery", {"percent": 60, "voltage": 3.9}, T0 + 61)
+        [m] = await out.wait(1)
+        async with asyncio.timeout(10):
+            while agg.counters["handled"] < 4:
+                await asyncio.sleep(0.005)
+        await tc.settle()
+    assert m.event.data["stream"] == "battery" and m.event.data["mean"] == 75.0
+    assert agg.counters["skipped"] == 1 and dlq.messages == []
+
+
 async def test_aggregator_timer_closes_idle_windows(agg):
     agg.load_config({"window": "200ms", "grace": 0})
     broker = MemoryBroker()
@@ -176,6 +195,23 @@ async def test_rules_rate_of_change_below_and_device_filter(rules_svc):
         ("fast", "d1", "firing"), ("fast", "d1", "cleared"), ("cold", "d2", "firing")]
     assert evs[0].data["rate"] == pytest.approx(1.0) and evs[0].data["condition"] == "rate > 0.5/s"
     assert evs[2].data["severity"] == "critical"
+
+
+async def test_rules_on_another_field_and_booleans(rules_svc):
+    rule_list = [
+        {"name": "door-open", "stream": "door", "field": "open", "above": 0.5, "min_interval": 0},
+        {"name": "low-battery", "stream": "battery", "field": "percent", "below": 20, "min_interval": 0},
+        {"name": "battery-v", "stream": "battery", "field": "voltage", "below": 3.3, "min_interval": 0},
+    ]
+    samples = [
+        ("s1", "door", {"open": False, "changes": 1}, T0),
+        ("s1", "door", {"open": True, "changes": 2}, T0 + 1),  # fires
+        ("s1", "battery", {"percent": 15, "voltage": 3.5}, T0 + 2),  # low-battery fires, voltage fine
+        ("s1", "battery", {"voltage": 3.2}, T0 + 3),  # no percent: only the voltage rule looks
+    ]
+    evs = await run_rules(rules_svc, rule_list, samples, 3)
+    assert [(e.data["rule"], e.data["value"]) for e in evs] == [
+        ("door-open", 1.0), ("low-battery", 15.0), ("battery-v", 3.2)]
 
 
 def test_rules_config_validation(rules_svc):

@@ -1,6 +1,7 @@
 """Aggregator: windowed count/min/max/mean/last per device and stream.
 
-Consumes ``dt/{device}/{stream}`` (a bare number or ``{"value": …}``) and publishes one
+Consumes ``dt/{device}/{stream}`` (a bare number or ``{"value": …}``; the field can be
+set per stream, and objects without it are skipped and counted) and publishes one
 ``evt/aggregate/<device>`` event per device, stream and window — a chatty sensor at 10 Hz
 with a 60 s window sends 1 event upstream instead of 600.
 
@@ -18,6 +19,7 @@ Example config (``edgeferry service run edge.services.aggregator:service --confi
       window: 60s
       grace: 5s
       streams: [temperature, humidity]   # empty or absent: every stream
+      fields: {battery: percent}          # the number's field per stream (default: value)
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class AggregatorConfig(BaseModel):
     window: Duration = Field(60.0, gt=0, description="window length (seconds or 30s/5m)")
     grace: Duration = Field(5.0, ge=0, description="wait this long after a window's end for late samples")
     streams: list[str] = Field(default_factory=list, description="streams to aggregate (empty: all)")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="per stream, the field that holds the number (default 'value'), e.g. {battery: percent}",
+    )
 
 
 class Aggregate(BaseModel):
@@ -101,6 +107,10 @@ async def sample(device: str, stream: str, value: Sample, event: Event) -> None:
     cfg = service.config
     if cfg.streams and stream not in cfg.streams:
         return
+    v = sample_value(value, cfg.fields.get(stream, "value"))
+    if v is None:  # an object without the number (a door's open/closed): not aggregated
+        service.counters["skipped"] = service.counters.get("skipped", 0) + 1
+        return
     ts = event.timestamp or time.time()
     start = (ts // cfg.window) * cfg.window
     key = (device, stream)
@@ -115,7 +125,7 @@ async def sample(device: str, stream: str, value: Sample, event: Event) -> None:
     w = _windows.get(key)
     if w is None:
         w = _windows[key] = _Window(start)
-    w.add(sample_value(value))
+    w.add(v)
 
 
 @service.every(1.0)
@@ -132,6 +142,7 @@ async def _close_idle_windows() -> None:
 async def _reset() -> None:
     _windows.clear()
     service.counters["late"] = 0
+    service.counters["skipped"] = 0
 
 
 @service.on_stop

@@ -1,6 +1,7 @@
 """Rules: threshold and rate-of-change alerts from YAML, without alert storms.
 
-Consumes ``dt/{device}/{stream}`` (a bare number or ``{"value": …}``) and publishes to
+Consumes ``dt/{device}/{stream}`` (a bare number or an object whose ``field``, ``value``
+by default, holds the number; booleans count as 0 and 1) and publishes to
 ``evt/alert/<device>`` an ``io.edgeferry.alert`` event (``state: firing``) when a rule is
 breached, and an ``io.edgeferry.alert.cleared`` event (``state: cleared``) when it is
 clear again.
@@ -53,6 +54,7 @@ class Rule(BaseModel):
     name: str = Field(min_length=1)
     stream: str = Field(description="telemetry stream, e.g. temperature ('+' for every stream)")
     devices: list[str] = Field(default_factory=list, description="only these devices (empty: all)")
+    field: str = Field("value", description="the field of an object sample that holds the number")
     above: float | None = None
     below: float | None = None
     rate_above: float | None = Field(None, description="units per second")
@@ -109,7 +111,7 @@ service = Service("rules", config=RulesConfig,
 service.publishes("evt/alert/{device}", Alert, "alerts firing and clearing")
 
 _state: dict[tuple[str, str], _State] = {}
-_prev: dict[tuple[str, str], tuple[float, float]] = {}
+_prev: dict[tuple[str, str, str], tuple[float, float]] = {}
 
 
 def _breach(r: Rule, v: float, rate: float | None) -> str | None:
@@ -144,15 +146,30 @@ def _clear(r: Rule, v: float, rate: float | None) -> bool:
 @service.on("dt/{device}/{stream}", publishes=[("evt/alert/{device}", Alert)])
 async def evaluate(device: str, stream: str, value: Sample, event: Event) -> None:
     """Evaluate every rule for this stream and device; publish what fires or clears."""
-    v = sample_value(value)
     ts = event.timestamp or time.time()
-    prev = _prev.get((device, stream))
-    rate = (v - prev[1]) / (ts - prev[0]) if prev is not None and ts > prev[0] else None
-    if prev is None or ts >= prev[0]:
-        _prev[(device, stream)] = (ts, v)
-    for r in service.config.rules:
-        if r.stream not in ("+", stream) or (r.devices and device not in r.devices):
+    rules = [r for r in service.config.rules
+             if r.stream in ("+", stream) and (not r.devices or device in r.devices)]
+    # every number first (a bad field rejects the message before anything is published),
+    # and each field's rate against its previous sample, once for all rules
+    readings: dict[str, tuple[float, float | None] | None] = {}
+    for r in rules:
+        if r.field not in readings:
+            v = sample_value(value, r.field)
+            prev = _prev.get((device, stream, r.field))
+            if v is None:
+                readings[r.field] = None
+            else:
+                rate = (v - prev[1]) / (ts - prev[0]) if prev is not None and ts > prev[0] else None
+                readings[r.field] = (v, rate)
+    for fld, reading in readings.items():
+        prev = _prev.get((device, stream, fld))
+        if reading is not None and (prev is None or ts >= prev[0]):
+            _prev[(device, stream, fld)] = (ts, reading[0])
+    for r in rules:
+        reading = readings[r.field]
+        if reading is None:  # this sample does not carry the rule's field
             continue
+        v, rate = reading
         st = _state.setdefault((r.name, device), _State())
         if not st.firing:
             cond = _breach(r, v, rate)
