@@ -26,12 +26,13 @@ USER_SERVICE = textwrap.dedent('''
 
     class Doubled(BaseModel):
         value: float
+        original: Reading
 
     svc = Service("doubler", description="doubles readings")
 
     @svc.on("dt/{device}/temperature", publishes=[("evt/doubled/{device}", Doubled)])
     async def double(device: str, reading: Reading) -> None:
-        await svc.publish(f"evt/doubled/{device}", Doubled(value=reading.value * 2))
+        await svc.publish(f"evt/doubled/{device}", Doubled(value=reading.value * 2, original=reading))
 ''')
 
 
@@ -125,7 +126,8 @@ def test_catalog_tables_json_asyncapi_and_diagram(tmp_path):
 
     walk(doc)
     assert refs and all(resolve(r) is not None for r in refs)  # every $ref resolves
-    assert "Alert" in doc["components"]["messages"] and "Measurement" in doc["components"]["schemas"]
+    assert "Alert" in doc["components"]["messages"]
+    assert "Reading" in doc["components"]["schemas"]  # a nested model, hoisted from $defs
 
     mmd = (tmp_path / "graph.mmd").read_text()
     assert mmd.startswith("flowchart LR")
