@@ -56,6 +56,8 @@ async def _main(
     stats_every: float | None,
 ) -> int:
     await _preflight(broker)
+    if profile.chaos is not None:
+        _quiet_cancelled_callbacks()
     fleet = Fleet(broker, profile, run=run_id, drain_timeout=drain_timeout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,6 +88,20 @@ async def _main(
         file=sys.stderr,
     )
     return 0
+
+
+def _quiet_cancelled_callbacks() -> None:
+    """The chaos proxy's cut cancels its per-connection tasks, which asyncio reports as
+    "Exception in callback ... CancelledError" at ERROR level: noise on a user's terminal,
+    not a fault. Everything else still goes to the default handler."""
+    loop = asyncio.get_running_loop()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _report(fleet: Fleet, every: float) -> None:
