@@ -17,7 +17,7 @@ under 0.5 s. The same is measured for a bare loop of the same MQTT client (one t
 connection publishing a fixed payload), the cheapest thing that puts the same load on
 the broker, so the report shows what the simulator's realism costs.
 
-    python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000] [--duration 30]
+    python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000,10000] [--duration 30]
 """
 
 from __future__ import annotations
@@ -182,9 +182,9 @@ def run(
 ) -> dict[str, Any]:
     """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate."""
     limit = _raise_nofile()
-    duration = duration or (20.0 if quick else 40.0)
+    duration = duration or (20.0 if quick else 30.0)
     warmup = 3.0
-    sizes = sizes or ([1000, 2000] if quick else [1000, 2000, 5000])
+    sizes = sizes or ([1000, 2000] if quick else [1000, 2000, 5000, 10000])
     fleets = []
     for n in sizes:
         if n + 256 > limit:
