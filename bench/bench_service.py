@@ -48,8 +48,10 @@ async def _nothing(device: str, reading: Reading) -> None:
     if n == 1:
         _state["first"] = time.perf_counter()
     if n == _TARGET:
-        print("BENCH " + json.dumps({"count": n, "seconds": time.perf_counter() - _state["first"]}),
-              flush=True)
+        print(
+            "BENCH " + json.dumps({"count": n, "seconds": time.perf_counter() - _state["first"]}),
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------ child: bare loop
@@ -61,8 +63,9 @@ async def _bare(url: str, n: int, prime: bool) -> None:
     from edge.mqtt import parse_url
 
     u = parse_url(url)
-    async with aiomqtt.Client(u.host, u.port, identifier="bench-bare", clean_session=False,
-                              max_queued_incoming_messages=0) as c:
+    async with aiomqtt.Client(
+        u.host, u.port, identifier="bench-bare", clean_session=False, max_queued_incoming_messages=0
+    ) as c:
         await c.subscribe("dt/+/temperature", qos=1)
         if prime:
             print("READY", flush=True)
@@ -75,7 +78,10 @@ async def _bare(url: str, n: int, prime: bool) -> None:
                 first = time.perf_counter()
             if count == n:
                 break
-        print("BENCH " + json.dumps({"count": count, "seconds": time.perf_counter() - first}), flush=True)
+        print(
+            "BENCH " + json.dumps({"count": count, "seconds": time.perf_counter() - first}),
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------ parent
@@ -92,8 +98,14 @@ def _publish(url: str, n: int) -> float:
         async with MQTTClient(url, "bench-pub", max_inflight=500) as c:
             for i in range(n):
                 d = f"dev{i % 10}"
-                body = encode(envelope(source=f"/bench/devices/{d}", type="io.edgeferry.telemetry.temperature",
-                                       data={"value": 20.0 + (i % 100) / 10, "unit": "C"}, subject=d))
+                body = encode(
+                    envelope(
+                        source=f"/bench/devices/{d}",
+                        type="io.edgeferry.telemetry.temperature",
+                        data={"value": 20.0 + (i % 100) / 10, "unit": "C"},
+                        subject=d,
+                    )
+                )
                 await c.publish_nowait(f"dt/{d}/temperature", body, 1)
             await c.drain()
         return time.perf_counter() - t0
@@ -125,21 +137,41 @@ def run(quick: bool) -> dict[str, Any]:
     env = {"BENCH_N": str(n)}
     try:
         # bare aiomqtt loop
-        prime = Proc(wd, "bare-prime", [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "1"],
-                     env=env).start()
+        prime = Proc(
+            wd,
+            "bare-prime",
+            [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "1"],
+            env=env,
+        ).start()
         prime.wait_log("READY")
         prime.terminate()
         out["publish_seconds_bare"] = round(_publish(broker.url, n), 3)
-        bare = Proc(wd, "bare", [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "0"],
-                    env=env).start()
+        bare = Proc(
+            wd,
+            "bare",
+            [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "0"],
+            env=env,
+        ).start()
         r = _result(bare, 600)
         out["bare_msgs_per_s"] = round(r["count"] / r["seconds"])
         out["bare_peak_rss_kb"] = mem_kb(bare.pid).get("VmHWM", 0) if bare.alive() else None
         bare.terminate()
 
         # no-op service
-        svc_argv = [PY, "-m", "edgeferry", "service", "run", "bench.bench_service:noop", "--broker", broker.url,
-                    "--state-dir", str(wd / "state"), "--log-level", "WARNING"]
+        svc_argv = [
+            PY,
+            "-m",
+            "edgeferry",
+            "service",
+            "run",
+            "bench.bench_service:noop",
+            "--broker",
+            broker.url,
+            "--state-dir",
+            str(wd / "state"),
+            "--log-level",
+            "WARNING",
+        ]
         first = Proc(wd, "service-prime", svc_argv, env={**env, "BENCH_N": "0"}).start()
         _wait_state(broker.url, "state/benchnoop", b"online")
         first.terminate()
@@ -175,13 +207,16 @@ def _wait_state(url: str, topic: str, payload: bytes, timeout: float = 30) -> No
 
 
 def summary(res: dict[str, Any]) -> str:
-    return "\n".join([
-        f"  messages              {res['messages']} (10 devices, CloudEvents JSON, QoS 1, queued then drained)",
-        f"  bare aiomqtt loop     {res['bare_msgs_per_s']:>8} msg/s",
-        f"  no-op edge.Service    {res['service_msgs_per_s']:>8} msg/s",
-        f"  ratio                 {res['ratio_service_to_bare']:.2f} (target >= 0.8)",
-        f"  service peak RSS      {res['service_peak_rss_kb'] / 1024:.1f} MB (target < 35 MB)",
-    ])
+    return "\n".join(
+        [
+            f"  messages              {res['messages']} "
+            "(10 devices, CloudEvents JSON, QoS 1, queued then drained)",
+            f"  bare aiomqtt loop     {res['bare_msgs_per_s']:>8} msg/s",
+            f"  no-op edge.Service    {res['service_msgs_per_s']:>8} msg/s",
+            f"  ratio                 {res['ratio_service_to_bare']:.2f} (target >= 0.8)",
+            f"  service peak RSS      {res['service_peak_rss_kb'] / 1024:.1f} MB (target < 35 MB)",
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

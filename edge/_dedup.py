@@ -22,7 +22,9 @@ __all__ = ["DedupTable"]
 
 
 class DedupTable:
-    def __init__(self, path: str | None, *, ttl: float = 86400.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, path: str | None, *, ttl: float = 86400.0, max_entries: int = 10_000
+    ) -> None:
         self.path = path
         self.ttl = ttl
         self.max_entries = max(1, max_entries)
@@ -41,7 +43,9 @@ class DedupTable:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID"
+        )
         db.execute("CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)")
         now = time.time()
         db.execute("DELETE FROM seen WHERE ts < ?", (now - self.ttl,))

@@ -22,7 +22,12 @@ from edge.events import Event
 __all__ = ["Route", "compile_pattern", "make_route"]
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_CONVERT: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, inspect.Parameter.empty: str}
+_CONVERT: dict[Any, Callable[[str], Any]] = {
+    str: str,
+    int: int,
+    float: float,
+    inspect.Parameter.empty: str,
+}
 
 
 def compile_pattern(pattern: str) -> tuple[str, list[tuple[str, str | None]]]:
@@ -153,9 +158,11 @@ def make_route(
     publishes: list[tuple[str, Any]] | None = None,
 ) -> Route:
     if not inspect.iscoroutinefunction(handler):
-        raise HandlerSignatureError(f"handler {getattr(handler, '__qualname__', handler)!r} must be 'async def'")
+        raise HandlerSignatureError(
+            f"handler {getattr(handler, '__qualname__', handler)!r} must be 'async def'"
+        )
     flt, specs = compile_pattern(pattern)
-    names = [v for k, v in specs if k == "var"]
+    names = [str(v) for k, v in specs if k == "var"]
     sig = inspect.signature(handler)
     hints = _hints(handler)
     converters: dict[str, Callable[[str], Any]] = {}
@@ -163,13 +170,16 @@ def make_route(
     payload_type: Any = Any
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise HandlerSignatureError(f"handler {handler.__qualname__}: *args/**kwargs are not supported")
+            raise HandlerSignatureError(
+                f"handler {handler.__qualname__}: *args/**kwargs are not supported"
+            )
         ann = hints.get(p.name, inspect.Parameter.empty)
         if p.name in names:
             conv = _CONVERT.get(ann)
             if conv is None:
                 raise HandlerSignatureError(
-                    f"handler {handler.__qualname__}: placeholder {p.name!r} must be str, int or float"
+                    f"handler {handler.__qualname__}: placeholder {p.name!r} "
+                    "must be str, int or float"
                 )
             converters[p.name] = conv
         elif ann is Event:

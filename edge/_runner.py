@@ -25,7 +25,9 @@ __all__ = ["OPTIONS", "apply_settings", "load_target", "run_service", "service_c
 
 
 def _default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return os.path.join(base, "edgeferry")
 
 
@@ -41,22 +43,52 @@ OPTIONS = [
     Option("username", "str", None, "user name for the broker"),
     Option("password", "str", None, "password for the broker"),
     Option("node_id", "str", None, "this node's id (the event source prefix; default: host name)"),
-    Option("state_dir", "str", None, "directory of the dedup tables (default: $XDG_STATE_HOME/edgeferry)",
-           metavar="DIR"),
-    Option("concurrency", "int", None, "handlers running at once, over all keys", parse=_positive_int),
-    Option("retries", "int", None, "retries of a failing handler before the message is dead-lettered"),
-    Option("retry_initial", "duration", None, "first retry delay (doubles, capped at 5 s, jittered)"),
-    Option("max_payload_bytes", "size", None, "larger messages are dead-lettered (reason oversize)"),
+    Option(
+        "state_dir",
+        "str",
+        None,
+        "directory of the dedup tables (default: $XDG_STATE_HOME/edgeferry)",
+        metavar="DIR",
+    ),
+    Option(
+        "concurrency", "int", None, "handlers running at once, over all keys", parse=_positive_int
+    ),
+    Option(
+        "retries", "int", None, "retries of a failing handler before the message is dead-lettered"
+    ),
+    Option(
+        "retry_initial", "duration", None, "first retry delay (doubles, capped at 5 s, jittered)"
+    ),
+    Option(
+        "max_payload_bytes", "size", None, "larger messages are dead-lettered (reason oversize)"
+    ),
     Option("dedup_ttl", "duration", None, "how long handled event ids are remembered"),
     Option("dedup_max", "int", None, "at most this many ids are remembered", parse=_positive_int),
-    Option("heartbeat", "duration", None, "seconds between heartbeats on state/<service>/heartbeat"),
+    Option(
+        "heartbeat", "duration", None, "seconds between heartbeats on state/<service>/heartbeat"
+    ),
     Option("drain_timeout", "duration", None, "on SIGTERM, wait this long for running handlers"),
-    Option("log_level", "str", None, "DEBUG, INFO, WARNING or ERROR (default INFO)",
-           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option(
+        "log_level",
+        "str",
+        None,
+        "DEBUG, INFO, WARNING or ERROR (default INFO)",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
 ]
 
-_ATTRS = ("node_id", "state_dir", "concurrency", "retries", "retry_initial", "max_payload_bytes",
-          "dedup_ttl", "dedup_max", "heartbeat", "drain_timeout")
+_ATTRS = (
+    "node_id",
+    "state_dir",
+    "concurrency",
+    "retries",
+    "retry_initial",
+    "max_payload_bytes",
+    "dedup_ttl",
+    "dedup_max",
+    "heartbeat",
+    "drain_timeout",
+)
 
 
 def load_target(spec: str) -> Any:
@@ -75,7 +107,9 @@ def load_target(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise ServiceError(f"cannot import {module_name!r}: no such module (looked in {os.getcwd()})") from None
+            raise ServiceError(
+                f"cannot import {module_name!r}: no such module (looked in {os.getcwd()})"
+            ) from None
         raise ServiceError(f"importing {module_name!r} failed: {e}") from e
     except EdgeError:
         raise
@@ -86,7 +120,9 @@ def load_target(spec: str) -> Any:
             if tb.tb_frame.f_code.co_filename.endswith(module_name.replace(".", "/") + ".py"):
                 where = f" (line {tb.tb_lineno})"
             tb = tb.tb_next
-        raise ServiceError(f"importing {module_name!r} failed{where}: {type(e).__name__}: {e}") from e
+        raise ServiceError(
+            f"importing {module_name!r} failed{where}: {type(e).__name__}: {e}"
+        ) from e
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -127,8 +163,13 @@ def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> No
         svc.broker = "mqtt://127.0.0.1:1883"
     if isinstance(svc.broker, str) and (settings.get("username") or settings.get("password")):
         u = parse_url(svc.broker)
-        svc.broker = BrokerURL(u.host, u.port, u.tls, settings.get("username") or u.username,
-                               settings.get("password") or u.password)
+        svc.broker = BrokerURL(
+            u.host,
+            u.port,
+            u.tls,
+            settings.get("username") or u.username,
+            settings.get("password") or u.password,
+        )
     if svc.state_dir is None:
         svc.state_dir = _default_state_dir()
     svc.load_config(service_config_section(settings.get("config"), svc.name))
@@ -166,7 +207,10 @@ def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | No
     """Resolve settings and run ``svc`` until SIGTERM/SIGINT; return the exit code."""
     try:
         settings = load_settings(
-            OPTIONS, argv, prog=prog or f"{svc.name}", section="service",
+            OPTIONS,
+            argv,
+            prog=prog or f"{svc.name}",
+            section="service",
             description=f"Run the {svc.name} service.",
         )
         _configure_logging(settings.get("log_level"))
@@ -186,8 +230,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         from edge.config import build_parser
 
-        p = build_parser("edgeferry service run MODULE:ATTR", "Run a service.", OPTIONS,
-                         epilog=_EPILOG)
+        p = build_parser(
+            "edgeferry service run MODULE:ATTR", "Run a service.", OPTIONS, epilog=_EPILOG
+        )
         p.print_help()
         return 0 if argv else 2
     spec, rest = argv[0], argv[1:]

@@ -69,10 +69,7 @@ def new_id() -> str:
 
 def is_ulid(s: object) -> bool:
     return (
-        isinstance(s, str)
-        and len(s) == 26
-        and s[0] in "01234567"
-        and all(c in _DECODE for c in s)
+        isinstance(s, str) and len(s) == 26 and s[0] in "01234567" and all(c in _DECODE for c in s)
     )
 
 
@@ -97,7 +94,7 @@ def derived_id(trigger_id: str | None, producer: str, n: int) -> str:
 def now_rfc3339() -> str:
     """Now, as RFC 3339 UTC with milliseconds: ``2026-11-27T18:45:08.123Z``."""
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z"
 
 
 def parse_time(s: str) -> float:
@@ -136,8 +133,18 @@ class Event:
 
 
 _KNOWN = frozenset(
-    ("specversion", "id", "source", "type", "time", "subject", "datacontenttype",
-     "correlationid", "data", "dataschema")
+    (
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "time",
+        "subject",
+        "datacontenttype",
+        "correlationid",
+        "data",
+        "dataschema",
+    )
 )
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import functools
 import logging
 import re
 import time
@@ -45,7 +46,14 @@ from typing import Any
 from edge._dedup import DedupTable
 from edge._routing import Route, make_route
 from edge.backoff import Backoff
-from edge.errors import ConfigError, ConnectError, ConnectionLost, EnvelopeError, Reject, ServiceError
+from edge.errors import (
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    EnvelopeError,
+    Reject,
+    ServiceError,
+)
 from edge.events import Event, decode, derived_id, encode, envelope, new_id
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will
 
@@ -70,7 +78,9 @@ class _Context:
         self.correlationid = event.correlationid or event.id or new_id()
 
 
-_current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("edge_handler", default=None)
+_current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
+    "edge_handler", default=None
+)
 
 
 def current_event() -> Event | None:
@@ -82,7 +92,9 @@ def current_event() -> Event | None:
 class _Work:
     __slots__ = ("msg", "route", "params", "key", "acks", "event_id")
 
-    def __init__(self, msg: Message, route: Route | None, params: dict[str, str], key: str, client: Any) -> None:
+    def __init__(
+        self, msg: Message, route: Route | None, params: dict[str, str], key: str, client: Any
+    ) -> None:
         self.msg = msg
         self.route = route
         self.params = params
@@ -181,12 +193,15 @@ class Service:
         self._bg: list[asyncio.Task[Any]] = []
         self._lane_tasks: set[asyncio.Task[Any]] = set()
         self._dlq_logged: dict[str, int] = {}
+        self._progress: asyncio.Event | None = None  # set whenever a message is finished
         # failpoint for tests: EDGEFERRY_FAILPOINT=service_crash_after_commit:N kills the
         # process (SIGKILL) right after the Nth dedup commit, before acknowledging
         import os
 
         fp = os.environ.get("EDGEFERRY_FAILPOINT", "")
-        self._crash_after = int(fp.split(":")[1]) if fp.startswith("service_crash_after_commit:") else None
+        self._crash_after = (
+            int(fp.split(":")[1]) if fp.startswith("service_crash_after_commit:") else None
+        )
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {len(self.routes)} handlers)"
@@ -236,7 +251,9 @@ class Service:
         self._on_stop.append(fn)
         return fn
 
-    def every(self, seconds: float) -> Callable[[Callable[[], Awaitable[Any]]], Callable[[], Awaitable[Any]]]:
+    def every(
+        self, seconds: float
+    ) -> Callable[[Callable[[], Awaitable[Any]]], Callable[[], Awaitable[Any]]]:
         """Run an async function every ``seconds`` while the service runs (errors are
         logged, the timer keeps going)."""
         if seconds <= 0:
@@ -334,7 +351,9 @@ class Service:
 
     async def __aenter__(self) -> Service:
         if self._entered:
-            raise ServiceError(f"service {self.name!r} is already running; it cannot be entered twice")
+            raise ServiceError(
+                f"service {self.name!r} is already running; it cannot be entered twice"
+            )
         if not self.routes and not self._every:
             raise ServiceError(f"service {self.name!r} has no handlers")
         self._entered = True
@@ -364,7 +383,9 @@ class Service:
             import os
 
             path = os.path.join(self.state_dir, f"{self.name}.dedup.sqlite")
-        self._dedup = DedupTable(path, ttl=self.dedup_ttl, max_entries=self.dedup_max) if self.dedup else None
+        self._dedup = (
+            DedupTable(path, ttl=self.dedup_ttl, max_entries=self.dedup_max) if self.dedup else None
+        )
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         client = await self._connect(self.connect_timeout)
@@ -376,10 +397,17 @@ class Service:
         if self.heartbeat > 0:
             self._bg.append(tg.create_task(self._heartbeat_loop(), name=f"{self.name}:heartbeat"))
         for i, (every, fn) in enumerate(self._every):
-            self._bg.append(tg.create_task(self._every_loop(every, fn), name=f"{self.name}:every{i}"))
+            self._bg.append(
+                tg.create_task(self._every_loop(every, fn), name=f"{self.name}:every{i}")
+            )
         loop_kind = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        log.info("service %s ready on %s (%d handlers, %s loop)", self.name, self._broker_label(),
-                 len(self.routes), loop_kind)
+        log.info(
+            "service %s ready on %s (%d handlers, %s loop)",
+            self.name,
+            self._broker_label(),
+            len(self.routes),
+            loop_kind,
+        )
 
     def _broker_label(self) -> str:
         b = self.broker
@@ -398,13 +426,13 @@ class Service:
             client = MQTTClient(b, cid, connect_timeout=min(self.connect_timeout, 10.0), **kw)
         else:
             client = b.client(cid, **kw)
-        client.on_message = lambda m, c=client: self._on_message(c, m)
+        client.on_message = functools.partial(self._on_message, client)
         return client
 
-    async def _connect(self, timeout: float | None) -> Any:
-        """Connect, retrying with backoff until ``timeout`` (None: forever)."""
+    async def _connect(self, give_up_after: float | None) -> Any:
+        """Connect, retrying with backoff for ``give_up_after`` seconds (None: forever)."""
         backoff = Backoff(0.2, 5.0)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         while True:
             client = self._make_client()
             try:
@@ -414,7 +442,9 @@ class Service:
                 if self._stopping or (deadline is not None and time.monotonic() >= deadline):
                     raise
                 delay = backoff.next()
-                log.warning("service %s: cannot connect (%s); retrying in %.1f s", self.name, e, delay)
+                log.warning(
+                    "service %s: cannot connect (%s); retrying in %.1f s", self.name, e, delay
+                )
                 await asyncio.sleep(delay)
         # current before SUBACK: a persistent session's messages may already be arriving
         self._client = client
@@ -454,9 +484,16 @@ class Service:
                 try:
                     await self._client.publish(
                         f"state/{self.name}/heartbeat",
-                        encode(envelope(source=self.source, type="io.edgeferry.heartbeat",
-                                        data=self.stats(), subject=self.name)),
-                        1, True,
+                        encode(
+                            envelope(
+                                source=self.source,
+                                type="io.edgeferry.heartbeat",
+                                data=self.stats(),
+                                subject=self.name,
+                            )
+                        ),
+                        1,
+                        True,
                     )
                 except ConnectionLost:
                     pass
@@ -469,7 +506,25 @@ class Service:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("service %s: timer %s failed", self.name, getattr(fn, "__qualname__", fn))
+                log.exception(
+                    "service %s: timer %s failed", self.name, getattr(fn, "__qualname__", fn)
+                )
+
+    async def wait_until(
+        self,
+        predicate: Callable[[Service], object],
+        timeout: float = 10.0,  # noqa: ASYNC109 - a test helper; the timeout is part of the call
+    ) -> None:
+        """Wait until ``predicate(svc)`` is true, re-checking each time a message arrives
+        or is finished (handled, answered as a duplicate or dead-lettered) — for tests and
+        embedding, e.g. ``await svc.wait_until(lambda s: s.counters["handled"] >= 3)``.
+        Raises TimeoutError."""
+        if self._progress is None:
+            self._progress = asyncio.Event()
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self._progress.clear()
+                await self._progress.wait()
 
     def stats(self) -> dict[str, Any]:
         """The counters the heartbeat publishes."""
@@ -489,9 +544,13 @@ class Service:
                     self._idle.clear()
                     await self._idle.wait()
         except TimeoutError:
-            log.warning("service %s: %d handler(s) still running after %.1f s; cancelling them "
-                        "(their messages stay unacknowledged and come back)",
-                        self.name, len(self._lanes), self.drain_timeout)
+            log.warning(
+                "service %s: %d handler(s) still running after %.1f s; cancelling them "
+                "(their messages stay unacknowledged and come back)",
+                self.name,
+                len(self._lanes),
+                self.drain_timeout,
+            )
             for t in list(self._lane_tasks):
                 t.cancel()
         self._flush()
@@ -552,6 +611,8 @@ class Service:
 
     def _on_message(self, client: Any, msg: Message) -> None:
         self.counters["received"] += 1
+        if self._progress is not None:
+            self._progress.set()
         if self._stopping:
             return  # left unacknowledged: the broker sends it again next session
         topic = msg.topic
@@ -610,9 +671,13 @@ class Service:
         route = work.route
         payload = msg.payload
         if len(payload) > self.max_payload_bytes:
-            return await self._dead(work, "oversize", f"{len(payload)} bytes > {self.max_payload_bytes}", 0)
+            return await self._dead(
+                work, "oversize", f"{len(payload)} bytes > {self.max_payload_bytes}", 0
+            )
         if route is None:
-            return await self._dead(work, "no_route", f"no handler of {self.name} matches the topic", 0)
+            return await self._dead(
+                work, "no_route", f"no handler of {self.name} matches the topic", 0
+            )
         if route.wants_bytes:
             event = Event(data=None, raw=True)
             value: Any = payload
@@ -665,18 +730,38 @@ class Service:
                     await route.handler(**kwargs)
                     break
                 except Reject as e:
-                    return await self._dead(work, e.reason, str(e) or "rejected by the handler", attempts, event)
+                    return await self._dead(
+                        work, e.reason, str(e) or "rejected by the handler", attempts, event
+                    )
                 except Exception as e:
                     self.counters["failed"] += 1
                     if attempts > self.retries:
-                        log.warning("service %s: handler %s failed %d time(s) on %s: %r; dead-lettered",
-                                    self.name, route.name, attempts, work.msg.topic, e)
-                        return await self._dead(work, "handler_error", _one_line(e), attempts, event)
+                        log.warning(
+                            "service %s: handler %s failed %d time(s) on %s: %r; dead-lettered",
+                            self.name,
+                            route.name,
+                            attempts,
+                            work.msg.topic,
+                            e,
+                        )
+                        return await self._dead(
+                            work, "handler_error", _one_line(e), attempts, event
+                        )
                     if backoff is None:
-                        backoff = Backoff(self.retry_initial, max(self.retry_cap, self.retry_initial))
+                        backoff = Backoff(
+                            self.retry_initial, max(self.retry_cap, self.retry_initial)
+                        )
                     delay = backoff.next()
-                    log.info("service %s: handler %s failed on %s (%r); retry %d of %d in %.2f s",
-                             self.name, route.name, work.msg.topic, e, attempts, self.retries, delay)
+                    log.info(
+                        "service %s: handler %s failed on %s (%r); retry %d of %d in %.2f s",
+                        self.name,
+                        route.name,
+                        work.msg.topic,
+                        e,
+                        attempts,
+                        self.retries,
+                        delay,
+                    )
                     self.counters["retried"] += 1
                     ctx.n = 0  # a retry publishes the same ids as the failed attempt
                     await asyncio.sleep(delay)
@@ -687,13 +772,22 @@ class Service:
         self.counters["handled"] += 1
         self._ack_later(work)
 
-    async def _dead(self, work: _Work, reason: str, error: str, attempts: int, event: Event | None = None) -> None:
+    async def _dead(
+        self, work: _Work, reason: str, error: str, attempts: int, event: Event | None = None
+    ) -> None:
         msg = work.msg
         self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
         n = self._dlq_logged.get(reason, 0) + 1
         self._dlq_logged[reason] = n
         if n <= 10 or n % 1000 == 0:
-            log.warning("service %s: dead-letter #%d (%s) from %s: %s", self.name, n, reason, msg.topic, error)
+            log.warning(
+                "service %s: dead-letter #%d (%s) from %s: %s",
+                self.name,
+                n,
+                reason,
+                msg.topic,
+                error,
+            )
         eid = event.id if event is not None else None
         data: dict[str, Any] = {
             "service": self.name,
@@ -719,6 +813,8 @@ class Service:
         self._ack_later(work)
 
     def _ack_later(self, work: _Work) -> None:
+        if self._progress is not None:
+            self._progress.set()
         if work.event_id is not None and self._dedup is not None:
             self._dedup.add(work.event_id)
         if work.acks:
@@ -735,7 +831,9 @@ class Service:
             try:
                 self._dedup.commit()
             except Exception:
-                log.exception("service %s: dedup commit failed; messages stay unacknowledged", self.name)
+                log.exception(
+                    "service %s: dedup commit failed; messages stay unacknowledged", self.name
+                )
                 self._acks.clear()
                 return
             if self._crash_after is not None and marks:
@@ -744,7 +842,9 @@ class Service:
                     import os
                     import signal
 
-                    log.warning("failpoint service_crash_after_commit: killing myself before acknowledging")
+                    log.warning(
+                        "failpoint service_crash_after_commit: killing myself before acknowledging"
+                    )
                     os.kill(os.getpid(), signal.SIGKILL)
         acks, self._acks = self._acks, []
         if not acks:
@@ -783,7 +883,10 @@ def _one_line(e: BaseException) -> str:
     if callable(errors) and hasattr(e, "title"):  # pydantic ValidationError, without the URLs
         try:
             items = errors(include_url=False)
-            parts = [f"{'.'.join(str(x) for x in err['loc']) or 'data'}: {err['msg']}" for err in items[:5]]
+            parts = [
+                f"{'.'.join(str(x) for x in err['loc']) or 'data'}: {err['msg']}"
+                for err in items[:5]
+            ]
             more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
             return f"{len(items)} validation error(s) for {e.title}: " + "; ".join(parts) + more
         except Exception:  # noqa: S110 - fall back to the plain text

@@ -122,7 +122,9 @@ class MemoryBroker:
 
     # -- internals ----------------------------------------------------------
 
-    def _send(self, s: _Session, topic: str, payload: bytes, qos: int, retain: bool, dup: bool = False) -> None:
+    def _send(
+        self, s: _Session, topic: str, payload: bytes, qos: int, retain: bool, dup: bool = False
+    ) -> None:
         c = s.client
         assert c is not None
         if qos == 0:
@@ -297,7 +299,9 @@ class MemoryClient:
         if not self.connected:
             raise ConnectionLost("not connected")
 
-    async def publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None] | None:
+    async def publish_nowait(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[None] | None:
         self._check()
         self.broker.publish(topic, payload, qos, retain)
         if qos == 0:
@@ -362,9 +366,14 @@ class Collector:
         self.messages.append(m)
         self._changed.set()
 
-    async def wait(self, n: int = 1, timeout: float = 10.0,
-                   where: Callable[[Received], bool] | None = None) -> list[Received]:
+    async def wait(
+        self,
+        n: int = 1,
+        timeout: float = 10.0,  # noqa: ASYNC109 - a test helper; the timeout is part of the call
+        where: Callable[[Received], bool] | None = None,
+    ) -> list[Received]:
         """Wait until ``n`` messages (that satisfy ``where``) arrived; return them."""
+
         async def _until() -> list[Received]:
             while True:
                 got = [m for m in self.messages if where is None or where(m)]
@@ -379,7 +388,8 @@ class Collector:
         except TimeoutError:
             got = [m for m in self.messages if where is None or where(m)]
             raise AssertionError(
-                f"waited {timeout:g} s for {n} message(s) on {self.filter!r}; got {len(got)}: {got[-3:]}"
+                f"waited {timeout:g} s for {n} message(s) on {self.filter!r}; "
+                f"got {len(got)}: {got[-3:]}"
             ) from None
 
 
@@ -424,7 +434,9 @@ class TestClient:
         await self._client.subscribe([(flt, 1)])
         return c
 
-    async def publish(self, topic: str, payload: bytes | str | Any, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(
+        self, topic: str, payload: bytes | str | Any, *, qos: int = 1, retain: bool = False
+    ) -> None:
         """Publish bytes as they are; a str as UTF-8; anything else as JSON."""
         if isinstance(payload, str):
             payload = payload.encode()
@@ -432,8 +444,15 @@ class TestClient:
             payload = encode(payload)
         await self._client.publish(topic, bytes(payload), qos, retain)
 
-    async def publish_event(self, topic: str, data: Any, *, source: str = "/test/devices/test",
-                            type: str = "io.edgeferry.test", **attrs: Any) -> str:
+    async def publish_event(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        source: str = "/test/devices/test",
+        type: str = "io.edgeferry.test",
+        **attrs: Any,
+    ) -> str:
         """Publish ``data`` in a CloudEvents envelope; return its id."""
         if hasattr(data, "model_dump"):
             data = data.model_dump(mode="json")

@@ -28,8 +28,8 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
 
     err = Console(stderr=True, soft_wrap=True)
     service_app = typer.Typer(
-        help="Run services built with the edge SDK.\n\nExample: edgeferry service run edge.services.rules:service "
-             "--config deploy/services/rules.yaml",
+        help="Run services built with the edge SDK.\n\nExample: edgeferry service run "
+        "edge.services.rules:service --config deploy/services/rules.yaml",
         no_args_is_help=True,
     )
     app.add_typer(service_app, name="service")
@@ -40,7 +40,11 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
 
     @service_app.command(
         "run",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+        context_settings={
+            "allow_extra_args": True,
+            "ignore_unknown_options": True,
+            "help_option_names": [],
+        },
         add_help_option=False,
     )
     def service_run(ctx: typer.Context) -> None:
@@ -51,22 +55,39 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
 
         Example: edgeferry service run myservice:svc --broker mqtt://127.0.0.1:1883
 
-        Example: edgeferry service run edge.services.rules:service --config deploy/services/rules.yaml
+        Example: edgeferry service run edge.services.rules:service
+        --config deploy/services/rules.yaml
         """
         raise typer.Exit(run_service(list(ctx.args)))
 
     @app.command("catalog")
     def catalog(
-        specs: list[str] = typer.Argument(None, help="services as MODULE:ATTR (default: 'services' in --config)",
-                                          show_default=False),
-        config: str = typer.Option(None, "--config", envvar="EDGEFERRY_CONFIG",
-                                   help="YAML file whose 'services' list names the services"),
-        builtins: bool = typer.Option(False, "--builtins", help="include the built-in aggregator and rules"),
-        asyncapi_file: str = typer.Option(None, "--asyncapi", metavar="FILE",
-                                          help="write an AsyncAPI 3 document (.json, or .yaml/.yml)"),
-        diagram_file: str = typer.Option(None, "--diagram", metavar="FILE",
-                                         help="write the service/topic graph: Mermaid (.mmd), or .svg/.png "
-                                              "with graphviz"),
+        specs: list[str] = typer.Argument(  # noqa: B008 - typer declares parameters this way
+            None,
+            help="services as MODULE:ATTR (default: 'services' in --config)",
+            show_default=False,
+        ),
+        config: str = typer.Option(
+            None,
+            "--config",
+            envvar="EDGEFERRY_CONFIG",
+            help="YAML file whose 'services' list names the services",
+        ),
+        builtins: bool = typer.Option(
+            False, "--builtins", help="include the built-in aggregator and rules"
+        ),
+        asyncapi_file: str = typer.Option(
+            None,
+            "--asyncapi",
+            metavar="FILE",
+            help="write an AsyncAPI 3 document (.json, or .yaml/.yml)",
+        ),
+        diagram_file: str = typer.Option(
+            None,
+            "--diagram",
+            metavar="FILE",
+            help="write the service/topic graph: Mermaid (.mmd), or .svg/.png with graphviz",
+        ),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     ) -> None:
         """Which topics each service consumes and publishes, with their schemas.
@@ -80,15 +101,23 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
         from pathlib import Path
 
         from edge.errors import EdgeError
-        from edgeferry.catalog import BUILTINS, asyncapi, build_catalog, services_from_config, write_diagram
+        from edgeferry.catalog import (
+            BUILTINS,
+            asyncapi,
+            build_catalog,
+            services_from_config,
+            write_diagram,
+        )
 
         try:
             names = list(specs or []) or services_from_config(config)
             if builtins:
                 names += [b for b in BUILTINS if b not in names]
             if not names:
-                fail("no services: name them (MODULE:ATTR), use --builtins, or list them under "
-                     "'services:' in --config")
+                fail(
+                    "no services: name them (MODULE:ATTR), use --builtins, or list them under "
+                    "'services:' in --config"
+                )
             cat = build_catalog(names)
             if asyncapi_file:
                 doc = asyncapi(cat)
@@ -117,9 +146,13 @@ def register(app: "typer.Typer") -> None:  # noqa: UP037 (typer is imported lazi
             out.print(f"[bold]{s.name}[/bold]  ({s.spec})  {s.description}", highlight=False)
             t = Table("direction", "topic", "payload", "fields / note")
             for handler, ch in s.consumes:
-                t.add_row("consumes", ch.pattern, ch.model or "any JSON", _fields(ch.schema) or handler)
+                t.add_row(
+                    "consumes", ch.pattern, ch.model or "any JSON", _fields(ch.schema) or handler
+                )
             for ch in s.publishes:
-                t.add_row("publishes", ch.pattern, ch.model or "-", _fields(ch.schema) or ch.description)
+                t.add_row(
+                    "publishes", ch.pattern, ch.model or "-", _fields(ch.schema) or ch.description
+                )
             out.print(t)
 
 

@@ -1,7 +1,6 @@
 """The built-in aggregator and rules services, on the in-memory broker, driven by event
 times in the envelopes (deterministic: no wall clock involved except where noted)."""
 
-import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,15 +52,25 @@ async def test_aggregator_windows_per_device_and_stream(agg):
         await send(tc, "d2", "temperature", 7.5, T0 + 3)
         closer = await send(tc, "d1", "temperature", 10, T0 + 61)  # next window: closes the first
         [m] = await out.wait(1)
-        async with asyncio.timeout(10):
-            while agg.counters["handled"] < 6:
-                await asyncio.sleep(0.005)
+        await agg.wait_until(lambda s: s.counters["handled"] >= 6, 10)
         await tc.settle()
         assert len(out.messages) == 1  # the other keys' windows are still open
     ev = m.event
-    assert m.topic == "evt/aggregate/d1" and ev.type == "io.edgeferry.aggregate" and ev.subject == "d1"
-    assert ev.data == {"device": "d1", "stream": "temperature", "window_start": T0, "window_end": T0 + 60,
-                       "count": 3, "min": 1.0, "max": 5.0, "mean": 3.0, "last": 3.0, "partial": False}
+    assert (
+        m.topic == "evt/aggregate/d1" and ev.type == "io.edgeferry.aggregate" and ev.subject == "d1"
+    )
+    assert ev.data == {
+        "device": "d1",
+        "stream": "temperature",
+        "window_start": T0,
+        "window_end": T0 + 60,
+        "count": 3,
+        "min": 1.0,
+        "max": 5.0,
+        "mean": 3.0,
+        "last": 3.0,
+        "partial": False,
+    }
     assert ev.correlationid == closer  # published inside the closing sample's handler
 
 
@@ -110,9 +119,7 @@ async def test_aggregator_fields_per_stream_and_objects_without_the_number(agg):
         await send(tc, "s1", "door", {"open": True, "changes": 3}, T0 + 3)  # no 'value': skipped
         await send(tc, "s1", "battery", {"percent": 60, "voltage": 3.9}, T0 + 61)
         [m] = await out.wait(1)
-        async with asyncio.timeout(10):
-            while agg.counters["handled"] < 4:
-                await asyncio.sleep(0.005)
+        await agg.wait_until(lambda s: s.counters["handled"] >= 4, 10)
         await tc.settle()
     assert m.event.data["stream"] == "battery" and m.event.data["mean"] == 75.0
     assert agg.counters["skipped"] == 1 and dlq.messages == []
@@ -147,9 +154,8 @@ async def run_rules(svc, rule_list, samples, expect):
         out = await tc.subscribe("evt/alert/#")
         for device, stream, value, t in samples:
             await send(tc, device, stream, value, t)
-        async with asyncio.timeout(10):  # every sample handled, then nothing more can come
-            while svc.counters["handled"] < len(samples):
-                await asyncio.sleep(0.005)
+        # every sample handled, then nothing more can come
+        await svc.wait_until(lambda s: s.counters["handled"] >= len(samples), 10)
         got = await out.wait(expect) if expect else []
         await tc.settle()
         assert len(out.messages) == expect, [m.event.data for m in out.messages]
@@ -159,12 +165,21 @@ async def run_rules(svc, rule_list, samples, expect):
 async def test_rules_threshold_with_hysteresis(rules_svc):
     rule = {"name": "hot", "stream": "temperature", "above": 30, "hysteresis": 1, "min_interval": 0}
     vals = [29, 31, 30.5, 29.5, 32, 28.9, 29.5]
-    evs = await run_rules(rules_svc, [rule], [("d1", "temperature", v, T0 + i) for i, v in enumerate(vals)], 2)
+    evs = await run_rules(
+        rules_svc, [rule], [("d1", "temperature", v, T0 + i) for i, v in enumerate(vals)], 2
+    )
     firing, cleared = evs
     assert (firing.type, firing.data["state"], firing.data["value"], firing.data["condition"]) == (
-        "io.edgeferry.alert", "firing", 31.0, "value > 30")
+        "io.edgeferry.alert",
+        "firing",
+        31.0,
+        "value > 30",
+    )
     assert (cleared.type, cleared.data["state"], cleared.data["value"]) == (
-        "io.edgeferry.alert.cleared", "cleared", 28.9)
+        "io.edgeferry.alert.cleared",
+        "cleared",
+        28.9,
+    )
     assert firing.subject == "d1" and firing.data["severity"] == "warning"
 
 
@@ -174,17 +189,35 @@ async def test_rules_min_interval_prevents_an_alert_storm(rules_svc):
     evs = await run_rules(rules_svc, [rule], noisy, 4)
     # fire at 0, clear at 1; fires again only at t=10 (10 s later), clears at 11
     assert [(e.data["state"], e.data["at"] - T0) for e in evs] == [
-        ("firing", 0), ("cleared", 1), ("firing", 10), ("cleared", 11)]
+        ("firing", 0),
+        ("cleared", 1),
+        ("firing", 10),
+        ("cleared", 11),
+    ]
     assert rules_svc.counters["suppressed"] == 4  # t = 2, 4, 6, 8
 
 
 async def test_rules_rate_of_change_below_and_device_filter(rules_svc):
     rule_list = [
-        {"name": "fast", "stream": "temperature", "rate_above": 0.5, "hysteresis": 0.1, "min_interval": 0},
-        {"name": "cold", "stream": "+", "below": 0, "devices": ["d2"], "min_interval": 0, "severity": "critical"},
+        {
+            "name": "fast",
+            "stream": "temperature",
+            "rate_above": 0.5,
+            "hysteresis": 0.1,
+            "min_interval": 0,
+        },
+        {
+            "name": "cold",
+            "stream": "+",
+            "below": 0,
+            "devices": ["d2"],
+            "min_interval": 0,
+            "severity": "critical",
+        },
     ]
     samples = [
-        ("d1", "temperature", 20, T0), ("d1", "temperature", 21, T0 + 10),  # 0.1/s
+        ("d1", "temperature", 20, T0),
+        ("d1", "temperature", 21, T0 + 10),  # 0.1/s
         ("d1", "temperature", 23, T0 + 12),  # 1/s: fires
         ("d1", "temperature", 23.5, T0 + 22),  # 0.05/s: clears
         ("d1", "humidity", -5, T0 + 23),  # below 0, but the rule is only for d2
@@ -192,7 +225,10 @@ async def test_rules_rate_of_change_below_and_device_filter(rules_svc):
     ]
     evs = await run_rules(rules_svc, rule_list, samples, 3)
     assert [(e.data["rule"], e.data["device"], e.data["state"]) for e in evs] == [
-        ("fast", "d1", "firing"), ("fast", "d1", "cleared"), ("cold", "d2", "firing")]
+        ("fast", "d1", "firing"),
+        ("fast", "d1", "cleared"),
+        ("cold", "d2", "firing"),
+    ]
     assert evs[0].data["rate"] == pytest.approx(1.0) and evs[0].data["condition"] == "rate > 0.5/s"
     assert evs[2].data["severity"] == "critical"
 
@@ -200,18 +236,38 @@ async def test_rules_rate_of_change_below_and_device_filter(rules_svc):
 async def test_rules_on_another_field_and_booleans(rules_svc):
     rule_list = [
         {"name": "door-open", "stream": "door", "field": "open", "above": 0.5, "min_interval": 0},
-        {"name": "low-battery", "stream": "battery", "field": "percent", "below": 20, "min_interval": 0},
-        {"name": "battery-v", "stream": "battery", "field": "voltage", "below": 3.3, "min_interval": 0},
+        {
+            "name": "low-battery",
+            "stream": "battery",
+            "field": "percent",
+            "below": 20,
+            "min_interval": 0,
+        },
+        {
+            "name": "battery-v",
+            "stream": "battery",
+            "field": "voltage",
+            "below": 3.3,
+            "min_interval": 0,
+        },
     ]
     samples = [
         ("s1", "door", {"open": False, "changes": 1}, T0),
         ("s1", "door", {"open": True, "changes": 2}, T0 + 1),  # fires
-        ("s1", "battery", {"percent": 15, "voltage": 3.5}, T0 + 2),  # low-battery fires, voltage fine
+        (
+            "s1",
+            "battery",
+            {"percent": 15, "voltage": 3.5},
+            T0 + 2,
+        ),  # low-battery fires, voltage fine
         ("s1", "battery", {"voltage": 3.2}, T0 + 3),  # no percent: only the voltage rule looks
     ]
     evs = await run_rules(rules_svc, rule_list, samples, 3)
     assert [(e.data["rule"], e.data["value"]) for e in evs] == [
-        ("door-open", 1.0), ("low-battery", 15.0), ("battery-v", 3.2)]
+        ("door-open", 1.0),
+        ("low-battery", 15.0),
+        ("battery-v", 3.2),
+    ]
 
 
 def test_rules_config_validation(rules_svc):
@@ -220,7 +276,9 @@ def test_rules_config_validation(rules_svc):
     with pytest.raises(ConfigError, match="unique"):
         rules_svc.load_config({"rules": [{"name": "x", "stream": "t", "above": 1}] * 2})
     with pytest.raises(ConfigError, match="min_interval"):
-        rules_svc.load_config({"rules": [{"name": "x", "stream": "t", "above": 1, "min_interval": "later"}]})
+        rules_svc.load_config(
+            {"rules": [{"name": "x", "stream": "t", "above": 1, "min_interval": "later"}]}
+        )
 
 
 def test_example_configs_load():

@@ -32,17 +32,30 @@ def test_derived_ids_are_stable_per_trigger_producer_and_index():
 
 
 def test_envelope_has_the_documented_attributes():
-    env = envelope(source="/pi-01/devices/s7", type="io.edgeferry.telemetry.temperature",
-                   data={"value": 21.5}, subject="s7")
+    env = envelope(
+        source="/pi-01/devices/s7",
+        type="io.edgeferry.telemetry.temperature",
+        data={"value": 21.5},
+        subject="s7",
+    )
     assert env["specversion"] == "1.0" and is_ulid(env["id"])
     assert env["correlationid"] == env["id"]  # starts a chain
     assert env["datacontenttype"] == "application/json"
     assert env["time"].endswith("Z") and len(env["time"]) == 24
     ev = decode(encode(env))
     assert (ev.id, ev.source, ev.type, ev.subject, ev.data, ev.raw) == (
-        env["id"], "/pi-01/devices/s7", "io.edgeferry.telemetry.temperature", "s7", {"value": 21.5}, False)
+        env["id"],
+        "/pi-01/devices/s7",
+        "io.edgeferry.telemetry.temperature",
+        "s7",
+        {"value": 21.5},
+        False,
+    )
     assert abs(ev.timestamp - time.time()) < 5
-    assert decode(encode(envelope(source="s", type="t", correlationid="C", x1="y"))).correlationid == "C"
+    assert (
+        decode(encode(envelope(source="s", type="t", correlationid="C", x1="y"))).correlationid
+        == "C"
+    )
     assert decode(encode(envelope(source="s", type="t", x1="y"))).extensions == {"x1": "y"}
 
 
@@ -52,16 +65,22 @@ def test_raw_json_is_the_data_of_an_implicit_event(payload):
     assert ev.raw and ev.id is None and ev.data == orjson.loads(payload)
 
 
-@pytest.mark.parametrize("payload,reason", [
-    (b"\xff\xfe", "not_utf8"),
-    (b'{"v": "\xc3\x28"}', "not_utf8"),
-    (b"{not json", "invalid_json"),
-    (b"", "invalid_json"),
-    (b'{"specversion": "0.3", "id": "a", "source": "s", "type": "t"}', "bad_envelope"),
-    (b'{"specversion": "1.0", "source": "s", "type": "t"}', "bad_envelope"),
-    (b'{"specversion": "1.0", "id": "a", "source": 5, "type": "t"}', "bad_envelope"),
-    (b'{"specversion": "1.0", "id": "a", "source": "s", "type": "t", "time": 5}', "bad_envelope"),
-])
+@pytest.mark.parametrize(
+    "payload,reason",
+    [
+        (b"\xff\xfe", "not_utf8"),
+        (b'{"v": "\xc3\x28"}', "not_utf8"),
+        (b"{not json", "invalid_json"),
+        (b"", "invalid_json"),
+        (b'{"specversion": "0.3", "id": "a", "source": "s", "type": "t"}', "bad_envelope"),
+        (b'{"specversion": "1.0", "source": "s", "type": "t"}', "bad_envelope"),
+        (b'{"specversion": "1.0", "id": "a", "source": 5, "type": "t"}', "bad_envelope"),
+        (
+            b'{"specversion": "1.0", "id": "a", "source": "s", "type": "t", "time": 5}',
+            "bad_envelope",
+        ),
+    ],
+)
 def test_bad_payloads_name_their_reason(payload, reason):
     with pytest.raises(EnvelopeError) as e:
         decode(payload)
@@ -74,5 +93,7 @@ def test_now_is_rfc3339_utc_millis():
 
 
 def test_events_module_does_not_import_pydantic():
-    code = "import sys, edge, edge.events; assert 'pydantic' not in sys.modules, 'pydantic imported'"
+    code = (
+        "import sys, edge, edge.events; assert 'pydantic' not in sys.modules, 'pydantic imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

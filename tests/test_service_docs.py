@@ -29,7 +29,10 @@ def test_the_documented_settings_exist():
 
     flags = {o.flag for o in OPTIONS}
     documented = set(re.findall(r"`(--[a-z-]+)`", DOC.read_text()))
-    assert documented - {"--builtins", "--json", "--asyncapi", "--diagram", "--config", "--quick"} <= flags
+    assert (
+        documented - {"--builtins", "--json", "--asyncapi", "--diagram", "--config", "--quick"}
+        <= flags
+    )
 
 
 async def test_the_guide_example_runs_as_a_script(edge_broker, proc_factory, tmp_path):
@@ -40,8 +43,20 @@ async def test_the_guide_example_runs_as_a_script(edge_broker, proc_factory, tmp
 
     [service_src] = [b for b in blocks("python") if "svc.run()" in b]
     (tmp_path / "overheat.py").write_text(service_src)
-    p = proc_factory([sys.executable, "overheat.py", "--broker", edge_broker.url, "--state-dir",
-                      str(tmp_path / "state"), "--node-id", "pi-77"], "overheat", cwd=tmp_path)
+    p = proc_factory(
+        [
+            sys.executable,
+            "overheat.py",
+            "--broker",
+            edge_broker.url,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--node-id",
+            "pi-77",
+        ],
+        "overheat",
+        cwd=tmp_path,
+    )
     ready = await asyncio.to_thread(p.wait_for_line, r"service overheat ready", 20)
     assert "uvloop loop" in ready.string  # svc.run() runs on uvloop when it is installed
     async with TestClient(edge_broker.url) as tc:

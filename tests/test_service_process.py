@@ -10,7 +10,7 @@ import textwrap
 from edge import Event, Service
 from edge.testing import TestClient
 
-SERVICE = textwrap.dedent('''
+SERVICE = textwrap.dedent("""
     import asyncio
     import os
     from edge import Service
@@ -32,13 +32,27 @@ SERVICE = textwrap.dedent('''
         if data.get("slow"):
             await asyncio.sleep(data["slow"])  # the work itself, not synchronisation
         await svc.publish(f"evt/done/{device}", data)
-''')
+""")
 
 
 def start_worker(proc_factory, tmp_path, broker, name, **env):
     (tmp_path / "worker_mod.py").write_text(SERVICE)
-    argv = [sys.executable, "-m", "edgeferry", "service", "run", "worker_mod:svc", "--broker", broker.url,
-            "--state-dir", str(tmp_path / "state"), "--log-level", "INFO", "--drain-timeout", "10s"]
+    argv = [
+        sys.executable,
+        "-m",
+        "edgeferry",
+        "service",
+        "run",
+        "worker_mod:svc",
+        "--broker",
+        broker.url,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--log-level",
+        "INFO",
+        "--drain-timeout",
+        "10s",
+    ]
     p = proc_factory(argv, name, env={"RUNS_FILE": str(tmp_path / "runs.txt"), **env}, cwd=tmp_path)
     p.wait_for_line(r"service worker ready", 20)
     return p
@@ -48,7 +62,9 @@ def runs(tmp_path):
     return collections.Counter(int(x) for x in (tmp_path / "runs.txt").read_text().split())
 
 
-async def test_kill9_mid_handler_redelivery_does_not_double_apply(edge_broker, proc_factory, tmp_path):
+async def test_kill9_mid_handler_redelivery_does_not_double_apply(
+    edge_broker, proc_factory, tmp_path
+):
     """The handler publishes its effect, then the process is killed before the handler
     returns. The broker redelivers, the handler runs again and publishes the same event id,
     and a deduplicating consumer applies every effect exactly once."""
@@ -62,17 +78,16 @@ async def test_kill9_mid_handler_redelivery_does_not_double_apply(edge_broker, p
     mark = tmp_path / "blocked"
     async with ledger.running(edge_broker.url), TestClient(edge_broker.url) as tc:
         wire = await tc.subscribe("evt/applied/#")
-        w1 = await asyncio.to_thread(start_worker, proc_factory, tmp_path, edge_broker, "worker1",
-                                     CRASH_MARK=str(mark))
+        w1 = await asyncio.to_thread(
+            start_worker, proc_factory, tmp_path, edge_broker, "worker1", CRASH_MARK=str(mark)
+        )
         for n in range(1, 6):
             await tc.publish_event("dt/a/x", {"n": n})
         await asyncio.to_thread(w1.wait_for_line, r"handler blocked", 20)
         await wire.wait(3)
         await asyncio.to_thread(w1.kill9)
         await asyncio.to_thread(start_worker, proc_factory, tmp_path, edge_broker, "worker2")
-        async with asyncio.timeout(20):
-            while sorted(set(applied)) != [1, 2, 3, 4, 5]:
-                await asyncio.sleep(0.01)
+        await ledger.wait_until(lambda s: sorted(set(applied)) == [1, 2, 3, 4, 5], 20)
         await tc.settle()
         copies = collections.defaultdict(set)
         count = collections.Counter()
@@ -81,8 +96,10 @@ async def test_kill9_mid_handler_redelivery_does_not_double_apply(edge_broker, p
             copies[ev.data["n"]].add(ev.id)
             count[ev.data["n"]] += 1
     handler_runs = runs(tmp_path)
-    print(f"\nhandler runs {dict(handler_runs)}; on the wire {dict(count)}; applied {applied}; "
-          f"ledger duplicates {ledger.counters['duplicates']}")
+    print(
+        f"\nhandler runs {dict(handler_runs)}; on the wire {dict(count)}; applied {applied}; "
+        f"ledger duplicates {ledger.counters['duplicates']}"
+    )
     assert handler_runs[3] == 2, "the handler in flight at the kill must run again"
     assert handler_runs[1] == handler_runs[2] == 1, "acknowledged messages must not come back"
     assert count[3] == 2 and len(copies[3]) == 1, "the re-run publishes the same event id"
@@ -90,14 +107,22 @@ async def test_kill9_mid_handler_redelivery_does_not_double_apply(edge_broker, p
     assert ledger.counters["duplicates"] == 1
 
 
-async def test_crash_after_dedup_commit_before_ack_is_suppressed(edge_broker, proc_factory, tmp_path):
+async def test_crash_after_dedup_commit_before_ack_is_suppressed(
+    edge_broker, proc_factory, tmp_path
+):
     """SIGKILL right after the dedup table committed a handled id but before the PUBACK:
     the broker redelivers, and the restarted service acknowledges without running the
     handler again."""
     async with TestClient(edge_broker.url) as tc:
         done = await tc.subscribe("evt/done/#")
-        w1 = await asyncio.to_thread(start_worker, proc_factory, tmp_path, edge_broker, "worker1",
-                                     EDGEFERRY_FAILPOINT="service_crash_after_commit:1")
+        w1 = await asyncio.to_thread(
+            start_worker,
+            proc_factory,
+            tmp_path,
+            edge_broker,
+            "worker1",
+            EDGEFERRY_FAILPOINT="service_crash_after_commit:1",
+        )
         await tc.publish_event("dt/a/x", {"n": 1})
         await asyncio.to_thread(w1.wait_for_line, r"failpoint service_crash_after_commit", 20)
         rc = await asyncio.to_thread(w1.wait, 20)
@@ -109,13 +134,17 @@ async def test_crash_after_dedup_commit_before_ack_is_suppressed(edge_broker, pr
         await asyncio.to_thread(w2.terminate, 10)
     stopped = w2.log_text()
     handler_runs = runs(tmp_path)
-    print(f"\nhandler runs {dict(handler_runs)}; restarted service: "
-          f"{[line for line in stopped.splitlines() if 'stopped' in line]}")
+    print(
+        f"\nhandler runs {dict(handler_runs)}; restarted service: "
+        f"{[line for line in stopped.splitlines() if 'stopped' in line]}"
+    )
     assert handler_runs == {1: 1, 2: 1}
     assert "'duplicates': 1" in stopped, "the redelivered message was answered by the dedup table"
 
 
-async def test_sigterm_drains_in_flight_handler_and_exits_cleanly(edge_broker, proc_factory, tmp_path):
+async def test_sigterm_drains_in_flight_handler_and_exits_cleanly(
+    edge_broker, proc_factory, tmp_path
+):
     async with TestClient(edge_broker.url) as tc:
         state = await tc.subscribe("state/worker")
         done = await tc.subscribe("evt/done/#")

@@ -34,16 +34,6 @@ def name() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-async def until(predicate, timeout=10.0, what="condition"):
-    """Wait for a condition that has no event to wait on (a handler counter)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def test_typed_handler_placeholders_model_and_correlation(broker):
     svc = Service(name(), heartbeat=0)
     calls = []
@@ -96,7 +86,7 @@ async def test_retries_then_dead_letter_and_keeps_running(broker):
         await tc.publish_event("dt/ok/x", {"a": 4})
         got = await dlq.wait(2)
         await tc.publish_event("dt/after/x", {"a": 5})  # still running after the dead letter
-        await until(lambda: "after" in attempts and svc.counters["handled"] == 3, what="all handled")
+        await svc.wait_until(lambda s: "after" in attempts and s.counters["handled"] == 3)
     assert attempts == {"bad": 3, "flaky": 3, "reject": 1, "ok": 1, "after": 1}
     by_reason = {m.event.data["reason"]: m.event for m in got}
     assert set(by_reason) == {"handler_error", "rejected"}
@@ -133,7 +123,7 @@ async def test_bad_input_goes_to_dead_letter_counted(broker, reason, topic, payl
         await tc.publish(topic, payload)
         await tc.publish("dt/d2/t", b'{"value": 7}')  # a good one after it is still handled
         [dead] = await dlq.wait(1)
-        await until(lambda: seen, what="the good message")
+        await svc.wait_until(lambda s: seen)
         await tc.settle()
     assert seen == [("d2", 7.0)]
     assert dead.event.data["reason"] == reason
@@ -160,9 +150,7 @@ async def test_duplicates_are_suppressed(broker, tmp_path):
         await tc.publish("dt/a/x", b'{"n": 3}')  # raw payloads have no id: never deduplicated
         await tc.publish("dt/a/x", b'{"n": 3}')
         await tc.settle()
-        async with asyncio.timeout(10):
-            while svc.counters["handled"] + svc.counters["duplicates"] < 6:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: s.counters["handled"] + s.counters["duplicates"] >= 6, 10)
     assert runs == [1, 2, 3, 3]
     assert svc.counters["duplicates"] == 2
     # the table is on disk: a new run of the service still knows the id
@@ -170,9 +158,7 @@ async def test_duplicates_are_suppressed(broker, tmp_path):
     async with svc.running(broker), TestClient(broker) as tc:
         await tc.publish_event("dt/a/x", {"n": 1}, id=eid)
         await tc.publish_event("dt/a/x", {"n": 4})
-        async with asyncio.timeout(10):
-            while svc.counters["handled"] + svc.counters["duplicates"] < 2:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: s.counters["handled"] + s.counters["duplicates"] >= 2, 10)
     assert runs == [4] and svc.counters["duplicates"] == 1
 
 
@@ -210,9 +196,7 @@ async def test_order_per_key_and_concurrency_across_keys(broker):
                 await tc.publish(f"dt/{k}/seq", {"n": n})
         await tc.settle()
     async with svc.running(broker):
-        async with asyncio.timeout(20):
-            while svc.counters["handled"] < 60:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: s.counters["handled"] >= 60, 20)
     assert order == {k: list(range(15)) for k in keys}
     assert three_at_once.is_set() and peak == 3  # concurrent, but never above the limit
 
@@ -233,15 +217,21 @@ async def test_health_online_will_heartbeat_and_reconnect(broker):
             await tc.publish_event("dt/a/x", {"n": 1})
             [beat] = await beats.wait(1, where=lambda m: m.event.data["handled"] >= 1)
             assert beat.event.type == "io.edgeferry.heartbeat"
-            assert {"received", "handled", "failed", "retried", "duplicates", "dead_lettered",
-                    "in_flight", "uptime_s"} <= set(beat.event.data)
+            assert {
+                "received",
+                "handled",
+                "failed",
+                "retried",
+                "duplicates",
+                "dead_lettered",
+                "in_flight",
+                "uptime_s",
+            } <= set(beat.event.data)
             svc._client.abort()  # the connection dies without DISCONNECT: the will fires
             await state.wait(1, where=lambda m: m.payload == b"offline")
             await state.wait(2, where=lambda m: m.payload == b"online")  # reconnected
             await tc.publish_event("dt/a/x", {"n": 2})
-            async with asyncio.timeout(10):
-                while handled != [1, 2]:
-                    await asyncio.sleep(0.01)
+            await svc.wait_until(lambda s: handled == [1, 2], 10)
             assert svc.counters["reconnects"] == 1
         await state.wait(2, where=lambda m: m.payload == b"offline")  # clean stop says offline too
     assert [m.payload for m in state.messages][-1] == b"offline"
@@ -286,9 +276,7 @@ async def test_stop_drains_in_flight_handler_then_acks(broker):
 
     async with svc2.running(broker), TestClient(broker) as tc:
         await tc.publish_event("dt/a/x", {"n": 2})
-        async with asyncio.timeout(10):
-            while not again:
-                await asyncio.sleep(0.01)
+        await svc2.wait_until(lambda s: again, 10)
     assert again == [2]
 
 
@@ -313,9 +301,7 @@ async def test_drain_timeout_leaves_message_for_redelivery(broker):
         again.append(data["n"])
 
     async with svc2.running(broker):
-        async with asyncio.timeout(10):
-            while not again:
-                await asyncio.sleep(0.01)
+        await svc2.wait_until(lambda s: again, 10)
     assert again == [1]
 
 
@@ -335,10 +321,9 @@ async def test_message_is_acked_only_after_handler_returned():
         await asyncio.wait_for(entered.wait(), 5)
         assert broker.unacked(f"svc-{svc.name}") == 1
         gate.set()
-        async with asyncio.timeout(5):
-            while broker.unacked(f"svc-{svc.name}"):
-                await asyncio.sleep(0)
-        assert svc.counters["handled"] == 1
+        await svc.wait_until(lambda s: s.counters["handled"] == 1, 5)
+        await asyncio.sleep(0)  # the acknowledgement goes out at the end of that loop turn
+        assert broker.unacked(f"svc-{svc.name}") == 0
 
 
 async def test_retry_publishes_same_ids():
@@ -377,18 +362,16 @@ async def test_backlog_is_held_at_the_broker_not_in_memory(broker):
         for n in range(400):
             await tc.publish(f"dt/d{n % 4}/x", {"n": n, "pad": pad})
         await tc.settle()
-        async with asyncio.timeout(10):
-            while svc._pending < 20:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: s._pending >= 20, 10)
         for _ in range(20):  # give it every chance to read more than it should
             await asyncio.sleep(0.005)
         in_hand = svc._pending
         gate.set()
-        async with asyncio.timeout(20):
-            while len(handled) < 400:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: len(handled) >= 400, 20)
     print(f"\nin hand while stuck: {in_hand} of 400 (max_pending 20)")
-    limit = 20 if isinstance(broker, MemoryBroker) else 20 + 140  # one 256 KiB read of 2 kB messages
+    limit = (
+        20 if isinstance(broker, MemoryBroker) else 20 + 140
+    )  # one 256 KiB read of 2 kB messages
     assert in_hand <= limit
     assert sorted(handled) == list(range(400))
 
@@ -408,17 +391,13 @@ async def test_messages_queued_while_offline_are_handled_and_acked_on_return(bro
             await tc.publish_event(f"dt/d{n % 3}/x", {"n": n})
         await tc.settle()
     async with svc.running(broker):
-        async with asyncio.timeout(10):
-            while len(seen) < 50:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: len(seen) >= 50, 10)
     assert sorted(seen) == list(range(50))
     for d in range(3):  # in order per key
         assert [n for n in seen if n % 3 == d] == list(range(d, 50, 3))
     seen.clear()
     async with svc.running(broker), TestClient(broker) as tc:  # all were acknowledged
         await tc.publish_event("dt/d0/x", {"n": 99})
-        async with asyncio.timeout(10):
-            while not seen:
-                await asyncio.sleep(0.01)
+        await svc.wait_until(lambda s: seen, 10)
         await tc.settle()
     assert seen == [99]

@@ -21,16 +21,19 @@ class M(BaseModel):
     x: int
 
 
-@pytest.mark.parametrize("pattern,flt,topic,params", [
-    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature", {"device": "s1"}),
-    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/humidity", None),
-    ("dt/{device}/temperature", "dt/+/temperature", "dt//temperature", None),
-    ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature/x", None),
-    ("dt/{device}/{stream}", "dt/+/+", "dt/a/b", {"device": "a", "stream": "b"}),
-    ("cmd/{target}/#", "cmd/+/#", "cmd/x/a/b", {"target": "x"}),
-    ("cmd/{target}/#", "cmd/+/#", "cmd/x", {"target": "x"}),
-    ("a/+/c", "a/+/c", "a/b/c", {}),
-])
+@pytest.mark.parametrize(
+    "pattern,flt,topic,params",
+    [
+        ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature", {"device": "s1"}),
+        ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/humidity", None),
+        ("dt/{device}/temperature", "dt/+/temperature", "dt//temperature", None),
+        ("dt/{device}/temperature", "dt/+/temperature", "dt/s1/temperature/x", None),
+        ("dt/{device}/{stream}", "dt/+/+", "dt/a/b", {"device": "a", "stream": "b"}),
+        ("cmd/{target}/#", "cmd/+/#", "cmd/x/a/b", {"target": "x"}),
+        ("cmd/{target}/#", "cmd/+/#", "cmd/x", {"target": "x"}),
+        ("a/+/c", "a/+/c", "a/b/c", {}),
+    ],
+)
 def test_patterns(pattern, flt, topic, params):
     f, specs = compile_pattern(pattern)
     assert f == flt
@@ -49,9 +52,19 @@ def test_signatures():
     async def ok(device: str, m: M, event: Event, topic: str) -> None: ...
 
     r = make_route("dt/{device}/x", ok)
-    assert (r.payload_param, r.event_param, r.topic_param, r.payload_type) == ("m", "event", "topic", M)
+    assert (r.payload_param, r.event_param, r.topic_param, r.payload_type) == (
+        "m",
+        "event",
+        "topic",
+        M,
+    )
     assert r.key("dt/a/x", {"device": "a"}) == "a"
-    assert make_route("a/{site}/{device}", lambda_async(), key="site").key("t", {"site": "s", "device": "d"}) == "s"
+    assert (
+        make_route("a/{site}/{device}", lambda_async(), key="site").key(
+            "t", {"site": "s", "device": "d"}
+        )
+        == "s"
+    )
 
     async def missing(m: M) -> None: ...
 
@@ -81,6 +94,7 @@ def test_overlapping_registration_and_bad_names():
     async def a(device: str) -> None: ...
 
     with pytest.raises(ServiceError):
+
         @svc.on("dt/{d}/x")
         async def b(d: str) -> None: ...
 
@@ -138,19 +152,31 @@ def test_dedup_table_persists_expires_and_stays_bounded(tmp_path):
 
 def test_settings_precedence_and_credentials(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("broker: mqtt://10.0.0.1:1884\nnode_id: pi-9\nservice:\n  concurrency: 4\n"
-                   "  retries: 1\nmysvc:\n  threshold: 5\n")
+    cfg.write_text(
+        "broker: mqtt://10.0.0.1:1884\nnode_id: pi-9\nservice:\n  concurrency: 4\n"
+        "  retries: 1\nmysvc:\n  threshold: 5\n"
+    )
 
     class Cfg(BaseModel):
         threshold: int = 1
 
     svc = Service("mysvc", config=Cfg, retries=7)
-    s = load_settings(OPTIONS, ["--config", str(cfg), "--retries", "2", "--username", "u"],
-                      prog="x", section="service", description="", environ={"EDGEFERRY_PASSWORD": "p"})
+    s = load_settings(
+        OPTIONS,
+        ["--config", str(cfg), "--retries", "2", "--username", "u"],
+        prog="x",
+        section="service",
+        description="",
+        environ={"EDGEFERRY_PASSWORD": "p"},
+    )
     apply_settings(svc, s)
     assert (svc.concurrency, svc.retries, svc.node_id) == (4, 2, "pi-9")
     assert (svc.broker.host, svc.broker.port, svc.broker.username, svc.broker.password) == (
-        "10.0.0.1", 1884, "u", "p")
+        "10.0.0.1",
+        1884,
+        "u",
+        "p",
+    )
     assert svc.config.threshold == 5 and svc.state_dir
     bad = tmp_path / "bad.yaml"
     bad.write_text("service:\n  concurency: 4\n")
@@ -158,7 +184,9 @@ def test_settings_precedence_and_credentials(tmp_path):
         load_settings(OPTIONS, ["--config", str(bad)], prog="x", section="service", description="")
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("mysvc:\n  threshold: lots\n")
-    s = load_settings(OPTIONS, ["--config", str(wrong)], prog="x", section="service", description="")
+    s = load_settings(
+        OPTIONS, ["--config", str(wrong)], prog="x", section="service", description=""
+    )
     with pytest.raises(ConfigError, match="threshold"):
         apply_settings(svc, s)
 
@@ -172,16 +200,23 @@ def test_load_target(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_target("mysvc_mod:svc").name == "fromfile"
     assert load_target("mysvc_mod:make").name == "made"
-    for spec, msg in [("mysvc_mod", "MODULE:ATTR"), ("nope_mod:svc", "no such module"),
-                      ("mysvc_mod:missing", "no attribute"), ("mysvc_mod:not_a_service", "not an edge.Service")]:
+    for spec, msg in [
+        ("mysvc_mod", "MODULE:ATTR"),
+        ("nope_mod:svc", "no such module"),
+        ("mysvc_mod:missing", "no attribute"),
+        ("mysvc_mod:not_a_service", "not an edge.Service"),
+    ]:
         with pytest.raises(ServiceError, match=msg):
             load_target(spec)
 
 
 def test_import_edge_stays_light():
-    code = ("import sys, edge, edge.mqtt; "
-            "heavy = [m for m in ('pydantic', 'yaml', 'typer', 'rich', 'sqlite3') if m in sys.modules]; "
-            "assert not heavy, heavy; from edge import Service; assert Service.__name__ == 'Service'")
+    code = (
+        "import sys, edge, edge.mqtt; "
+        "heavy = [m for m in ('pydantic', 'yaml', 'typer', 'rich', 'sqlite3') "
+        "if m in sys.modules]; "
+        "assert not heavy, heavy; from edge import Service; assert Service.__name__ == 'Service'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

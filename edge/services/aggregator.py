@@ -41,11 +41,16 @@ class AggregatorConfig(BaseModel):
     """The ``aggregator:`` section of the YAML file."""
 
     window: Duration = Field(60.0, gt=0, description="window length (seconds or 30s/5m)")
-    grace: Duration = Field(5.0, ge=0, description="wait this long after a window's end for late samples")
-    streams: list[str] = Field(default_factory=list, description="streams to aggregate (empty: all)")
+    grace: Duration = Field(
+        5.0, ge=0, description="wait this long after a window's end for late samples"
+    )
+    streams: list[str] = Field(
+        default_factory=list, description="streams to aggregate (empty: all)"
+    )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="per stream, the field that holds the number (default 'value'), e.g. {battery: percent}",
+        description="per stream, the field that holds the number (default 'value'), "
+        "e.g. {battery: percent}",
     )
 
 
@@ -96,9 +101,18 @@ _windows: dict[tuple[str, str], _Window] = {}
 
 def _aggregate(device: str, stream: str, w: _Window, partial: bool = False) -> Aggregate:
     size = service.config.window
-    return Aggregate(device=device, stream=stream, window_start=w.start, window_end=w.start + size,
-                     count=w.count, min=w.min, max=w.max, mean=w.total / w.count, last=w.last,
-                     partial=partial)
+    return Aggregate(
+        device=device,
+        stream=stream,
+        window_start=w.start,
+        window_end=w.start + size,
+        count=w.count,
+        min=w.min,
+        max=w.max,
+        mean=w.total / w.count,
+        last=w.last,
+        partial=partial,
+    )
 
 
 @service.on("dt/{device}/{stream}", publishes=[("evt/aggregate/{device}", Aggregate)])
@@ -121,7 +135,9 @@ async def sample(device: str, stream: str, value: Sample, event: Event) -> None:
     if w is not None and start > w.start:
         del _windows[key]
         _windows[key] = _Window(start)
-        await service.publish(f"evt/aggregate/{device}", _aggregate(device, stream, w), subject=device)
+        await service.publish(
+            f"evt/aggregate/{device}", _aggregate(device, stream, w), subject=device
+        )
     w = _windows.get(key)
     if w is None:
         w = _windows[key] = _Window(start)
@@ -135,7 +151,9 @@ async def _close_idle_windows() -> None:
     due = [k for k, w in _windows.items() if w.start + cfg.window + cfg.grace <= now]
     for key in due:
         w = _windows.pop(key)
-        await service.publish(f"evt/aggregate/{key[0]}", _aggregate(key[0], key[1], w), subject=key[0])
+        await service.publish(
+            f"evt/aggregate/{key[0]}", _aggregate(key[0], key[1], w), subject=key[0]
+        )
 
 
 @service.on_start
@@ -148,6 +166,7 @@ async def _reset() -> None:
 @service.on_stop
 async def _flush_open_windows() -> None:
     for (device, stream), w in list(_windows.items()):
-        await service.publish(f"evt/aggregate/{device}", _aggregate(device, stream, w, partial=True),
-                              subject=device)
+        await service.publish(
+            f"evt/aggregate/{device}", _aggregate(device, stream, w, partial=True), subject=device
+        )
     _windows.clear()

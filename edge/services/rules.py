@@ -65,7 +65,12 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _has_condition(self) -> Rule:
-        if self.above is None and self.below is None and self.rate_above is None and self.rate_below is None:
+        if (
+            self.above is None
+            and self.below is None
+            and self.rate_above is None
+            and self.rate_below is None
+        ):
             raise ValueError(f"rule {self.name!r} needs above, below, rate_above or rate_below")
         return self
 
@@ -106,8 +111,11 @@ class _State:
     condition: str = ""
 
 
-service = Service("rules", config=RulesConfig,
-                  description="Threshold and rate-of-change alerts with hysteresis and a minimum interval.")
+service = Service(
+    "rules",
+    config=RulesConfig,
+    description="Threshold and rate-of-change alerts with hysteresis and a minimum interval.",
+)
 service.publishes("evt/alert/{device}", Alert, "alerts firing and clearing")
 
 _state: dict[tuple[str, str], _State] = {}
@@ -147,8 +155,11 @@ def _clear(r: Rule, v: float, rate: float | None) -> bool:
 async def evaluate(device: str, stream: str, value: Sample, event: Event) -> None:
     """Evaluate every rule for this stream and device; publish what fires or clears."""
     ts = event.timestamp or time.time()
-    rules = [r for r in service.config.rules
-             if r.stream in ("+", stream) and (not r.devices or device in r.devices)]
+    rules = [
+        r
+        for r in service.config.rules
+        if r.stream in ("+", stream) and (not r.devices or device in r.devices)
+    ]
     # every number first (a bad field rejects the message before anything is published),
     # and each field's rate against its previous sample, once for all rules
     readings: dict[str, tuple[float, float | None] | None] = {}
@@ -178,15 +189,39 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
             if st.last_fired is not None and ts - st.last_fired < r.min_interval:
                 service.counters["suppressed"] = service.counters.get("suppressed", 0) + 1
                 continue
-            await service.publish(f"evt/alert/{device}", Alert(
-                rule=r.name, device=device, stream=stream, state="firing", severity=r.severity,
-                value=v, rate=rate, condition=cond, at=ts), subject=device)
+            await service.publish(
+                f"evt/alert/{device}",
+                Alert(
+                    rule=r.name,
+                    device=device,
+                    stream=stream,
+                    state="firing",
+                    severity=r.severity,
+                    value=v,
+                    rate=rate,
+                    condition=cond,
+                    at=ts,
+                ),
+                subject=device,
+            )
             st.firing, st.last_fired, st.condition = True, ts, cond
         elif _clear(r, v, rate):
-            await service.publish(f"evt/alert/{device}", Alert(
-                rule=r.name, device=device, stream=stream, state="cleared", severity=r.severity,
-                value=v, rate=rate, condition=st.condition, at=ts),
-                type="io.edgeferry.alert.cleared", subject=device)
+            await service.publish(
+                f"evt/alert/{device}",
+                Alert(
+                    rule=r.name,
+                    device=device,
+                    stream=stream,
+                    state="cleared",
+                    severity=r.severity,
+                    value=v,
+                    rate=rate,
+                    condition=st.condition,
+                    at=ts,
+                ),
+                type="io.edgeferry.alert.cleared",
+                subject=device,
+            )
             st.firing = False
 
 
