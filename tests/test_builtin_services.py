@@ -181,6 +181,7 @@ async def test_rules_threshold_with_hysteresis(rules_svc):
         28.9,
     )
     assert firing.subject == "d1" and firing.data["severity"] == "warning"
+    assert firing.data["rate"] is None  # a threshold rule does not report a rate
 
 
 async def test_rules_min_interval_prevents_an_alert_storm(rules_svc):

@@ -181,6 +181,7 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
         if reading is None:  # this sample does not carry the rule's field
             continue
         v, rate = reading
+        looks_at_rate = r.rate_above is not None or r.rate_below is not None
         st = _state.setdefault((r.name, device), _State())
         if not st.firing:
             cond = _breach(r, v, rate)
@@ -198,7 +199,7 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
                     state="firing",
                     severity=r.severity,
                     value=v,
-                    rate=rate,
+                    rate=rate if looks_at_rate else None,
                     condition=cond,
                     at=ts,
                 ),
@@ -215,7 +216,7 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
                     state="cleared",
                     severity=r.severity,
                     value=v,
-                    rate=rate,
+                    rate=rate if looks_at_rate else None,
                     condition=st.condition,
                     at=ts,
                 ),
