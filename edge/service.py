@@ -33,9 +33,7 @@ How a message goes through (docs/services.md has the long version):
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
-import functools
 import logging
 import re
 import time
@@ -44,25 +42,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge._dedup import DedupTable
+from edge._dlq import DeadLetterLog, dead_letter, one_line
+from edge._link import Link
 from edge._routing import Route, make_route
 from edge.backoff import Backoff
-from edge.errors import (
-    ConfigError,
-    ConnectError,
-    ConnectionLost,
-    EnvelopeError,
-    Reject,
-    ServiceError,
-)
+from edge.errors import ConfigError, EnvelopeError, Reject, ServiceError
 from edge.events import Event, decode, derived_id, encode, envelope, new_id
-from edge.mqtt import BrokerURL, Message, MQTTClient, Will
+from edge.mqtt import Message
 
 __all__ = ["Service", "current_event"]
 
 log = logging.getLogger("edge.service")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DLQ_PAYLOAD_MAX = 64 * 1024
 
 
 class _Context:
@@ -185,14 +177,14 @@ class Service:
         self._inflight: dict[str, _Work] = {}
         self._acks: list[tuple[Any, int]] = []
         self._flush_scheduled = False
-        self._client: Any = None
+        self._link: Link | None = None
         self._stopping = False
         self._started = 0.0
         self._dedup: DedupTable | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._bg: list[asyncio.Task[Any]] = []
         self._lane_tasks: set[asyncio.Task[Any]] = set()
-        self._dlq_logged: dict[str, int] = {}
+        self._dlq_log = DeadLetterLog(self.name)
         self._progress: asyncio.Event | None = None  # set whenever a message is finished
         # failpoint for tests: EDGEFERRY_FAILPOINT=service_crash_after_commit:N kills the
         # process (SIGKILL) right after the Nth dedup commit, before acknowledging
@@ -326,20 +318,14 @@ class Service:
         return eid
 
     async def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        while True:
-            client = self._client
-            if client is None or not client.connected:
-                if self._tg is None:
-                    raise ServiceError(f"service {self.name!r} is not running")
-                await self._connected.wait()
-                continue
-            try:
-                await client.publish(topic, payload, qos, retain)
-                return
-            except ConnectionLost:
-                if self._tg is None:
-                    raise
-                continue  # the supervisor reconnects; publish again (same id)
+        if self._link is None:
+            raise ServiceError(f"service {self.name!r} is not running")
+        await self._link.send(topic, payload, qos, retain)
+
+    @property
+    def _client(self) -> Any:
+        """The current MQTT client (one per connection), or None."""
+        return self._link.client if self._link is not None else None
 
     # ------------------------------------------------------------------ running
 
@@ -374,7 +360,6 @@ class Service:
 
     async def _start(self) -> None:
         self._started = time.monotonic()
-        self._connected = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._sem = asyncio.Semaphore(self.concurrency)
@@ -388,12 +373,23 @@ class Service:
         )
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
-        client = await self._connect(self.connect_timeout)
-        await self._go_online(client)
+        self._link = Link(
+            name=self.name,
+            broker=self.broker,
+            client_id=self.client_id or f"svc-{self.name}",
+            keepalive=self.keepalive,
+            max_inflight=self.max_inflight,
+            connect_timeout=self.connect_timeout,
+            filters=[r.filter for r in self.routes],
+            on_message=self._on_message,
+            on_new_client=self._on_new_client,
+            counters=self.counters,
+        )
+        await self._link.open(self.connect_timeout)
         for fn in self._on_start:
             await fn()
         tg = self._tg
-        self._bg.append(tg.create_task(self._supervise(), name=f"{self.name}:supervise"))
+        self._bg.append(tg.create_task(self._link.supervise(), name=f"{self.name}:link"))
         if self.heartbeat > 0:
             self._bg.append(tg.create_task(self._heartbeat_loop(), name=f"{self.name}:heartbeat"))
         for i, (every, fn) in enumerate(self._every):
@@ -404,99 +400,26 @@ class Service:
         log.info(
             "service %s ready on %s (%d handlers, %s loop)",
             self.name,
-            self._broker_label(),
+            self._link.label,
             len(self.routes),
             loop_kind,
         )
 
-    def _broker_label(self) -> str:
-        b = self.broker
-        return str(b) if isinstance(b, str | BrokerURL) else type(b).__name__
-
-    def _make_client(self) -> Any:
-        will = Will(f"state/{self.name}", b"offline", 1, True)
-        kw: dict[str, Any] = dict(
-            clean_session=False, keepalive=self.keepalive, will=will, max_inflight=self.max_inflight
-        )
-        cid = self.client_id or f"svc-{self.name}"
-        b = self.broker
-        if b is None:
-            raise ServiceError(f"service {self.name!r} has no broker (pass broker= or --broker)")
-        if isinstance(b, str | BrokerURL):
-            client = MQTTClient(b, cid, connect_timeout=min(self.connect_timeout, 10.0), **kw)
-        else:
-            client = b.client(cid, **kw)
-        client.on_message = functools.partial(self._on_message, client)
-        return client
-
-    async def _connect(self, give_up_after: float | None) -> Any:
-        """Connect, retrying with backoff for ``give_up_after`` seconds (None: forever)."""
-        backoff = Backoff(0.2, 5.0)
-        deadline = None if give_up_after is None else time.monotonic() + give_up_after
-        while True:
-            client = self._make_client()
-            try:
-                await client.connect()
-                break
-            except ConnectError as e:
-                if self._stopping or (deadline is not None and time.monotonic() >= deadline):
-                    raise
-                delay = backoff.next()
-                log.warning(
-                    "service %s: cannot connect (%s); retrying in %.1f s", self.name, e, delay
-                )
-                await asyncio.sleep(delay)
-        # current before SUBACK: a persistent session's messages may already be arriving
-        self._client = client
+    def _on_new_client(self, client: Any) -> None:
         self._paused = None  # a paused older connection is gone
-        await client.subscribe([(r.filter, 1) for r in self.routes])
-        return client
-
-    async def _go_online(self, client: Any) -> None:
-        await client.publish(f"state/{self.name}", b"online", 1, True)
-        self._connected.set()
-
-    async def _supervise(self) -> None:
-        """Reconnect (new client, capped jittered backoff) whenever the connection drops."""
-        while not self._stopping:
-            client = self._client
-            try:
-                await asyncio.shield(client.closed)
-            except ConnectionLost as e:
-                if self._stopping:
-                    return
-                self._connected.clear()
-                self.counters["reconnects"] += 1
-                log.warning("service %s: %s; reconnecting", self.name, e)
-            try:
-                client = await self._connect(None)
-                await self._go_online(client)
-            except (ConnectionLost, ConnectError) as e:
-                log.warning("service %s: reconnect failed: %s", self.name, e)
-                await asyncio.sleep(Backoff(0.2, 5.0).next())
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
             if self._dedup is not None:
                 self._dedup.expire()
-            if self._client is not None and self._client.connected:
-                try:
-                    await self._client.publish(
-                        f"state/{self.name}/heartbeat",
-                        encode(
-                            envelope(
-                                source=self.source,
-                                type="io.edgeferry.heartbeat",
-                                data=self.stats(),
-                                subject=self.name,
-                            )
-                        ),
-                        1,
-                        True,
-                    )
-                except ConnectionLost:
-                    pass
+            body = envelope(
+                source=self.source,
+                type="io.edgeferry.heartbeat",
+                data=self.stats(),
+                subject=self.name,
+            )
+            await self._send(f"state/{self.name}/heartbeat", encode(body), 1, True)
 
     async def _every_loop(self, seconds: float, fn: Callable[[], Awaitable[Any]]) -> None:
         while True:
@@ -559,20 +482,13 @@ class Service:
                 await fn()
             except Exception:
                 log.exception("service %s: on_stop hook failed", self.name)
-        client = self._client
-        if client is not None and client.connected:
-            try:
-                async with asyncio.timeout(2.0):
-                    await client.publish(f"state/{self.name}", b"offline", 1, True)
-            except (TimeoutError, ConnectionLost):
-                pass
         await self._teardown()
         log.info("service %s stopped: %s", self.name, self.stats())
 
     async def _teardown(self) -> None:
         self._stopping = True
-        if self._client is not None:
-            await self._client.close()
+        if self._link is not None:
+            await self._link.close(offline=True)
         for t in self._bg:
             t.cancel()
         for t in list(self._lane_tasks):
@@ -700,7 +616,7 @@ class Service:
             try:
                 value = route.validate(event.data)
             except Exception as e:  # pydantic ValidationError
-                return await self._dead(work, "schema", _one_line(e), 0, event)
+                return await self._dead(work, "schema", one_line(e), 0, event)
         kwargs: dict[str, Any] = {}
         try:
             for name, conv in route.converters.items():
@@ -744,9 +660,7 @@ class Service:
                             work.msg.topic,
                             e,
                         )
-                        return await self._dead(
-                            work, "handler_error", _one_line(e), attempts, event
-                        )
+                        return await self._dead(work, "handler_error", one_line(e), attempts, event)
                     if backoff is None:
                         backoff = Backoff(
                             self.retry_initial, max(self.retry_cap, self.retry_initial)
@@ -777,39 +691,18 @@ class Service:
     ) -> None:
         msg = work.msg
         self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
-        n = self._dlq_logged.get(reason, 0) + 1
-        self._dlq_logged[reason] = n
-        if n <= 10 or n % 1000 == 0:
-            log.warning(
-                "service %s: dead-letter #%d (%s) from %s: %s",
-                self.name,
-                n,
-                reason,
-                msg.topic,
-                error,
-            )
-        eid = event.id if event is not None else None
-        data: dict[str, Any] = {
-            "service": self.name,
-            "reason": reason,
-            "error": error[:2000],
-            "topic": msg.topic,
-            "attempts": attempts,
-            "payload": base64.b64encode(msg.payload[:_DLQ_PAYLOAD_MAX]).decode(),
-            "payload_encoding": "base64",
-            "payload_bytes": len(msg.payload),
-        }
-        if eid is not None:
-            data["event_id"] = eid
-        body = envelope(
+        self._dlq_log(reason, msg.topic, error)
+        body = dead_letter(
+            service=self.name,
             source=self.source,
-            type="io.edgeferry.deadletter",
-            data=data,
-            id=derived_id(eid, self.name + "/dlq", 0),
+            reason=reason,
+            error=error,
+            msg=msg,
             subject=work.key if work.route is not None else None,
-            correlationid=(event.correlationid or eid) if event is not None else None,
+            attempts=attempts,
+            event=event,
         )
-        await self._send(f"dlq/{self.name}", encode(body), 1, False)
+        await self._send(f"dlq/{self.name}", body, 1, False)
         self._ack_later(work)
 
     def _ack_later(self, work: _Work) -> None:
@@ -876,23 +769,6 @@ def _jsonable(data: Any) -> Any:
     if hasattr(data, "model_dump"):
         return data.model_dump(mode="json")
     return data
-
-
-def _one_line(e: BaseException) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors) and hasattr(e, "title"):  # pydantic ValidationError, without the URLs
-        try:
-            items = errors(include_url=False)
-            parts = [
-                f"{'.'.join(str(x) for x in err['loc']) or 'data'}: {err['msg']}"
-                for err in items[:5]
-            ]
-            more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
-            return f"{len(items)} validation error(s) for {e.title}: " + "; ".join(parts) + more
-        except Exception:  # noqa: S110 - fall back to the plain text
-            pass
-    s = str(e).strip().replace("\n", "; ")
-    return f"{type(e).__name__}: {s}" if s else type(e).__name__
 
 
 def _hostname() -> str:
