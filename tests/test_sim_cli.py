@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgeferry.cli import app
 from firmware_sim import ResourceLimitError, raise_open_file_limit
-from tests.harness import free_port
+from tests.harness import Broker, free_port
 
 runner = CliRunner()
 
@@ -175,3 +175,39 @@ def test_verify_reads_a_sqlite_sink(tmp_path: Path) -> None:
     t = report["total"]
     assert (t["sent"], t["delivered"], t["dropped"], t["lost"], t["duplicated"]) == (4, 2, 1, 1, 1)
     assert report["devices"][0]["lost_ranges"] == {"temperature": [[2, 2]]}
+
+
+def test_sim_run_shows_progress_and_writes_the_manifest(
+    edge_broker: Broker, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.json"
+    r = runner.invoke(
+        app,
+        [
+            "sim",
+            "run",
+            "--broker",
+            edge_broker.url,
+            "--devices",
+            "3",
+            "--interval",
+            "0.1",
+            "--duration",
+            "1.5",
+            "--seed",
+            "4",
+            "--sensors",
+            "temperature",
+            "--manifest",
+            str(manifest),
+            "--stats-every",
+            "0.5",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "connected 3/3" in out and "msg/s (target 30.0)" in out, out
+    assert "stats {" in out and "run sim-" in out and "sent " in out
+    m = json.loads(manifest.read_text())
+    assert m["complete"] and m["seed"] == 4 and len(m["devices"]) == 3
+    assert m["totals"]["sent"] == m["totals"]["acked"] > 30
