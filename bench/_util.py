@@ -120,6 +120,14 @@ class Workdir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
+    def keep_logs(self, dest: Path) -> Path:
+        """Copy the logs and configs (not stores or sinks) to ``dest``, for a post-mortem."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in self.path.rglob("*"):
+            if f.is_file() and f.suffix in (".log", ".conf"):
+                shutil.copy2(f, dest / f.name)
+        return dest
+
     def cleanup(self) -> None:
         for p in reversed(self.procs):
             p.kill()
@@ -282,14 +290,19 @@ class SinkTail:
             self._f = None
 
     def wait(self, target: int, *, timeout: float, quiet: float = 5.0,
-             interval: float = 0.003, on_first=None) -> dict[str, float | int | None]:
-        """Wait until ``target`` lines are there, or nothing new came for ``quiet`` seconds
-        (after something came, or ``quiet`` after the start when nothing came), or
-        ``timeout``. Returns the monotonic times of the first and last new line."""
+             interval: float = 0.003, on_first=None,
+             busy_pids: tuple[int, ...] = ()) -> dict[str, float | int | None]:
+        """Wait until ``target`` lines are there, or nothing happened for ``quiet`` seconds,
+        or ``timeout``. Something happens when a line is added or when one of
+        ``busy_pids`` (the sink writer) is using the CPU: a writer busy with one big batch
+        is not a stall. Returns the monotonic times of the first and last new line."""
         base = self.poll()
         t0 = time.monotonic()
         first = last = None
+        active = t0
         seen = base
+        next_cpu = t0 + 0.5
+        cpu = self._cpu(busy_pids)
         while True:
             n = self.poll()
             now = time.monotonic()
@@ -298,15 +311,29 @@ class SinkTail:
                     first = now
                     if on_first is not None:
                         on_first()
-                last = now
+                last = active = now
                 seen = n
             if n >= target:
                 break
-            ref = last if last is not None else t0
-            if now - ref > quiet or now - t0 > timeout:
+            if busy_pids and now >= next_cpu:
+                c = self._cpu(busy_pids)
+                if c - cpu > 0.1:  # more than 20% of a core over the last half second
+                    active = now
+                cpu, next_cpu = c, now + 0.5
+            if now - active > quiet or now - t0 > timeout:
                 break
             time.sleep(interval)
         return {"start": t0, "first": first, "last": last, "lines": n, "new": n - base}
+
+    @staticmethod
+    def _cpu(pids: tuple[int, ...]) -> float:
+        total = 0.0
+        for pid in pids:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        return total
 
 
 _N_RE_CACHE: dict[str, re.Pattern[bytes]] = {}
@@ -350,8 +377,8 @@ class Loadgen:
     def __init__(self, broker_url: str, count: int, run: str, *, rate: float = 0, size: int = 100,
                  devices: int = 10, start: int = 0, window: int = 1000) -> None:
         self.args = [PY, "-m", "firmware_sim.loadgen", "--broker", broker_url,
-                     "--count", str(count), "--size", str(size), "--devices", str(devices), "--run", run,
-                     "--start", str(start), "--window", str(window)]
+                     "--count", str(count), "--size", str(size), "--devices", str(devices),
+                     "--run", run, "--start", str(start), "--window", str(window)]
         if rate:
             self.args += ["--rate", str(rate)]
         self.p: subprocess.Popen[str] | None = None

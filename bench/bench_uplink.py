@@ -18,7 +18,9 @@ number ``n`` in each payload, with its own run id.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench._proxy import make_proxy
@@ -39,6 +41,7 @@ from bench._util import (
 )
 
 NAME = "uplink"
+LOGS = Path(__file__).resolve().parent / "results" / "logs"
 BACKOFF = "1s"          # gateway --backoff-max
 RESTART_TIMEOUT = "1 1"  # bridge restart_timeout: base 1 s, cap 1 s (see _bridge_lines)
 BRIDGE_ID = "bench-bridge"
@@ -92,6 +95,10 @@ class Pipeline:
     def pids(self) -> dict[str, int]:
         raise NotImplementedError
 
+    def sink_pids(self) -> tuple[int, ...]:
+        pids = self.pids()
+        return (pids["sink"],)
+
     def cpu(self) -> dict[str, float]:
         out = {}
         for name, pid in self.pids().items():
@@ -104,7 +111,18 @@ class Pipeline:
     def wait_backlog(self, n: int, timeout: float = 600) -> float:
         return 0.0
 
+    anomaly = ""
+
+    def flag(self, what: str) -> None:
+        """Mark this run as anomalous: its logs are kept in bench/results/logs/."""
+        self.anomaly = self.anomaly or what
+
     def close(self) -> None:
+        # every run's logs and configs are kept (small); anomalies are said out loud
+        dest = LOGS / f"{time.strftime('%H%M%S')}-{self.wd.path.name.rsplit('-', 1)[0]}"
+        self.wd.keep_logs(dest)
+        if self.anomaly or sys.exc_info()[0] is not None:
+            _log(f"{self.kind}: {self.anomaly or 'error'}: logs kept in {dest}")
         self.tail.close()
         try:
             self.proxy.stop()
@@ -115,7 +133,7 @@ class Pipeline:
 class Edgeferry(Pipeline):
     kind = "edgeferry"
 
-    def __init__(self, tag: str, *, sync: str = "full") -> None:
+    def __init__(self, tag: str, *, sync: str = "full", extra: tuple[str, ...] = ()) -> None:
         super().__init__(tag)
         self.sync = sync
         self.store = self.wd / "store.db"
@@ -127,7 +145,8 @@ class Edgeferry(Pipeline):
         self.gateway = Proc(self.wd, "gateway", [
             PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
             "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
-            "--uplink", "dt/#", "--backoff-max", BACKOFF, "--keepalive", "10s", "--sync", sync])
+            "--uplink", "dt/#", "--backoff-max", BACKOFF, "--keepalive", "10s", "--sync", sync,
+            *extra])
         self.start_gateway()
         self.wait_links(local=True, cloud=True)
 
@@ -150,6 +169,38 @@ class Edgeferry(Pipeline):
                     and (cloud is None or (link["cloud"] == "up") == cloud))
         wait_for(ok, timeout, 0.02, f"gateway links local={local} cloud={cloud}")
 
+    def store_files(self) -> dict[str, int]:
+        """Sizes of the store file and its WAL (a shrunk WAL means a checkpoint ran)."""
+        return {f.name: f.stat().st_size for f in self.wd.path.glob("store.db*")
+                if f.is_file() and not f.name.endswith(".sock")}
+
+    def timeline(self, t0: float, interval: float = 0.25) -> tuple[list[tuple], Any]:
+        """Sample the gateway in a thread until the returned stop() is called:
+        (s since t0, uplinked records, cloud connects, store backlog, sink lines)."""
+        import threading
+
+        out: list[tuple] = []
+        stop = threading.Event()
+        tail = SinkTail(self.sink)
+
+        def run() -> None:
+            while not stop.wait(interval):
+                st = self.status()
+                if st:
+                    k = st["counters"]
+                    out.append((round(time.monotonic() - t0, 2), k["uplinked_records"],
+                                k["cloud_connects"],
+                                sum(ln["records"] for ln in st["lanes"].values()),
+                                tail.poll()))
+        th = threading.Thread(target=run, name="timeline", daemon=True)
+        th.start()
+
+        def done() -> None:
+            stop.set()
+            th.join(5)
+            tail.close()
+        return out, done
+
     def commits(self) -> int:
         st = self.status()
         return int(st["counters"]["commits"]) if st else -1
@@ -168,7 +219,8 @@ class Edgeferry(Pipeline):
 
     def pids(self) -> dict[str, int]:
         return {"gateway": self.gateway.pid, "edge_broker": self.edge.pid,
-                "cloud_broker": self.cloud.pid, "sink": self.ingest.pid}
+                "cloud_broker": self.cloud.pid, "sink": self.ingest.pid,
+                "bench_proxy_and_poller": os.getpid()}
 
 
 class Bridge(Pipeline):
@@ -195,10 +247,17 @@ class Bridge(Pipeline):
 
     def pids(self) -> dict[str, int]:
         return {"edge_broker": self.edge.pid, "cloud_broker": self.cloud.pid,
-                "sink": self.sinkp.pid}
+                "sink": self.sinkp.pid, "bench_proxy_and_poller": os.getpid()}
 
 
 PIPELINES = {"edgeferry": Edgeferry, "bridge": Bridge}
+
+
+def _count(p: Pipeline, run: str, n: int) -> dict[str, int]:
+    c = count_run(p.sink, run, n)
+    if c["lost"] or c["duplicated"] or c["stray"]:
+        p.flag(f"run {run}: lost {c['lost']}, duplicated {c['duplicated']}")
+    return c
 
 
 def _per100k(cpu0: dict[str, float], cpu1: dict[str, float], n: int) -> dict[str, float]:
@@ -226,16 +285,17 @@ def live(n: int, ceiling_n: int, reps: int) -> dict[str, Any]:
     finally:
         wd.cleanup()
     for rep in range(reps):
-        for kind in ("bridge", "edgeferry"):
+        # alternate the order, so neither pipeline always runs first
+        for kind in (("bridge", "edgeferry") if rep % 2 == 0 else ("edgeferry", "bridge")):
             p = PIPELINES[kind](f"live{rep}")
             try:
                 run = f"live-{kind}-{rep}"
                 cpu0 = p.cpu()
                 lg = Loadgen(p.edge.url, n, run).start()
-                w = p.tail.wait(n, timeout=300, quiet=15)
+                w = p.tail.wait(n, timeout=300, quiet=15, busy_pids=p.sink_pids())
                 res = lg.result()
                 cpu1 = p.cpu()
-                c = count_run(p.sink, run, n)
+                c = _count(p, run, n)
                 span = (w["last"] - w["first"]) if w["first"] else None
                 row = {
                     **c,
@@ -271,11 +331,19 @@ def drain(n: int) -> dict[str, Any]:
             cpu1 = p.cpu()
             time.sleep(1.5)  # let reconnect attempts fail a few times: a real outage
             cpu2 = p.cpu()
+            tl, tl_stop, base = [], None, 0
+            if isinstance(p, Edgeferry):
+                base = (p.status() or {"counters": {"uplinked_records": 0}})["counters"][
+                    "uplinked_records"]
             t_up = time.monotonic()
+            if isinstance(p, Edgeferry):
+                tl, tl_stop = p.timeline(t_up, 0.1)
             p.up()
-            w = p.tail.wait(n, timeout=600, quiet=15)
+            w = p.tail.wait(n, timeout=600, quiet=15, busy_pids=p.sink_pids())
             cpu3 = p.cpu()
-            c = count_run(p.sink, run, n)
+            if tl_stop is not None:
+                tl_stop()
+            c = _count(p, run, n)
             row = {
                 **c,
                 "loadgen_msg_s": lg["rate"],
@@ -287,7 +355,13 @@ def drain(n: int) -> dict[str, Any]:
                 "cpu_s_per_100k_intake": _per100k(cpu0, cpu1, n),
                 "cpu_s_per_100k_drain": _per100k(cpu2, cpu3, c["delivered"]),
                 "forwarder_peak_rss_kb": mem_kb(p.forwarder_pid())["VmHWM"],
+                "sink_peak_rss_kb": mem_kb(p.sink_pids()[0])["VmHWM"],
             }
+            if tl:
+                # when the gateway had every record acknowledged by the cloud broker (the
+                # rest of the drain is ingest writing its sink), sampled every 0.1 s
+                done = [t for t, up, *_ in tl if up - base >= n]
+                row["gateway_all_uplinked_s"] = done[0] if done else None
             out[kind] = row
             _log(f"drain {kind}: {row}")
         finally:
@@ -313,8 +387,8 @@ def cold_start(n: int) -> dict[str, Any]:
             if st:
                 k = st["counters"]
                 ahead[0] = max(ahead[0], k["received"] - k["acked_local"])
-        w = p.tail.wait(n, timeout=300, quiet=15, on_first=sample)
-        c = count_run(p.sink, run, n)
+        w = p.tail.wait(n, timeout=300, quiet=15, on_first=sample, busy_pids=p.sink_pids())
+        c = _count(p, run, n)
         m = mem_kb(p.gateway.pid)
         row = {**c, "messages": n, "loadgen_msg_s": lg["rate"],
                "start_to_first_s": _r(w["first"] - t0) if w["first"] else None,
@@ -354,29 +428,43 @@ def memory(n: int, steps: int = 4) -> dict[str, Any]:
                 _log(f"memory {kind}: {s}")
             # then restore the link and count what the big backlog delivered
             t_up = time.monotonic()
+            tl, tl_stop = p.timeline(t_up, 1.0) if isinstance(p, Edgeferry) else ([], None)
             p.up()
-            w = p.tail.wait(chunk * steps, timeout=600, quiet=15)
-            c = count_run(p.sink, run, chunk * steps)
+            w = p.tail.wait(chunk * steps, timeout=600, quiet=15, busy_pids=p.sink_pids())
+            if tl_stop is not None:
+                tl_stop()
+            c = _count(p, run, chunk * steps)
             out[kind] = {"samples": samples, "loadgen_msg_s": rates,
                          "who": "gateway process" if kind == "edgeferry"
                          else "edge mosquitto (bridge queue)",
                          "peak_rss_kb_after_drain": mem_kb(pid)["VmHWM"],
+                         "sink_peak_rss_kb": mem_kb(p.sink_pids()[0])["VmHWM"],
                          "drain": {**c, "up_to_last_s": _r(w["last"] - t_up)
-                                   if w["last"] else None}}
+                                   if w["last"] else None},
+                         "drain_timeline": tl}
             _log(f"memory {kind}: drained {out[kind]['drain']}")
         finally:
             p.close()
     return out
 
 
-def kill9(n: int, syncs: tuple[str, ...] = ("full",)) -> dict[str, Any]:
+# gateway settings compared in 5 (kill -9) and 7 (flash wear): name -> (--sync, extra flags)
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "full": ("full", ()),
+    "normal": ("normal", ()),
+    "normal-ci250": ("normal", ("--commit-interval", "250ms")),
+}
+
+
+def kill9(n: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
     """5: kill -9 the edge side while it holds a backlog; restart; restore the link; count."""
     out: dict[str, Any] = {"messages": n}
-    for kind in ("bridge", *(f"edgeferry-{s}" for s in syncs)):
+    for kind in ("bridge", *(f"edgeferry-{v}" for v in variants)):
         if kind == "bridge":
             p: Pipeline = Bridge("kill")
         else:
-            p = Edgeferry("kill", sync=kind.split("-")[1])
+            sync, extra = VARIANTS[kind.split("-", 1)[1]]
+            p = Edgeferry("kill", sync=sync, extra=extra)
         try:
             run = f"kill-{kind}"
             p.cut()
@@ -396,8 +484,8 @@ def kill9(n: int, syncs: tuple[str, ...] = ("full",)) -> dict[str, Any]:
             mark = p.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
             t_up = time.monotonic()
             p.up()
-            w = p.tail.wait(n, timeout=300, quiet=8)
-            c = count_run(p.sink, run, n)
+            w = p.tail.wait(n, timeout=300, quiet=8, busy_pids=p.sink_pids())
+            c = _count(p, run, n)
             row = {**c, "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None}
             if isinstance(p, Bridge):
                 # evidence that a zero is a loss, not a bridge that never came back
@@ -410,31 +498,33 @@ def kill9(n: int, syncs: tuple[str, ...] = ("full",)) -> dict[str, Any]:
     return out
 
 
-def flash(rate: int, seconds: int) -> dict[str, Any]:
+def flash(rate: int, seconds: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
     """7: bytes the gateway writes per payload byte, online and during an outage."""
     n = rate * seconds
     out: dict[str, Any] = {"rate_msg_s": rate, "seconds": seconds, "messages": n}
-    for sync in ("full", "normal"):
-        p = Edgeferry(f"flash-{sync}", sync=sync)
+    for variant in variants:
+        sync, extra = VARIANTS[variant]
+        p = Edgeferry(f"flash-{sync}", sync=sync, extra=extra)
         try:
             gw = p.gateway.pid
             row: dict[str, Any] = {}
             # online: link up; count until everything reached the sink and was removed
-            run = f"flash-{sync}-on"
+            run = f"flash-{variant}-on"
             pb = payload_bytes(run, n, 100)
             io0, k0 = io_write_bytes(gw), p.commits()
             run_loadgen(p.edge.url, n, run, rate=rate)
-            p.tail.wait(n, timeout=120, quiet=10)
+            p.tail.wait(n, timeout=120, quiet=10, busy_pids=p.sink_pids())
             wait_for(lambda p=p: p.backlog() == 0, 30, 0.05, "the store to empty")
             time.sleep(1.2)  # the next commit carries the last deletes
             io1, k1 = io_write_bytes(gw), p.commits()
-            c = count_run(p.sink, run, n)
+            c = _count(p, run, n)
             row["online"] = {"write_bytes": io1 - io0, "payload_bytes": pb,
                              "ratio": _r((io1 - io0) / pb, 2), "commits": k1 - k0,
                              "bytes_per_commit": (io1 - io0) // max(1, k1 - k0),
-                             "lost": c["lost"], "duplicated": c["duplicated"]}
+                             "lost": c["lost"], "duplicated": c["duplicated"],
+                             "files_after": p.store_files()}
             # outage: same load with the link cut; count until all of it is in the store
-            run = f"flash-{sync}-off"
+            run = f"flash-{variant}-off"
             pb = payload_bytes(run, n, 100)
             p.cut()
             p.wait_links(cloud=False)
@@ -445,9 +535,10 @@ def flash(rate: int, seconds: int) -> dict[str, Any]:
             io1, k1 = io_write_bytes(gw), p.commits()
             row["outage"] = {"write_bytes": io1 - io0, "payload_bytes": pb,
                              "ratio": _r((io1 - io0) / pb, 2), "commits": k1 - k0,
-                             "bytes_per_commit": (io1 - io0) // max(1, k1 - k0)}
-            out[sync] = row
-            _log(f"flash sync={sync}: {row}")
+                             "bytes_per_commit": (io1 - io0) // max(1, k1 - k0),
+                             "files_after": p.store_files()}
+            out[variant] = row
+            _log(f"flash {variant}: {row}")
         finally:
             p.close()
     return out
@@ -467,7 +558,7 @@ def run(quick: bool) -> dict[str, Any]:
         ("live", lambda: live(n, n, reps)),
         ("drain", lambda: drain(n)),
         ("cold_start", lambda: cold_start(n)),
-        ("kill9", lambda: kill9(n, ("full", "normal"))),
+        ("kill9", lambda: kill9(n)),
         ("flash", lambda: flash(2000, flash_s)),
         ("memory", lambda: memory(mem_n)),
     ]
@@ -506,85 +597,128 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(res: dict[str, Any]) -> list[tuple[str, Any, Any, str, str, str]]:
-    """Rows: (what, edgeferry, bridge, ratio, target, verdict)."""
-    rows: list[tuple[str, Any, Any, str, str, str]] = []
+def _ok(cond: bool | None) -> str:
+    return "-" if cond is None else ("met" if cond else "MISSED")
 
-    def ok(cond: bool | None) -> str:
-        return "-" if cond is None else ("met" if cond else "MISSED")
 
-    lv = res.get("live", {})
-    if "edgeferry" in lv:
-        ef = _median([r["sink_rate_msg_s"] for r in lv["edgeferry"]])
-        br = _median([r["sink_rate_msg_s"] for r in lv["bridge"]])
-        ratio = ef / br if ef and br else None
-        rows.append(("1 live: delivered msg/s at the sink (median)", ef, br,
-                     f"{ratio:.2f}x" if ratio else "-", ">= 1x bridge", ok(ratio >= 1 if ratio else None)))
-        rows.append(("1 live: loadgen msg/s while feeding the pipeline",
-                     _median([r["loadgen_msg_s"] for r in lv["edgeferry"]]),
-                     _median([r["loadgen_msg_s"] for r in lv["bridge"]]), "", "", ""))
-        rows.append(("1 live: loadgen ceiling alone (msg/s, median)",
-                     _median(lv["loadgen_ceiling_msg_s"]), None, "", "", ""))
-        rows.append(("6 CPU s / 100k live: gateway | edge mosquitto",
-                     _median([r["cpu_s_per_100k"]["gateway"] for r in lv["edgeferry"]]),
-                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["bridge"]]), "", "", ""))
-        rows.append(("6 CPU s / 100k live: edge mosquitto (both)",
-                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["edgeferry"]]),
-                     _median([r["cpu_s_per_100k"]["edge_broker"] for r in lv["bridge"]]), "", "", ""))
-    dr = res.get("drain", {})
-    if "edgeferry" in dr:
-        e, b = dr["edgeferry"], dr["bridge"]
-        rows.append(("2 reconnect delay: up() -> first record (s)", e["reconnect_s"], b["reconnect_s"],
-                     "", "", ""))
-        sp = b["drain_s"] / e["drain_s"] if e["drain_s"] and b["drain_s"] else None
-        rows.append((f"2 drain {dr['messages']:,}: first -> last record (s)", e["drain_s"], b["drain_s"],
-                     f"{sp:.1f}x faster" if sp else "-", ">= 3x faster", ok(sp >= 3 if sp else None)))
-        rows.append(("2 drain rate (msg/s)", e["drain_msg_s"], b["drain_msg_s"], "", "", ""))
-        rows.append(("5 outage: lost / duplicated", f"{e['lost']} / {e['duplicated']}",
-                     f"{b['lost']} / {b['duplicated']}", "", "0 lost", ok(e["lost"] == 0)))
-        rows.append(("6 CPU s / 100k drain: gateway | edge mosquitto",
-                     e["cpu_s_per_100k_drain"]["gateway"], b["cpu_s_per_100k_drain"]["edge_broker"],
-                     "", "", ""))
-        rows.append(("6 CPU s / 100k intake while offline: gateway | edge mosquitto",
-                     e["cpu_s_per_100k_intake"]["gateway"], b["cpu_s_per_100k_intake"]["edge_broker"],
-                     "", "", ""))
-    cs = res.get("cold_start", {})
-    if "start_to_last_s" in cs:
-        rows.append((f"3 cold start {cs['messages']:,} queued: process start -> last record (s)",
-                     cs["start_to_last_s"], None, "", "<= 3 s",
-                     ok(cs["start_to_last_s"] is not None and cs["start_to_last_s"] <= 3 and cs["lost"] == 0)))
-        rows.append(("3 cold start: gateway peak RSS (MB)", cs["gateway_peak_rss_kb"] / 1024, None, "", "", ""))
-    mem = res.get("memory", {})
-    if "edgeferry" in mem:
-        es, bs = mem["edgeferry"]["samples"], mem["bridge"]["samples"]
-        for s_e, s_b in zip(es[1:], bs[1:], strict=False):
-            rows.append((f"4 peak RSS (MB) with {s_e['backlog']:,} backlog", s_e["VmHWM"] / 1024,
-                         s_b["VmHWM"] / 1024, "", "", ""))
-        peak = es[-1]["VmHWM"] / 1024
-        growth = (es[-1]["VmHWM"] - es[1]["VmHWM"]) / 1024
-        rows.append((f"4 gateway peak RSS at {es[-1]['backlog']:,}; growth from {es[1]['backlog']:,} (MB)",
-                     f"{peak:.1f}; +{growth:.1f}", None, "", "< 35 MB, flat",
-                     ok(peak < 35 and growth < 2)))
-        de, db = mem["edgeferry"]["drain"], mem["bridge"]["drain"]
-        rows.append(("4/5 that backlog after up(): lost / duplicated", f"{de['lost']} / {de['duplicated']}",
-                     f"{db['lost']} / {db['duplicated']}", "", "", ""))
-        rows.append(("4 that backlog: up() -> last record (s)", de["up_to_last_s"], db["up_to_last_s"],
-                     "", "", ""))
-    k9 = res.get("kill9", {})
-    if "bridge" in k9:
-        for kind, row in k9.items():
-            if kind.startswith("edgeferry"):
-                rows.append((f"5 kill -9 edge side holding {k9['messages']:,}: lost / dup ({kind})",
-                             f"{row['lost']} / {row['duplicated']}",
-                             f"{k9['bridge']['lost']} / {k9['bridge']['duplicated']}", "", "0 lost",
-                             ok(row["lost"] == 0)))
-    fl = res.get("flash", {})
-    for sync in ("full", "normal"):
-        if sync in fl:
+def _lost_dup(r: dict[str, Any]) -> str:
+    return f"{r['lost']} / {r['duplicated']}"
+
+
+Row = tuple[str, Any, Any, str, str, str]
+
+
+def _rows_live(lv: dict[str, Any]) -> list[Row]:
+    ef, br = lv["edgeferry"], lv["bridge"]
+
+    def med(rows: list[dict[str, Any]], *keys: str) -> float | None:
+        vals = []
+        for r in rows:
+            for k in keys:
+                r = r[k]
+            vals.append(r)
+        return _median(vals)
+    e, b = med(ef, "sink_rate_msg_s"), med(br, "sink_rate_msg_s")
+    ratio = e / b if e and b else None
+    return [
+        ("1 live: delivered msg/s at the sink (median)", e, b,
+         f"{ratio:.2f}x" if ratio else "-", ">= 1x bridge", _ok(ratio >= 1 if ratio else None)),
+        ("1 live: loadgen msg/s while feeding the pipeline", med(ef, "loadgen_msg_s"),
+         med(br, "loadgen_msg_s"), "", "", ""),
+        ("1 live: loadgen ceiling alone (msg/s, median)", _median(lv["loadgen_ceiling_msg_s"]),
+         None, "", "", ""),
+        ("1 live: lost / duplicated (all runs)", f"{sum(r['lost'] for r in ef)} / "
+         f"{sum(r['duplicated'] for r in ef)}", f"{sum(r['lost'] for r in br)} / "
+         f"{sum(r['duplicated'] for r in br)}", "", "", ""),
+        ("6 CPU s/100k live: gateway | edge mosquitto", med(ef, "cpu_s_per_100k", "gateway"),
+         med(br, "cpu_s_per_100k", "edge_broker"), "", "", ""),
+        ("6 CPU s/100k live: edge mosquitto", med(ef, "cpu_s_per_100k", "edge_broker"),
+         med(br, "cpu_s_per_100k", "edge_broker"), "", "", ""),
+        ("6 CPU s/100k live: sink process", med(ef, "cpu_s_per_100k", "sink"),
+         med(br, "cpu_s_per_100k", "sink"), "", "", ""),
+    ]
+
+
+def _rows_drain(dr: dict[str, Any]) -> list[Row]:
+    e, b = dr["edgeferry"], dr["bridge"]
+    sp = b["drain_s"] / e["drain_s"] if e["drain_s"] and b["drain_s"] else None
+    return [
+        ("2 reconnect delay: up() -> first record (s)", e["reconnect_s"], b["reconnect_s"],
+         "", "", ""),
+        (f"2 drain {dr['messages']:,}: first -> last record (s)", e["drain_s"], b["drain_s"],
+         f"{sp:.1f}x faster" if sp else "-", ">= 3x faster", _ok(sp >= 3 if sp else None)),
+        ("2 drain rate (msg/s)", e["drain_msg_s"], b["drain_msg_s"], "", "", ""),
+        ("5 outage: lost / duplicated", _lost_dup(e), _lost_dup(b), "", "0 lost",
+         _ok(e["lost"] == 0)),
+        ("6 CPU s/100k drain: gateway | edge mosquitto", e["cpu_s_per_100k_drain"]["gateway"],
+         b["cpu_s_per_100k_drain"]["edge_broker"], "", "", ""),
+        ("6 CPU s/100k offline intake: gateway | edge mosq.",
+         e["cpu_s_per_100k_intake"]["gateway"], b["cpu_s_per_100k_intake"]["edge_broker"],
+         "", "", ""),
+    ]
+
+
+def _rows_cold(cs: dict[str, Any]) -> list[Row]:
+    t = cs["start_to_last_s"]
+    return [
+        (f"3 cold start, {cs['messages']:,} queued: start -> last record (s)", t, None, "",
+         "<= 3 s", _ok(t is not None and t <= 3 and cs["lost"] == 0)),
+        ("3 cold start: gateway peak RSS (MB)", cs["gateway_peak_rss_kb"] / 1024, None, "", "", ""),
+    ]
+
+
+def _rows_memory(mem: dict[str, Any]) -> list[Row]:
+    es, bs = mem["edgeferry"]["samples"], mem["bridge"]["samples"]
+    rows: list[Row] = []
+    for s_e, s_b in zip(es[1:], bs[1:], strict=False):
+        rows.append((f"4 peak RSS (MB), {s_e['backlog']:,} backlog", s_e["VmHWM"] / 1024,
+                     s_b["VmHWM"] / 1024, "", "", ""))
+    peak = es[-1]["VmHWM"] / 1024
+    growth = (es[-1]["VmHWM"] - es[1]["VmHWM"]) / 1024
+    de, db = mem["edgeferry"]["drain"], mem["bridge"]["drain"]
+    rows += [
+        (f"4 gateway peak RSS; growth after {es[1]['backlog']:,} (MB)",
+         f"{peak:.1f}; +{growth:.1f}", None, "", "< 35 MB, flat", _ok(peak < 35 and growth < 2)),
+        ("4/5 that backlog after up(): lost / duplicated", _lost_dup(de), _lost_dup(db),
+         "", "", ""),
+        ("4 that backlog: up() -> last record (s)", de["up_to_last_s"], db["up_to_last_s"],
+         "", "", ""),
+    ]
+    return rows
+
+
+def _rows_kill9(k9: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for kind, row in k9.items():
+        if kind.startswith("edgeferry"):
+            rows.append((f"5 kill -9 edge side holding {k9['messages']:,} ({kind[10:]})",
+                         _lost_dup(row), _lost_dup(k9["bridge"]), "lost / dup", "0 lost",
+                         _ok(row["lost"] == 0)))
+    return rows
+
+
+def _rows_flash(fl: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for variant, (sync, extra) in VARIANTS.items():
+        if variant in fl:
+            flags = " ".join(("--sync", sync, *extra))
             for mode in ("online", "outage"):
-                r = fl[sync][mode]
-                rows.append((f"7 flash: written / payload bytes, {mode}, --sync {sync}", r["ratio"], None,
-                             "", "<= 3", ok(r["ratio"] <= 3)))
+                r = fl[variant][mode]
+                rows.append((f"7 flash bytes/payload, {mode}, {flags}", r["ratio"], None, "",
+                             "<= 3", _ok(r["ratio"] <= 3)))
+    return rows
+
+
+def table(res: dict[str, Any]) -> list[Row]:
+    """Rows: (what, edgeferry, bridge, ratio, target, verdict)."""
+    rows: list[Row] = []
+    parts = [("live", "edgeferry", _rows_live), ("drain", "edgeferry", _rows_drain),
+             ("cold_start", "start_to_last_s", _rows_cold), ("memory", "edgeferry", _rows_memory),
+             ("kill9", "bridge", _rows_kill9), ("flash", "messages", _rows_flash)]
+    for name, key, fn in parts:
+        part = res.get(name) or {}
+        if key in part:
+            rows += fn(part)
     return rows
 
 
@@ -596,10 +730,12 @@ def summary(res: dict[str, Any]) -> str:
     lines = []
     for i, r in enumerate(cells):
         lines.append("  " + "  ".join(
-            (r[j].ljust(widths[j]) if j in (0, 3, 4, 5) else r[j].rjust(widths[j])) for j in range(6)))
+            r[j].ljust(widths[j]) if j in (0, 3, 4, 5) else r[j].rjust(widths[j])
+            for j in range(6)))
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
-    errors = [f"  {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    errors = [f"  {k}: {v['error']}" for k, v in res.items()
+              if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["  scenarios that failed:"] + errors
     return "\n".join(lines)
