@@ -39,6 +39,7 @@ class Link:
         filters: list[str],
         on_message: Callable[[Any, Message], None],
         on_new_client: Callable[[Any], None],
+        on_online: Callable[[], None],
         counters: dict[str, int],
     ) -> None:
         if broker is None:
@@ -52,6 +53,7 @@ class Link:
         self.filters = filters
         self.on_message = on_message
         self.on_new_client = on_new_client
+        self.on_online = on_online
         self.counters = counters
         self.client: Any = None
         self.connected = asyncio.Event()
@@ -102,6 +104,7 @@ class Link:
         await client.subscribe([(f, 1) for f in self.filters])
         await client.publish(self.state_topic, b"online", 1, True)
         self.connected.set()
+        self.on_online()
 
     async def supervise(self) -> None:
         """Reconnect whenever the connection drops, until :meth:`close`."""

@@ -383,6 +383,7 @@ class Service:
             filters=[r.filter for r in self.routes],
             on_message=self._on_message,
             on_new_client=self._on_new_client,
+            on_online=self._poke,
             counters=self.counters,
         )
         await self._link.open(self.connect_timeout)
@@ -407,6 +408,15 @@ class Service:
 
     def _on_new_client(self, client: Any) -> None:
         self._paused = None  # a paused older connection is gone
+
+    def _poke(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+
+    @property
+    def online(self) -> bool:
+        """Connected, subscribed and announced ``online``."""
+        return self._link is not None and self._link.connected.is_set() and self._client.connected
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -439,7 +449,8 @@ class Service:
         timeout: float = 10.0,  # noqa: ASYNC109 - a test helper; the timeout is part of the call
     ) -> None:
         """Wait until ``predicate(svc)`` is true, re-checking each time a message arrives
-        or is finished (handled, answered as a duplicate or dead-lettered) — for tests and
+        or is finished (handled, answered as a duplicate or dead-lettered) and each time the
+        service comes online — for tests and
         embedding, e.g. ``await svc.wait_until(lambda s: s.counters["handled"] >= 3)``.
         Raises TimeoutError."""
         if self._progress is None:

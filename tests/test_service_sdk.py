@@ -401,3 +401,24 @@ async def test_messages_queued_while_offline_are_handled_and_acked_on_return(bro
         await svc.wait_until(lambda s: seen, 10)
         await tc.settle()
     assert seen == [99]
+
+
+async def test_broker_restart_reconnects_and_carries_on(edge_broker):
+    """A real Mosquitto restart: the service reconnects with backoff, comes back online
+    and handles what is published next."""
+    svc = Service(name(), heartbeat=0)
+    seen: list[int] = []
+
+    @svc.on("dt/{device}/x")
+    async def handle(device: str, data: dict) -> None:
+        seen.append(data["n"])
+
+    async with svc.running(edge_broker.url):
+        async with TestClient(edge_broker.url) as tc:
+            await tc.publish_event("dt/a/x", {"n": 1})
+            await svc.wait_until(lambda s: seen == [1])
+        await asyncio.to_thread(edge_broker.restart)
+        await svc.wait_until(lambda s: s.counters["reconnects"] == 1 and s.online, 20)
+        async with TestClient(edge_broker.url) as tc:
+            await tc.publish_event("dt/a/x", {"n": 2})
+            await svc.wait_until(lambda s: seen == [1, 2], 20)
