@@ -62,6 +62,13 @@ OPTIONS = [
     Option(
         "max_payload_bytes", "size", None, "larger messages are dead-lettered (reason oversize)"
     ),
+    Option(
+        "max_pending",
+        "int",
+        None,
+        "messages in hand before reading pauses (the rest waits at the broker)",
+        parse=_positive_int,
+    ),
     Option("dedup_ttl", "duration", None, "how long handled event ids are remembered"),
     Option("dedup_max", "int", None, "at most this many ids are remembered", parse=_positive_int),
     Option(
@@ -84,6 +91,7 @@ _ATTRS = (
     "retries",
     "retry_initial",
     "max_payload_bytes",
+    "max_pending",
     "dedup_ttl",
     "dedup_max",
     "heartbeat",
