@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import time
 import traceback
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only this bench (repeatable): " + ", ".join(_available()))
     a = p.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C: every finally block runs and cleans up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = _available()
     if a.only:
         unknown = [n for n in a.only if n not in names]

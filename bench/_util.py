@@ -31,6 +31,18 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL me when the bench process dies, however it
+    dies, so that no broker, gateway or sink outlives a killed bench."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +127,8 @@ class Workdir:
 
     def __init__(self, prefix: str = "efbench-") -> None:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        # mosquitto started as root drops to its own user: let it reach its directory
+        self.path.chmod(0o755)
         self.procs: list[Proc] = []
 
     def __truediv__(self, name: str) -> Path:
@@ -154,7 +168,7 @@ class Proc:
         env = dict(os.environ, **(self.env or {}))
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.p = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                  cwd=str(REPO), start_new_session=True)
+                                  cwd=str(REPO), preexec_fn=_die_with_parent)
         logf.close()
         return self
 
@@ -185,13 +199,16 @@ class Proc:
             return False
         wait_for(seen, timeout, what=f"{self.name}: {needle!r}")
 
-    def terminate(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, wait; SIGKILL if it does not exit."""
+    def terminate(self, timeout: float = 10.0) -> float | None:
+        """SIGTERM and wait; return the seconds it took to exit, or None when it did not
+        exit within ``timeout`` (it is then killed with SIGKILL)."""
         if self.p is None or self.p.poll() is not None:
-            return self.p.returncode if self.p else None
+            return 0.0
+        t0 = time.monotonic()
         self.p.send_signal(signal.SIGTERM)
         try:
-            return self.p.wait(timeout)
+            self.p.wait(timeout)
+            return time.monotonic() - t0
         except subprocess.TimeoutExpired:
             self.kill()
             return None
@@ -220,6 +237,15 @@ class Broker:
         self.port = free_port()
         self.dir = wd / name
         self.dir.mkdir()
+        if os.geteuid() == 0:
+            # as root, mosquitto runs as the "mosquitto" user: give it its persistence dir
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("mosquitto")
+                os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            except KeyError:
+                pass
         lines = []
         for line in (REPO / "deploy" / "mosquitto" / f"{kind}.conf").read_text().splitlines():
             if line.startswith("listener "):
@@ -382,15 +408,18 @@ class Loadgen:
         if rate:
             self.args += ["--rate", str(rate)]
         self.p: subprocess.Popen[str] | None = None
+        self.count = count
         self.t_start = 0.0
 
     def start(self) -> Loadgen:
         self.t_start = time.monotonic()
         self.p = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, cwd=str(REPO), start_new_session=True)
+                                  text=True, cwd=str(REPO), preexec_fn=_die_with_parent)
         return self
 
-    def result(self, timeout: float = 900) -> dict[str, float]:
+    def result(self, timeout: float | None = None) -> dict[str, float]:
+        if timeout is None:  # generous, but a stuck run ends
+            timeout = 60 + self.count / 500
         assert self.p is not None
         try:
             out, err = self.p.communicate(timeout=timeout)

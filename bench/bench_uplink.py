@@ -18,6 +18,7 @@ number ``n`` in each payload, with its own run id.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,9 +75,8 @@ class Pipeline:
         self.wd = Workdir(f"efbench-{self.kind}-{tag}-")
         self.sink = self.wd / "sink.jsonl"
         self.tail = SinkTail(self.sink)
-        self.cloud = Broker(self.wd, "cloud", "cloud").start()
-        self.proxy, self.proxy_impl = make_proxy("127.0.0.1", self.cloud.port)
-        self.proxy.start()
+        self.proxy = None
+        self.cloud = Broker(self.wd, "cloud", "cloud")
         self.edge: Broker
 
     @property
@@ -108,7 +108,7 @@ class Pipeline:
                 out[name] = float("nan")
         return out
 
-    def wait_backlog(self, n: int, timeout: float = 600) -> float:
+    def wait_backlog(self, n: int, timeout: float | None = None) -> float:
         return 0.0
 
     anomaly = ""
@@ -116,6 +116,11 @@ class Pipeline:
     def flag(self, what: str) -> None:
         """Mark this run as anomalous: its logs are kept in bench/results/logs/."""
         self.anomaly = self.anomaly or what
+
+    def _start_common(self) -> None:
+        self.cloud.start()
+        self.proxy, self.proxy_impl = make_proxy("127.0.0.1", self.cloud.port)
+        self.proxy.start()
 
     def close(self) -> None:
         # every run's logs and configs are kept (small); anomalies are said out loud
@@ -125,7 +130,8 @@ class Pipeline:
             _log(f"{self.kind}: {self.anomaly or 'error'}: logs kept in {dest}")
         self.tail.close()
         try:
-            self.proxy.stop()
+            if self.proxy is not None:
+                self.proxy.stop()
         finally:
             self.wd.cleanup()
 
@@ -135,6 +141,14 @@ class Edgeferry(Pipeline):
 
     def __init__(self, tag: str, *, sync: str = "full", extra: tuple[str, ...] = ()) -> None:
         super().__init__(tag)
+        try:
+            self._start(sync, extra)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, sync: str, extra: tuple[str, ...]) -> None:
+        self._start_common()
         self.sync = sync
         self.store = self.wd / "store.db"
         self.edge = Broker(self.wd, "edge", "edge").start()
@@ -209,9 +223,20 @@ class Edgeferry(Pipeline):
         st = self.status()
         return sum(ln["records"] for ln in st["lanes"].values()) if st else -1
 
-    def wait_backlog(self, n: int, timeout: float = 600) -> float:
+    def wait_backlog(self, n: int, timeout: float | None = None) -> float:
         t0 = time.monotonic()
-        wait_for(lambda: self.backlog() >= n, timeout, 0.02, f"{n} records in the gateway store")
+        timeout = timeout or 60 + n / 2000
+
+        def held() -> bool:
+            # the status counts a record in its lane before its commit is done: wait also
+            # until every message received was committed and acknowledged to the broker
+            st = self.status()
+            if not st:
+                return False
+            k = st["counters"]
+            records = sum(ln["records"] for ln in st["lanes"].values())
+            return records >= n and k["received"] == k["acked_local"]
+        wait_for(held, timeout, 0.02, f"{n} records committed in the gateway store")
         return time.monotonic() - t0
 
     def forwarder_pid(self) -> int:
@@ -228,6 +253,14 @@ class Bridge(Pipeline):
 
     def __init__(self, tag: str) -> None:
         super().__init__(tag)
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        self._start_common()
         self.sinkp = Proc(self.wd, "bridge_sink", [
             PY, "-m", "bench.bridge_sink", "--cloud", self.cloud.url, "--sink", str(self.sink),
             "--client-id", "bench-bridge-sink", "--filter", "dt/#"])
@@ -374,7 +407,7 @@ def cold_start(n: int) -> dict[str, Any]:
     p = Edgeferry("cold")
     try:
         run = "cold"
-        p.gateway.terminate()
+        stopped = p.gateway.terminate()  # None: it did not exit on SIGTERM and was killed
         lg = run_loadgen(p.edge.url, n, run)
         t0 = time.monotonic()
         p.gateway.start()
@@ -394,7 +427,8 @@ def cold_start(n: int) -> dict[str, Any]:
                "start_to_first_s": _r(w["first"] - t0) if w["first"] else None,
                "start_to_last_s": _r(w["last"] - t0) if w["last"] else None,
                "gateway_peak_rss_kb": m["VmHWM"], "gateway_rss_after_kb": m["VmRSS"],
-               "unacked_at_first_record": ahead[0]}
+               "unacked_at_first_record": ahead[0],
+               "gateway_sigterm_exit_s": _r(stopped)}
         _log(f"cold start: {row}")
         return row
     finally:
@@ -562,6 +596,7 @@ def run(quick: bool) -> dict[str, Any]:
         ("flash", lambda: flash(2000, flash_s)),
         ("memory", lambda: memory(mem_n)),
     ]
+    shutil.rmtree(LOGS, ignore_errors=True)  # the logs of the previous run
     only = os.environ.get("EFBENCH_SCENARIOS")
     for name, fn in scenarios:
         if only and name not in only.split(","):
