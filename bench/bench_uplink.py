@@ -698,7 +698,8 @@ def _rows_cold(cs: dict[str, Any]) -> list[Row]:
     return [
         (f"3 cold start, {cs['messages']:,} queued: start -> last record (s)", t, None, "",
          "<= 3 s", _ok(t is not None and t <= 3 and cs["lost"] == 0)),
-        ("3 cold start: gateway peak RSS (MB)", cs["gateway_peak_rss_kb"] / 1024, None, "", "", ""),
+        ("3 cold start: gateway peak RSS (MiB)", cs["gateway_peak_rss_kb"] / 1024, None,
+         "", "", ""),
     ]
 
 
@@ -706,13 +707,13 @@ def _rows_memory(mem: dict[str, Any]) -> list[Row]:
     es, bs = mem["edgeferry"]["samples"], mem["bridge"]["samples"]
     rows: list[Row] = []
     for s_e, s_b in zip(es[1:], bs[1:], strict=False):
-        rows.append((f"4 peak RSS (MB), {s_e['backlog']:,} backlog", s_e["VmHWM"] / 1024,
+        rows.append((f"4 peak RSS (MiB), {s_e['backlog']:,} backlog", s_e["VmHWM"] / 1024,
                      s_b["VmHWM"] / 1024, "", "", ""))
     peak = es[-1]["VmHWM"] / 1024
     growth = (es[-1]["VmHWM"] - es[1]["VmHWM"]) / 1024
     de, db = mem["edgeferry"]["drain"], mem["bridge"]["drain"]
     rows += [
-        (f"4 gateway peak RSS; growth after {es[1]['backlog']:,} (MB)",
+        (f"4 gateway peak RSS; growth after {es[1]['backlog']:,} (MiB)",
          f"{peak:.1f}; +{growth:.1f}", None, "", "< 35 MB, flat", _ok(peak < 35 and growth < 2)),
         ("4/5 that backlog after up(): lost / duplicated", _lost_dup(de), _lost_dup(db),
          "", "", ""),
