@@ -10,10 +10,13 @@ were in flight when the link died: at least once, never silently lost.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from typing import NamedTuple
 
 __all__ = ["Entry", "Outbox", "SeqRanges"]
+
+_BIG = 1 << 62
 
 
 class Entry(NamedTuple):
@@ -24,35 +27,48 @@ class Entry(NamedTuple):
 
 
 class SeqRanges:
-    """Sorted, disjoint, closed integer ranges; cheap when numbers mostly come in order."""
+    """Sorted, disjoint, closed integer ranges: a set of sequence numbers that costs one
+    pair per gap, whatever the count (numbers mostly arrive in order)."""
 
     __slots__ = ("r",)
 
     def __init__(self, ranges: list[list[int]] | None = None) -> None:
-        self.r: list[list[int]] = [list(x) for x in ranges] if ranges else []
-
-    def add(self, n: int) -> None:
-        r = self.r
-        if r and r[-1][1] + 1 == n:
-            r[-1][1] = n
-            return
-        if not r or n > r[-1][1]:
-            r.append([n, n])
-            return
-        if any(lo <= n <= hi for lo, hi in r):
-            return
-        r.append([n, n])
-        r.sort()
-        merged = [r[0]]
-        for lo, hi in r[1:]:
-            if lo <= merged[-1][1] + 1:
+        merged: list[list[int]] = []
+        for lo, hi in sorted([int(a), int(b)] for a, b in ranges or ()):
+            if merged and lo <= merged[-1][1] + 1:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
         self.r = merged
 
+    def add(self, n: int) -> bool:
+        """Add ``n``; False if it was already there."""
+        r = self.r
+        if r and r[-1][1] + 1 == n:  # the common case: the next number
+            r[-1][1] = n
+            return True
+        if not r or n > r[-1][1] + 1:
+            r.append([n, n])
+            return True
+        i = bisect.bisect_right(r, [n, _BIG]) - 1  # the last range starting at or before n
+        if i >= 0 and n <= r[i][1]:
+            return False
+        if i >= 0 and r[i][1] + 1 == n:
+            r[i][1] = n
+            if i + 1 < len(r) and r[i + 1][0] == n + 1:
+                r[i][1] = r[i + 1][1]
+                del r[i + 1]
+            return True
+        if i + 1 < len(r) and r[i + 1][0] == n + 1:
+            r[i + 1][0] = n
+            return True
+        r.insert(i + 1, [n, n])
+        return True
+
     def __contains__(self, n: int) -> bool:
-        return any(lo <= n <= hi for lo, hi in self.r)
+        r = self.r
+        i = bisect.bisect_right(r, [n, _BIG]) - 1
+        return i >= 0 and n <= r[i][1]
 
     def __len__(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.r)

@@ -13,10 +13,13 @@ and other producers are ignored (counted as ``foreign``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from firmware_sim.outbox import SeqRanges
 
 __all__ = ["DeviceResult", "Report", "compare"]
 
@@ -65,31 +68,63 @@ class Report:
         }
 
 
-def _ranges(nums: list[int]) -> list[list[int]]:
+def _intersect(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    """The intersection of two sorted lists of disjoint closed ranges."""
     out: list[list[int]] = []
-    for n in nums:
-        if out and out[-1][1] + 1 == n:
-            out[-1][1] = n
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append([lo, hi])
+        if a[i][1] < b[j][1]:
+            i += 1
         else:
-            out.append([n, n])
+            j += 1
     return out
 
 
-def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
+def _subtract(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    """``a`` minus ``b`` (sorted lists of disjoint closed ranges)."""
+    out: list[list[int]] = []
+    j = 0
+    for lo, hi in a:
+        cur = lo
+        while j < len(b) and b[j][1] < cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] <= hi:
+            if b[k][0] > cur:
+                out.append([cur, b[k][0] - 1])
+            cur = max(cur, b[k][1] + 1)
+            k += 1
+        if cur <= hi:
+            out.append([cur, hi])
+    return out
+
+
+def _count(ranges: list[list[int]]) -> int:
+    return sum(hi - lo + 1 for lo, hi in ranges)
+
+
+def compare(manifest: dict[str, Any], rows: Iterable[dict[str, Any]]) -> Report:
     """Count sent / delivered / dropped / lost / duplicated per device from sink rows
-    (dicts with at least ``topic`` and ``payload``; ``encoding: base64`` for binary)."""
+    (dicts with at least ``topic`` and ``payload``; ``encoding: base64`` for binary).
+    ``rows`` may be any iterable, read once: memory grows with gaps, not with rows."""
     run = manifest["run"]
     devices: dict[str, Any] = manifest["devices"]
-    seen: dict[tuple[str, str], dict[int, int]] = {}
+    seen: dict[tuple[str, str], SeqRanges] = {}
+    dups: dict[tuple[str, str], int] = {}
     garbage: dict[str, int] = {}
     foreign = 0
+    n_rows = 0
     for row in rows:
+        n_rows += 1
         topic = str(row.get("topic", ""))
         parts = topic.split("/")
         if len(parts) != 3 or parts[0] != "dt" or parts[1] not in devices:
             foreign += 1
             continue
-        device, stream = parts[1], parts[2]
+        device = parts[1]
         payload = row.get("payload", "")
         if row.get("encoding") == "base64":
             garbage[device] = garbage.get(device, 0) + 1  # not UTF-8: cannot be an event
@@ -107,8 +142,12 @@ def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
         if ev.get("simrun") != run:
             foreign += 1
             continue
-        counts = seen.setdefault((device, stream), {})
-        counts[seq] = counts.get(seq, 0) + 1
+        key = (device, parts[2])
+        got = seen.get(key)
+        if got is None:
+            got = seen[key] = SeqRanges()
+        if not got.add(seq):
+            dups[key] = dups.get(key, 0) + 1
 
     results = []
     total = DeviceResult("total")
@@ -122,24 +161,19 @@ def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
         )
         for stream, s in rec.get("streams", {}).items():
             first, last = int(s.get("first", 0)), int(s.get("last", 0))
-            dropped = [(int(lo), int(hi)) for lo, hi in s.get("dropped", [])]
-            counts = seen.get((name, stream), {})
-            r.sent += max(0, last - first + 1) if last else 0
-            r.duplicated += sum(c - 1 for c in counts.values())
-            r.dropped += sum(hi - lo + 1 for lo, hi in dropped)
-            missing = []
-            delivered = 0
-            for n in range(first, last + 1) if last else ():
-                if n in counts:
-                    delivered += 1
-                    if dropped and any(lo <= n <= hi for lo, hi in dropped):
-                        r.dropped_delivered += 1
-                elif not (dropped and any(lo <= n <= hi for lo, hi in dropped)):
-                    missing.append(n)
-            r.delivered += delivered
-            r.lost += len(missing)
+            sent = [[first, last]] if last else []
+            dropped = _intersect(SeqRanges(s.get("dropped", [])).r, sent)
+            got = seen.get((name, stream))
+            delivered = _intersect(got.r, sent) if got is not None else []
+            missing = _subtract(_subtract(sent, delivered), dropped)
+            r.sent += _count(sent)
+            r.delivered += _count(delivered)
+            r.dropped += _count(dropped)
+            r.dropped_delivered += _count(_intersect(delivered, dropped))
+            r.duplicated += dups.get((name, stream), 0)
+            r.lost += _count(missing)
             if missing:
-                r.lost_ranges[stream] = _ranges(missing)
+                r.lost_ranges[stream] = missing
         results.append(r)
         for key in (
             "sent",
@@ -153,4 +187,4 @@ def compare(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
             "garbage_sent",
         ):
             setattr(total, key, getattr(total, key) + getattr(r, key))
-    return Report(run, results, total, foreign, len(rows))
+    return Report(run, results, total, foreign, n_rows)

@@ -81,6 +81,11 @@ def test_sim_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
         ]
     )
     assert rc == 2 and "does not exist" in out
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    (tmp_path / "bad.db").write_text("not a database, just text " * 100)
+    for bad in (f"jsonl:{tmp_path / 'bad.jsonl'}", f"sqlite:{tmp_path / 'bad.db'}"):
+        rc, out = _err(["sim", "verify", "--manifest", str(tmp_path / "m.json"), "--sink", bad])
+        assert rc == 2 and "cannot read sink" in out and len(out.splitlines()) == 1, out
     (tmp_path / "empty.jsonl").write_text("")
     rc, out = _err(
         [
