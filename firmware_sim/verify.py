@@ -175,7 +175,7 @@ def compare(manifest: dict[str, Any], rows: Iterable[dict[str, Any]]) -> Report:
             if missing:
                 r.lost_ranges[stream] = missing
         results.append(r)
-        for key in (
+        for attr in (
             "sent",
             "delivered",
             "dropped",
@@ -186,5 +186,5 @@ def compare(manifest: dict[str, Any], rows: Iterable[dict[str, Any]]) -> Report:
             "garbage",
             "garbage_sent",
         ):
-            setattr(total, key, getattr(total, key) + getattr(r, key))
+            setattr(total, attr, getattr(total, attr) + getattr(r, attr))
     return Report(run, results, total, foreign, n_rows)
