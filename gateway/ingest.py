@@ -28,6 +28,9 @@ __all__ = ["Ingest"]
 
 log = logging.getLogger("edgeferry.ingest")
 
+MAX_BATCH = 64
+"""Frames decoded and written per sink write (up to 64,000 records by default)."""
+
 
 class Ingest:
     """``async with Ingest(settings) as ing: await ing.wait()``."""
@@ -46,6 +49,7 @@ class Ingest:
         self._tg: asyncio.TaskGroup | None = None
         self._entered = False
         self._nacked: dict[tuple[str, int, str], tuple[int, float]] = {}
+        self._paused = False
         self.counters = {"frames": 0, "records": 0, "written": 0, "duplicates": 0,
                          "bad_frames": 0, "gap_frames": 0, "connects": 0}
 
@@ -93,6 +97,7 @@ class Ingest:
             client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
                                 keepalive=self.s.keepalive, on_message=self._on_message)
             self._batch = []
+            self._paused = False
             self._client = client
             try:
                 await client.connect()
@@ -121,6 +126,9 @@ class Ingest:
 
     def _on_message(self, m: Message) -> None:
         self._batch.append(m)
+        if len(self._batch) >= 2 * MAX_BATCH and not self._paused and self._client is not None:
+            self._paused = True  # enough in hand: let TCP hold the rest at the broker
+            self._client.pause_reading()
         if not self._wake.is_set():
             self._wake.set()
 
@@ -133,40 +141,19 @@ class Ingest:
                 if self._stop.is_set():
                     return
                 continue
-            batch, self._batch = self._batch, []
+            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+            if self._batch:
+                self._wake.set()
+            elif self._paused and self._client is not None:
+                self._paused = False
+                self._client.resume_reading()
             client = self._client
-            rows: list[Row] = []
-            assert self.sink is not None
-            high = self.sink.high
-            moved: dict[tuple[str, int, str], int] = {}
-            gaps: dict[tuple[str, int, str], int] = {}
-            for m in batch:
-                try:
-                    f = frames.decode(m.payload)
-                except FrameError as e:
-                    self.counters["bad_frames"] += 1
-                    log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
-                    continue
-                node, epoch, lane = f.node, f.epoch, f.lane
-                key = (node, epoch, lane)
-                have = moved.get(key, high.get(key, 0))
-                if f.prev_seq > have:
-                    # a frame before this one went missing: write nothing out of order,
-                    # ask the gateway to resend from what we hold
-                    self.counters["gap_frames"] += 1
-                    gaps[key] = have
-                    continue
-                self.counters["frames"] += 1
-                self.counters["records"] += len(f.records)
-                moved[key] = max(have, f.records[-1][0])
-                rows.extend([(node, epoch, lane, seq, ts, topic, payload)
-                             for seq, ts, topic, payload in f.records])
             self._idle.clear()
             try:
                 while True:
                     try:
-                        assert self.sink is not None
-                        written, dups = await loop.run_in_executor(self._pool, self.sink.write, rows)
+                        written, dups, moved, gaps = await loop.run_in_executor(
+                            self._pool, self._process, batch)
                         break
                     except OSError as e:
                         log.error("sink write failed (%s); retrying in 1 s", e)
@@ -175,12 +162,46 @@ class Ingest:
                 self._idle.set()
             self.counters["written"] += written
             self.counters["duplicates"] += dups
-            high.update(moved)
             if client is not None and client is self._client and client.connected:
                 client.ack_many([m.pid for m in batch if m.qos])
                 await self._confirm(client, {(k[0], k[1]) for k in moved})
                 await self._nack(client, gaps)
             # else: the broker redelivers them on the next connection; the sink drops them
+
+    def _process(self, batch: list[Message]) -> tuple[int, int, dict[tuple[str, int, str], int],
+                                                     dict[tuple[str, int, str], int]]:
+        """Decode frames and write their records (in the sink thread). A frame that does
+        not follow what the sink holds for its lane is not written (see ``gaps``)."""
+        assert self.sink is not None
+        rows: list[Row] = []
+        high = self.sink.high
+        moved: dict[tuple[str, int, str], int] = {}
+        gaps: dict[tuple[str, int, str], int] = {}
+        counters = self.counters
+        for m in batch:
+            try:
+                f = frames.decode(m.payload)
+            except FrameError as e:
+                counters["bad_frames"] += 1
+                log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
+                continue
+            node, epoch, lane = f.node, f.epoch, f.lane
+            key = (node, epoch, lane)
+            have = moved.get(key, high.get(key, 0))
+            if f.prev_seq > have:
+                # a frame before this one went missing: write nothing out of order, ask
+                # the gateway to resend from what we hold
+                counters["gap_frames"] += 1
+                gaps[key] = have
+                continue
+            counters["frames"] += 1
+            counters["records"] += len(f.records)
+            moved[key] = max(have, f.records[-1][0])
+            rows.extend([(node, epoch, lane, seq, ts, topic, payload)
+                         for seq, ts, topic, payload in f.records])
+        written, dups = self.sink.write(rows)
+        high.update(moved)
+        return written, dups, moved, gaps
 
     async def _confirm(self, client: MQTTClient, nodes: set[tuple[str, int]]) -> None:
         """Tell each gateway (retained, QoS 1) the highest seq per lane that the sink holds

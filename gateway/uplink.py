@@ -39,6 +39,9 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("edgeferry.gateway")
 
+MAX_PENDING = 5000
+"""Messages in hand before the next commit; beyond it the gateway stops reading."""
+
 REDELIVERY_WINDOW = 20000
 """Newest stored records checked against redeliveries after a restart (more than
 Mosquitto's in-flight window; packet ids repeat only every 65535 messages)."""
@@ -66,6 +69,7 @@ class Gateway:
         self._cloud: MQTTClient | None = None
         self._pending: list[tuple[str, str, bytes, int, int]] = []
         self._pending_bytes: dict[str, int] = {}
+        self._paused = False
         self._held: dict[str, deque[Message]] = {}
         self._used = 0
         self._candidates: dict[int, tuple[str, bytes]] = {}
@@ -175,6 +179,7 @@ class Gateway:
             client = MQTTClient(self.s.local, self.s.gateway_client_id, clean_session=False,
                                 keepalive=self.s.local_keepalive, on_message=self._on_local)
             self._discard_pending()
+            self._paused = False
             self._held.clear()
             self._candidates.update(self._unconfirmed)
             self._unconfirmed = {}
@@ -263,6 +268,11 @@ class Gateway:
         self._used += size
         self._pending_bytes[lane] = self._pending_bytes.get(lane, 0) + size
         self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
+        if len(self._pending) >= MAX_PENDING and not self._paused:
+            # Mosquitto 2.0.11 does not apply max_inflight_messages to a resumed session's
+            # queue: stop reading until the committer took this batch (TCP holds the rest)
+            self._paused = True
+            client.pause_reading()
         if not self._wake.is_set():
             self._wake.set()
 
@@ -337,6 +347,10 @@ class Gateway:
                 continue
             batch, self._pending = self._pending, []
             batch_bytes, self._pending_bytes = self._pending_bytes, {}
+            if self._paused:
+                self._paused = False
+                if client is not None:
+                    client.resume_reading()
             drops, self._new_drops = self._new_drops, {}
             client = self._local
             self._idle.clear()
@@ -412,7 +426,7 @@ class Gateway:
         return out
 
     async def _housekeeping(self) -> None:
-        while True:
+        while not self._stop.is_set():
             await self._sleep(1.0)
             if any(self._delivered(n) > self._deleted[n] for n in self._acked) or any(
                 ln.spec.ttl for ln in self.store.lanes.values()
