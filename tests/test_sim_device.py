@@ -265,9 +265,14 @@ async def test_many_devices_each_on_its_own_connection(edge_broker: Broker) -> N
         a0, t0 = fleet.acked, time.monotonic()
         await fleet.run(4.0)  # the measuring window: 1.5 s .. 4 s of the run
         a1, t1 = fleet.acked, time.monotonic()
+        lag_ms = fleet.stats()["max_lag_ms"]
     rate = (a1 - a0) / (t1 - t0)
-    print(f"200 devices: {rate:.1f} msg/s acknowledged, target {p.target_rate():.1f}")
+    print(
+        f"200 devices: {rate:.1f} msg/s acknowledged, target {p.target_rate():.1f}, "
+        f"worst event-loop lag {lag_ms} ms"
+    )
     assert abs(rate - p.target_rate()) / p.target_rate() < 0.05
+    assert lag_ms < 500, "the fleet never blocks its event loop for long"
     log = edge_broker.log_text()
     clients = {
         line.split(" as ")[1].split()[0]
