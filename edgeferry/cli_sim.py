@@ -130,6 +130,37 @@ def sim_run(
     raise typer.Exit(code)
 
 
+@sim_app.command("plan")
+def sim_plan(
+    devices: Annotated[int | None, Opt("--devices", help="number of devices [10]")] = None,
+    seed: Annotated[int | None, Opt("--seed", help="random seed [0]")] = None,
+    profile: Annotated[Path | None, Opt("--profile", help="profile YAML")] = None,
+    fault: Annotated[
+        list[str] | None, Opt("--fault", help="add a fault, as for sim run (repeatable)")
+    ] = None,
+) -> None:
+    """Print the fault schedule a seed gives, as JSON, without running anything: which
+    device suffers which fault when (seconds from the start).
+
+    Example: edgeferry sim plan --devices 50 --seed 7 --fault drop:devices=0.1,at=10..20
+    """
+    import json
+
+    from firmware_sim.errors import SimError
+    from firmware_sim.faults import plan_faults
+    from firmware_sim.profile import load_profile, parse_fault_flag
+
+    try:
+        faults = dict(parse_fault_flag(f) for f in fault or [])
+        prof = load_profile(profile, devices=devices, seed=seed, faults=faults)
+    except SimError as e:
+        _fail(str(e), 2)
+        return
+    plan = sorted(plan_faults(prof).items())
+    body = ",\n".join(f"  {json.dumps(name)}: {json.dumps(d.to_json())}" for name, d in plan)
+    print(f'{{"seed": {prof.seed}, "devices": {prof.devices}, "plan": {{\n{body}\n}}}}')
+
+
 @sim_app.command("verify")
 def sim_verify(
     manifest: Annotated[Path, Opt("--manifest", help="the manifest written by sim run")],

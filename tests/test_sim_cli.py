@@ -18,7 +18,7 @@ from tests.harness import Broker, free_port
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [["sim"], ["sim", "run"], ["sim", "verify"]])
+@pytest.mark.parametrize("args", [["sim"], ["sim", "run"], ["sim", "verify"], ["sim", "plan"]])
 def test_every_sim_command_has_help_with_an_example(args: list[str]) -> None:
     r = runner.invoke(app, [*args, "--help"])
     assert r.exit_code == 0, r.output
@@ -216,3 +216,15 @@ def test_sim_run_shows_progress_and_writes_the_manifest(
     m = json.loads(manifest.read_text())
     assert m["complete"] and m["seed"] == 4 and len(m["devices"]) == 3
     assert m["totals"]["sent"] == m["totals"]["acked"] > 30
+
+
+def test_plan_prints_the_seeded_fault_schedule() -> None:
+    args = ["sim", "plan", "--devices", "20", "--seed", "3", "--fault", "drop:devices=0.25,at=5..9"]
+    a, b = runner.invoke(app, args), runner.invoke(app, args)
+    c = runner.invoke(app, [*args[:4], "4", *args[5:]])
+    assert a.exit_code == 0 and a.output == b.output and a.output != c.output
+    plan = json.loads(a.output)["plan"]
+    assert len(plan) == 5
+    assert all(5 <= f["timed"][0][0] <= 9 and f["timed"][0][1] == "drop" for f in plan.values())
+    rc, out = _err(["sim", "plan", "--fault", "drop:at=soon"])
+    assert rc == 2 and out.startswith("error:")
