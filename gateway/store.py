@@ -1,5 +1,12 @@
 """The gateway's SQLite store: a bounded, crash-safe backlog, one table per lane.
 
+Records are kept in *chunks*: one row holds the records of one lane from one commit
+(at most :data:`CHUNK_RECORDS` of them), packed into a blob with the topics interned.
+A row per message would cost SQLite a cell, an index entry and a partly rewritten page
+per record; a chunk costs about 20 bytes per record on top of its payload, and whole
+pages. That is what keeps the bytes written to an SD card near twice the payload (the
+WAL, then the checkpoint) instead of five times.
+
 Every record gets the node's next sequence number. Numbers never repeat: the store keeps
 ``seq_floor`` (the highest number it ever removed) in its meta table, and the next number
 is one above the larger of that and the highest number still stored. A new store file
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import os
 import random
 import re
@@ -34,14 +42,17 @@ from pathlib import Path
 
 from gateway.errors import StoreCorrupt, StoreError
 
-__all__ = ["RECORD_OVERHEAD", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size"]
+__all__ = ["RECORD_OVERHEAD", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size", "inspect"]
 
 log = logging.getLogger("edgeferry.store")
 
 RECORD_OVERHEAD = 24
 """Bytes counted per record on top of its topic and payload (row header, seq, ts)."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHUNK_RECORDS = 1000
+"""Records per chunk at most (a frame's worth: the uplink decodes one or two per frame)."""
+CHUNK_BYTES = 256 * 1024
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -81,7 +92,7 @@ class LaneState:
 
     @property
     def table(self) -> str:
-        return f"lane_{self.spec.name}"
+        return f"chunks_{self.spec.name}"
 
 
 @dataclass(slots=True)
@@ -93,6 +104,53 @@ class CommitResult:
     deleted: dict[str, tuple[int, int]] = field(default_factory=dict)  # delivered
     evicted: dict[str, tuple[int, int]] = field(default_factory=dict)  # store full
     expired: dict[str, tuple[int, int]] = field(default_factory=dict)  # ttl
+
+
+_REC = struct.Struct("<IqHHI")  # seq delta, ts ms, topic index, packet id, payload length
+_U16 = struct.Struct("<H")
+
+Record = tuple[int, int, str, bytes, int]  # seq, ts ms, topic, payload, local packet id
+
+
+def pack(records: list[Record]) -> bytes:
+    """Pack records (ascending seq) into a chunk blob."""
+    base = records[0][0]
+    topics: dict[str, int] = {}
+    parts: list[bytes] = []
+    pk = _REC.pack
+    for seq, ts, topic, payload, pid in records:
+        idx = topics.get(topic)
+        if idx is None:
+            idx = topics[topic] = len(topics)
+        parts.append(pk(seq - base, ts, idx, pid, len(payload)))
+        parts.append(payload)
+    head = [_U16.pack(len(topics))]
+    for topic in topics:
+        t = topic.encode()
+        head.append(_U16.pack(len(t)))
+        head.append(t)
+    return b"".join(head) + b"".join(parts)
+
+
+def unpack(base: int, data: bytes) -> list[Record]:
+    """The records of a chunk blob whose first record has seq ``base``."""
+    (ntopics,) = _U16.unpack_from(data, 0)
+    pos = 2
+    topics = []
+    for _ in range(ntopics):
+        (tlen,) = _U16.unpack_from(data, pos)
+        topics.append(data[pos + 2 : pos + 2 + tlen].decode())
+        pos += 2 + tlen
+    out = []
+    up = _REC.unpack_from
+    size = _REC.size
+    n = len(data)
+    while pos < n:
+        delta, ts, idx, pid, plen = up(data, pos)
+        pos += size
+        out.append((base + delta, ts, topics[idx], data[pos : pos + plen], pid))
+        pos += plen
+    return out
 
 
 class Store:
@@ -155,9 +213,10 @@ class Store:
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")  # outside any transaction
         db.execute(f"PRAGMA synchronous={self.sync.upper()}")
-        db.execute("PRAGMA wal_autocheckpoint=2000")
+        db.execute("PRAGMA wal_autocheckpoint=4000")
         db.execute("PRAGMA journal_size_limit=33554432")
         db.execute("PRAGMA cache_size=-2000")
+        db.execute("PRAGMA secure_delete=OFF")
         self._migrate(db)
         meta = dict(db.execute("SELECT key, value FROM meta"))
         if "epoch" not in meta:
@@ -167,28 +226,24 @@ class Store:
         self.drops = json.loads(meta.get("drops", "{}"))
         high = floor
         for lane in self.lanes.values():
-            db.execute(
-                f"CREATE TABLE IF NOT EXISTS {lane.table} (seq INTEGER PRIMARY KEY,"
-                " ts INTEGER NOT NULL, pid INTEGER NOT NULL, sz INTEGER NOT NULL,"
-                " topic TEXT NOT NULL, payload BLOB NOT NULL)"
-            )
+            _create_lane(db, lane.table)
             count, total, newest = db.execute(
-                f"SELECT count(*), coalesce(sum(sz), 0), coalesce(max(seq), 0) FROM {lane.table}"
+                f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0), coalesce(max(last_seq), 0) "
+                f"FROM {lane.table}"
             ).fetchone()
             lane.count, lane.bytes, lane.newest_seq = count, total, newest
-            row = db.execute(f"SELECT ts FROM {lane.table} ORDER BY seq LIMIT 1").fetchone()
-            lane.oldest_ts = row[0] if row else None
+            lane.oldest_ts = self._oldest_ts(db, lane)
             high = max(high, newest)
         # Lanes that disappeared from the configuration still hold records: keep their
         # highest seq in mind so that numbers never repeat.
         for (name,) in db.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'lane_%'"
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'chunks_%'"
         ).fetchall():
-            if name[5:] not in self.lanes:
-                (mx,) = db.execute(f"SELECT coalesce(max(seq), 0) FROM {name}").fetchone()
+            if name[7:] not in self.lanes:
+                (mx,) = db.execute(f"SELECT coalesce(max(last_seq), 0) FROM {name}").fetchone()
                 high = max(high, mx)
-                log.warning("store holds lane table %s that is not configured; its records "
-                            "stay in the store until the lane is configured again", name)
+                log.warning("store holds lane %s that is not configured; its records stay in "
+                            "the store until the lane is configured again", name[7:])
         self.next_seq = high + 1
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA cache_size=-1000")
@@ -208,9 +263,25 @@ class Store:
                 [("epoch", str(epoch)), ("seq_floor", "0"), ("drops", "{}"),
                  ("node_id", self.node_id), ("created", str(time.time()))],
             )
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("PRAGMA user_version=2")
             db.execute("COMMIT")
             log.info("created store %s with epoch %d", self.path, epoch)
+            return
+        if version < 2:
+            # 1 -> 2: a row per record becomes chunks of records
+            db.execute("BEGIN IMMEDIATE")
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'lane_%'"
+            ).fetchall():
+                table = f"chunks_{name[5:]}"
+                _create_lane(db, table)
+                rows = db.execute(f"SELECT seq, ts, topic, payload, pid FROM {name} ORDER BY seq").fetchall()
+                for i in range(0, len(rows), CHUNK_RECORDS):
+                    _insert_chunk(db, table, rows[i : i + CHUNK_RECORDS])
+                db.execute(f"DROP TABLE {name}")
+            db.execute("PRAGMA user_version=2")
+            db.execute("COMMIT")
+            log.info("migrated store %s to schema 2 (chunks)", self.path)
 
     def close(self) -> None:
         for conn in (self._reader, self._db):
@@ -234,39 +305,44 @@ class Store:
         drops: dict[str, int] | None = None,
     ) -> CommitResult:
         """In one transaction: insert ``(lane, topic, payload, ts_ms, pid)`` records in
-        order, remove delivered records (``deletes``: lane -> highest delivered seq),
-        evict the oldest records of ``drop_oldest`` lanes while the store is over
-        ``max_bytes``, expire records older than their lane's TTL, and add ``drops``
-        (reason -> count) to the persisted drop counters."""
+        order, remove delivered records (``deletes``: lane -> highest delivered seq;
+        a chunk goes when all its records are delivered), evict the oldest records of
+        ``drop_oldest`` lanes while the store is over ``max_bytes``, expire records older
+        than their lane's TTL, and add ``drops`` (reason -> count) to the persisted drop
+        counters."""
         db = self._db
         if db is None:
             raise StoreError("store is not open")
         res = CommitResult()
         seq = self.next_seq
         res.first_seq = seq
-        by_lane: dict[str, list[tuple[int, int, int, int, str, bytes]]] = {}
+        by_lane: dict[str, list[Record]] = {}
         for lane_name, topic, payload, ts, pid in inserts:
-            rows = by_lane.get(lane_name)
-            if rows is None:
-                rows = by_lane[lane_name] = []
-            rows.append((seq, ts, pid, len(topic) + len(payload) + RECORD_OVERHEAD, topic, payload))
+            recs = by_lane.get(lane_name)
+            if recs is None:
+                recs = by_lane[lane_name] = []
+            recs.append((seq, ts, topic, payload, pid))
             seq += 1
         res.last_seq = seq - 1
         floor_changed = False
         try:
             db.execute("BEGIN IMMEDIATE")
-            for lane_name, rows in by_lane.items():
+            for lane_name, recs in by_lane.items():
                 lane = self.lanes[lane_name]
-                db.executemany(f"INSERT INTO {lane.table} VALUES (?,?,?,?,?,?)", rows)
-                # counted now (eviction below needs it); newest_seq only after COMMIT,
-                # because the uplink reads up to it through another connection
-                lane.count += len(rows)
-                lane.bytes += sum(r[3] for r in rows)
+                start = 0
+                while start < len(recs):
+                    end, size = start, 0
+                    while end < len(recs) and end - start < CHUNK_RECORDS and size < CHUNK_BYTES:
+                        size += len(recs[end][2]) + len(recs[end][3]) + RECORD_OVERHEAD
+                        end += 1
+                    _insert_chunk(db, lane.table, recs[start:end])
+                    lane.count += end - start
+                    lane.bytes += size
+                    start = end
                 if lane.oldest_ts is None:
-                    lane.oldest_ts = rows[0][1]
+                    lane.oldest_ts = recs[0][1]
             for lane_name, upto in (deletes or {}).items():
-                lane = self.lanes[lane_name]
-                n, b = self._remove_upto(db, lane, upto)
+                n, b = self._remove_delivered(db, self.lanes[lane_name], upto)
                 if n:
                     res.deleted[lane_name] = (n, b)
                     floor_changed = True
@@ -277,7 +353,7 @@ class Store:
                     if lane.spec.ttl and lane.oldest_ts is not None:
                         cutoff = int((now - lane.spec.ttl) * 1000)
                         if lane.oldest_ts < cutoff:
-                            n, b = self._remove_older(db, lane, cutoff)
+                            n, b = self._drop_front(db, lane, lambda r, c=cutoff: r[1] < c)
                             if n:
                                 res.expired[lane.spec.name] = (n, b)
                                 floor_changed = True
@@ -286,7 +362,15 @@ class Store:
                 for lane in reversed(list(self.lanes.values())):
                     if lane.spec.when_full != "drop_oldest" or over <= 0:
                         continue
-                    n, b = self._evict(db, lane, over)
+                    freed = [0]
+
+                    def enough(r: Record, freed: list[int] = freed, need: int = over) -> bool:
+                        if freed[0] >= need:
+                            return False
+                        freed[0] += len(r[2]) + len(r[3]) + RECORD_OVERHEAD
+                        return True
+
+                    n, b = self._drop_front(db, lane, enough)
                     if n:
                         res.evicted[lane.spec.name] = (n, b)
                         floor_changed = True
@@ -308,54 +392,61 @@ class Store:
                 db.execute("ROLLBACK")
             self._reload_counts()
             raise
-        for lane_name, rows in by_lane.items():
-            self.lanes[lane_name].newest_seq = rows[-1][0]
+        # newest_seq only after COMMIT: the uplink reads up to it through another connection
+        for lane_name, recs in by_lane.items():
+            self.lanes[lane_name].newest_seq = recs[-1][0]
         self.next_seq = seq
         return res
 
-    def _remove_upto(self, db: sqlite3.Connection, lane: LaneState, upto: int) -> tuple[int, int]:
+    def _remove_delivered(self, db: sqlite3.Connection, lane: LaneState, upto: int) -> tuple[int, int]:
         n, b = db.execute(
-            f"SELECT count(*), coalesce(sum(sz), 0) FROM {lane.table} WHERE seq <= ?", (upto,)
+            f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {lane.table} WHERE last_seq <= ?",
+            (upto,),
         ).fetchone()
         if n:
-            db.execute(f"DELETE FROM {lane.table} WHERE seq <= ?", (upto,))
+            db.execute(f"DELETE FROM {lane.table} WHERE last_seq <= ?", (upto,))
             self._after_remove(db, lane, n, b)
         return n, b
 
-    def _remove_older(self, db: sqlite3.Connection, lane: LaneState, cutoff_ms: int) -> tuple[int, int]:
-        # ts grows with seq, so scan from the oldest and stop at the first young record
-        last = None
+    def _drop_front(self, db: sqlite3.Connection, lane: LaneState, drop: object) -> tuple[int, int]:
+        """Remove the oldest records of a lane while ``drop(record)`` says so: whole chunks
+        go, the chunk where it stops is cut and rewritten."""
         n = b = 0
-        cur = db.execute(f"SELECT seq, ts, sz FROM {lane.table} ORDER BY seq")
-        for seq, ts, sz in cur:
-            if ts >= cutoff_ms:
+        while True:
+            row = db.execute(
+                f"SELECT first_seq, n, bytes, data FROM {lane.table} ORDER BY first_seq LIMIT 1"
+            ).fetchone()
+            if row is None:
                 break
-            last, n, b = seq, n + 1, b + sz
-        cur.close()
-        if last is not None:
-            db.execute(f"DELETE FROM {lane.table} WHERE seq <= ?", (last,))
-            self._after_remove(db, lane, n, b)
-        return n, b
-
-    def _evict(self, db: sqlite3.Connection, lane: LaneState, need: int) -> tuple[int, int]:
-        last = None
-        n = b = 0
-        cur = db.execute(f"SELECT seq, sz FROM {lane.table} ORDER BY seq")
-        for seq, sz in cur:
-            if b >= need:
+            first, cn, cb, data = row
+            recs = unpack(first, data)
+            k = 0
+            while k < len(recs) and drop(recs[k]):  # type: ignore[operator]
+                k += 1
+            if k == 0:
                 break
-            last, n, b = seq, n + 1, b + sz
-        cur.close()
-        if last is not None:
-            db.execute(f"DELETE FROM {lane.table} WHERE seq <= ?", (last,))
+            db.execute(f"DELETE FROM {lane.table} WHERE first_seq = ?", (first,))
+            if k == len(recs):
+                n, b = n + cn, b + cb
+                continue
+            rest = recs[k:]
+            kept = sum(len(r[2]) + len(r[3]) + RECORD_OVERHEAD for r in rest)
+            _insert_chunk(db, lane.table, [(r[0], r[1], r[2], r[3], r[4]) for r in rest])
+            n, b = n + k, b + cb - kept
+            break
+        if n:
             self._after_remove(db, lane, n, b)
         return n, b
 
     def _after_remove(self, db: sqlite3.Connection, lane: LaneState, n: int, b: int) -> None:
         lane.count -= n
         lane.bytes -= b
-        row = db.execute(f"SELECT ts FROM {lane.table} ORDER BY seq LIMIT 1").fetchone()
-        lane.oldest_ts = row[0] if row else None
+        lane.oldest_ts = self._oldest_ts(db, lane)
+
+    @staticmethod
+    def _oldest_ts(db: sqlite3.Connection, lane: LaneState) -> int | None:
+        row = db.execute(f"SELECT first_ts FROM {lane.table} ORDER BY first_seq LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def _reload_counts(self) -> None:
         db = self._db
@@ -363,33 +454,43 @@ class Store:
             return
         for lane in self.lanes.values():
             lane.count, lane.bytes = db.execute(
-                f"SELECT count(*), coalesce(sum(sz), 0) FROM {lane.table}"
+                f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {lane.table}"
             ).fetchone()
-            row = db.execute(f"SELECT ts FROM {lane.table} ORDER BY seq LIMIT 1").fetchone()
-            lane.oldest_ts = row[0] if row else None
+            lane.oldest_ts = self._oldest_ts(db, lane)
 
     # ------------------------------------------------------------ reading
 
     def read(
         self, lane_name: str, after_seq: int, max_records: int, max_bytes: int
     ) -> list[tuple[int, int, str, bytes]]:
-        """Records of one lane with seq > after_seq, oldest first: (seq, ts, topic, payload).
-        Uses the reader connection; call it from one thread only."""
+        """Records of one lane with seq > after_seq, oldest first: (seq, ts, topic, payload),
+        at most ``max_records`` and ``max_bytes`` (but at least one). Uses the reader
+        connection; call it from one thread only."""
         conn = self._reader
         if conn is None:
             raise StoreError("store is not open")
-        rows = conn.execute(
-            f"SELECT seq, ts, topic, payload, sz FROM lane_{lane_name} WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after_seq, max_records),
-        ).fetchall()
+        table = f"chunks_{lane_name}"
+        cur = conn.execute(
+            f"SELECT first_seq, data FROM {table} WHERE first_seq >= coalesce("
+            f"(SELECT max(first_seq) FROM {table} WHERE first_seq <= ?), 0) ORDER BY first_seq",
+            (after_seq,),
+        )
+        out: list[tuple[int, int, str, bytes]] = []
         total = 0
-        for i, row in enumerate(rows):
-            total += row[4]
-            if total > max_bytes and i:
-                rows = rows[:i]
-                break
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        try:
+            for first, data in cur:
+                for seq, ts, topic, payload, _ in unpack(first, data):
+                    if seq <= after_seq:
+                        continue
+                    total += len(topic) + len(payload) + RECORD_OVERHEAD
+                    if out and (total > max_bytes or len(out) >= max_records):
+                        return out
+                    out.append((seq, ts, topic, payload))
+                if len(out) >= max_records:
+                    return out
+        finally:
+            cur.close()
+        return out
 
     def recent(self, limit: int) -> list[tuple[int, int, str, bytes]]:
         """The newest ``limit`` records over all lanes: (seq, pid, topic, payload). Used
@@ -400,12 +501,54 @@ class Store:
             raise StoreError("store is not open")
         out: list[tuple[int, int, str, bytes]] = []
         for lane in self.lanes.values():
-            out.extend(db.execute(
-                f"SELECT seq, pid, topic, payload FROM {lane.table} ORDER BY seq DESC LIMIT ?",
-                (limit,),
-            ).fetchall())
+            got = 0
+            for first, data in db.execute(
+                f"SELECT first_seq, data FROM {lane.table} ORDER BY first_seq DESC"
+            ):
+                recs = unpack(first, data)
+                out.extend((r[0], r[4], r[2], r[3]) for r in recs)
+                got += len(recs)
+                if got >= limit:
+                    break
         out.sort()
         return out[-limit:]
+
+
+    def recent_hashes(self, limit: int) -> dict[int, int]:
+        """``{packet id: hash((topic, payload))}`` of the newest ``limit`` records of each
+        lane (older first, so a newer record wins a reused packet id)."""
+        db = self._db
+        if db is None:
+            raise StoreError("store is not open")
+        picked: list[tuple[int, int, int]] = []
+        for lane in self.lanes.values():
+            got = 0
+            for first, data in db.execute(
+                f"SELECT first_seq, data FROM {lane.table} ORDER BY first_seq DESC"
+            ):
+                recs = unpack(first, data)
+                picked.extend((r[0], r[4], hash((r[2], r[3]))) for r in recs if r[4])
+                got += len(recs)
+                if got >= limit:
+                    break
+        picked.sort()
+        return {pid: h for _, pid, h in picked[-limit:]}
+
+
+def _create_lane(db: sqlite3.Connection, table: str) -> None:
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, bytes INTEGER NOT NULL, first_ts INTEGER NOT NULL,"
+        " last_ts INTEGER NOT NULL, data BLOB NOT NULL)"
+    )
+
+
+def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record]) -> None:
+    size = sum(len(r[2]) + len(r[3]) + RECORD_OVERHEAD for r in recs)
+    db.execute(
+        f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?)",
+        (recs[0][0], recs[-1][0], len(recs), size, recs[0][1], recs[-1][1], pack(recs)),
+    )
 
 
 def inspect(path: str | Path) -> dict[str, object]:
@@ -419,11 +562,12 @@ def inspect(path: str | Path) -> dict[str, object]:
         now_ms = int(time.time() * 1000)
         lanes = {}
         for (table,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'lane_%' ORDER BY name"
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'chunks_%' ORDER BY name"
         ).fetchall():
-            count, total = conn.execute(f"SELECT count(*), coalesce(sum(sz),0) FROM {table}").fetchone()
-            row = conn.execute(f"SELECT ts FROM {table} ORDER BY seq LIMIT 1").fetchone()
-            lanes[table[5:]] = {
+            count, total = conn.execute(
+                f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {table}").fetchone()
+            row = conn.execute(f"SELECT first_ts FROM {table} ORDER BY first_seq LIMIT 1").fetchone()
+            lanes[table[7:]] = {
                 "records": count,
                 "bytes": total,
                 "oldest_age_s": round((now_ms - row[0]) / 1000, 3) if row else None,

@@ -72,8 +72,9 @@ class Gateway:
         self._paused = False
         self._held: dict[str, deque[Message]] = {}
         self._used = 0
-        self._candidates: dict[int, tuple[str, bytes]] = {}
-        self._unconfirmed: dict[int, tuple[str, bytes]] = {}
+        # packet id -> hash of (topic, payload) of the newest stored records: what the
+        # broker may redeliver when a session resumes (hashes, not payloads)
+        self._candidates: dict[int, int] = {}
         self._redelivery = False
         self._confirmed_seq = 0
         # committer
@@ -115,9 +116,6 @@ class Gateway:
         self._used = self.store.total_bytes
         for lane in self._lane_order:
             self._acked[lane] = self._deleted[lane] = self._ingested[lane] = 0
-        # after a restart nothing stored is known to be acknowledged by the cloud
-        recent = await loop.run_in_executor(self._wx, self.store.recent, REDELIVERY_WINDOW)
-        self._candidates = {pid: (topic, payload) for _, pid, topic, payload in recent if pid}
         self._startup_high = self.store.next_seq - 1
         log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d",
                  self.s.node_id, self.store.path, self.store.epoch,
@@ -181,8 +179,10 @@ class Gateway:
             self._discard_pending()
             self._paused = False
             self._held.clear()
-            self._candidates.update(self._unconfirmed)
-            self._unconfirmed = {}
+            # every commit of the previous connection is done (see below): the newest
+            # stored records include whatever the broker may redeliver
+            self._candidates = await asyncio.get_running_loop().run_in_executor(
+                self._wx, self.store.recent_hashes, REDELIVERY_WINDOW)
             self._redelivery = True
             before = self.store.next_seq - 1
             dups_before = self.counters["redelivered_duplicates"]
@@ -244,7 +244,7 @@ class Gateway:
             self._reject("oversize", m, client)
             return
         if self._redelivery and m.pid in self._candidates:
-            if self._candidates[m.pid] == (m.topic, m.payload):
+            if self._candidates[m.pid] == hash((m.topic, m.payload)):
                 counters["redelivered_duplicates"] += 1
                 client.ack(m.pid)
                 return
@@ -393,23 +393,19 @@ class Gateway:
             pids = [r[4] for r in batch if r[4]]
             client.ack_many(pids)
             self.counters["acked_local"] += len(pids)
-            mine = {r[4]: (r[1], r[2]) for r in batch if r[4]}
-            self._unconfirmed.update(mine)
             try:
                 ping = client.ping()
             except ConnectionLost:
                 return
-            ping.add_done_callback(partial(self._confirmed, mine, last_seq))
-        else:
-            # the connection that delivered these is gone: the broker will redeliver them
-            self._candidates.update({r[4]: (r[1], r[2]) for r in batch if r[4]})
+            ping.add_done_callback(partial(self._confirmed, last_seq))
+        # else: the connection that delivered these is gone: the broker redelivers them,
+        # and the next connection recognises them among the newest stored records
 
-    def _confirmed(self, acked: dict[int, tuple[str, bytes]], last_seq: int, fut: asyncio.Future[None]) -> None:
+    def _confirmed(self, last_seq: int, fut: asyncio.Future[None]) -> None:
+        """The broker answered a ping sent after our PUBACKs: it has them (it handles a
+        connection's packets in order), so records up to last_seq may leave the store."""
         if fut.cancelled() or fut.exception() is not None:
             return
-        for pid, val in acked.items():
-            if self._unconfirmed.get(pid) is val:
-                del self._unconfirmed[pid]
         self._confirmed_seq = max(self._confirmed_seq, last_seq)
 
     def _due_deletes(self, force: bool = False) -> dict[str, int]:

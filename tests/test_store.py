@@ -122,3 +122,38 @@ def test_lane_spec_validation(bad):
     args = dict(name="ok", filters=("a/#",), when_full="block", ttl=0) | bad
     with pytest.raises(ValueError):
         LaneSpec(**args)
+
+
+def test_schema_1_store_is_migrated_to_chunks(tmp_path):
+    import sqlite3
+
+    p = tmp_path / "old.db"
+    db = sqlite3.connect(p)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('epoch','42'),('seq_floor','3'),('drops','{}'),('node_id','n'),('created','0');"
+        "CREATE TABLE lane_telemetry (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, pid INTEGER NOT NULL,"
+        " sz INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);"
+        "PRAGMA user_version=1;"
+    )
+    db.executemany("INSERT INTO lane_telemetry VALUES (?,?,?,?,?,?)",
+                   [(s, 1000 + s, s, 40, "dt/a/b", b"p%d" % s) for s in range(4, 2504)])
+    db.commit()
+    db.close()
+    s = open_store(p)
+    assert s.epoch == 42 and s.next_seq == 2504
+    assert s.lanes["telemetry"].count == 2500
+    rows = s.read("telemetry", 1000, 10, 10**9)
+    assert [r[0] for r in rows] == list(range(1001, 1011)) and rows[0][3] == b"p1001"
+
+
+def test_read_spans_chunks_and_partly_delivered_chunks_stay(tmp_path):
+    s = open_store(tmp_path / "s.db")
+    for _ in range(3):
+        s.commit([rec("telemetry", i, 10) for i in range(700)])  # 3 chunks of 700
+    rows = s.read("telemetry", 650, 1000, 10**9)
+    assert [r[0] for r in rows] == list(range(651, 1651))
+    r = s.commit([], deletes={"telemetry": 1000})  # the first chunk goes, the second stays
+    assert r.deleted == {"telemetry": (700, 700 * (6 + 10 + RECORD_OVERHEAD))}
+    assert s.read("telemetry", 1000, 5, 10**9)[0][0] == 1001
+    assert len(s.recent_hashes(100)) == 100
