@@ -104,8 +104,8 @@ GATEWAY_OPTIONS = [
            metavar="SIZE"),
     Option("sync", "str", "full", "SQLite synchronous: full (survives power loss) or normal",
            choices=("full", "normal")),
-    Option("commit_interval", "duration", 0.05, "at most one store commit per interval",
-           metavar="DURATION"),
+    Option("commit_interval", "duration", 0.2, "how long a message may wait for its group commit "
+           "(a batch of 2,000 messages or 512 KiB commits at once)", metavar="DURATION"),
     Option("frame_max_records", "int", 1000, "records per frame at most", metavar="N"),
     Option("frame_max_bytes", "size", 256 * 1024, "frame size at most", metavar="SIZE"),
     Option("frame_linger", "duration", 0.02, "how long a partial frame may wait for more records",
@@ -139,7 +139,7 @@ class GatewaySettings:
     max_store_bytes: int = 256 * 1024 * 1024
     max_message_bytes: int = 256 * 1024
     sync: str = "full"
-    commit_interval: float = 0.05
+    commit_interval: float = 0.2
     frame_max_records: int = 1000
     frame_max_bytes: int = 256 * 1024
     frame_linger: float = 0.02

@@ -39,8 +39,13 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("edgeferry.gateway")
 
+COMMIT_RECORDS = 2000
+COMMIT_BYTES = 512 * 1024
+"""A batch this large is committed at once, without waiting for commit_interval."""
+
 MAX_PENDING = 5000
-"""Messages in hand before the next commit; beyond it the gateway stops reading."""
+MAX_PENDING_BYTES = 8 * 1024 * 1024
+"""Messages (bytes) in hand before the next commit; beyond, the gateway stops reading."""
 
 REDELIVERY_WINDOW = 20000
 """Newest stored records checked against redeliveries after a restart (more than
@@ -69,6 +74,9 @@ class Gateway:
         self._cloud: MQTTClient | None = None
         self._pending: list[tuple[str, str, bytes, int, int]] = []
         self._pending_bytes: dict[str, int] = {}
+        self._pending_size = 0
+        self._pending_since = 0.0
+        self._full = asyncio.Event()
         self._paused = False
         self._held: dict[str, deque[Message]] = {}
         self._used = 0
@@ -267,8 +275,14 @@ class Gateway:
             return
         self._used += size
         self._pending_bytes[lane] = self._pending_bytes.get(lane, 0) + size
-        self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
-        if len(self._pending) >= MAX_PENDING and not self._paused:
+        pending = self._pending
+        if not pending:
+            self._pending_since = time.monotonic()
+        pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
+        self._pending_size += size
+        if len(pending) >= COMMIT_RECORDS or self._pending_size >= COMMIT_BYTES:
+            self._full.set()
+        if (len(pending) >= MAX_PENDING or self._pending_size >= MAX_PENDING_BYTES) and not self._paused:
             # Mosquitto 2.0.11 does not apply max_inflight_messages to a resumed session's
             # queue: stop reading until the committer took this batch (TCP holds the rest)
             self._paused = True
@@ -296,6 +310,7 @@ class Gateway:
             self._used -= b
         self._pending = []
         self._pending_bytes = {}
+        self._pending_size = 0
 
     def _reject(self, reason: str, m: Message, client: MQTTClient) -> None:
         n = self.rejected.get(reason, 0) + 1
@@ -322,6 +337,9 @@ class Gateway:
                 held.popleft()
                 self._used += size
                 self._pending_bytes[lane] = self._pending_bytes.get(lane, 0) + size
+                if not self._pending:
+                    self._pending_since = time.monotonic()
+                self._pending_size += size
                 self._pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
             if not held:
                 del self._held[lane]
@@ -333,28 +351,36 @@ class Gateway:
 
     async def _committer(self) -> None:
         loop = asyncio.get_running_loop()
-        last = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
-            wait = last + self.s.commit_interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # group commit: wait until the batch is big enough or its oldest message has
+            # waited commit_interval (fewer, larger commits write less to flash)
+            while self._pending and not self._full.is_set() and not self._closing:
+                wait = self._pending_since + self.s.commit_interval - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._full.wait()
+                except TimeoutError:
+                    break
+            self._full.clear()
             if self._closing:
                 continue
             deletes = self._due_deletes()
             if not self._pending and not deletes and not self._new_drops:
                 continue
+            client = self._local
             batch, self._pending = self._pending, []
             batch_bytes, self._pending_bytes = self._pending_bytes, {}
+            self._pending_size = 0
             if self._paused:
                 self._paused = False
                 if client is not None:
                     client.resume_reading()
             drops, self._new_drops = self._new_drops, {}
-            client = self._local
             self._idle.clear()
-            last = time.monotonic()
             try:
                 res = await loop.run_in_executor(self._wx, self.store.commit, batch, deletes, drops)
             except Exception as e:  # disk full, I/O error: keep the batch, try again
@@ -362,6 +388,7 @@ class Gateway:
                 self._pending[:0] = batch
                 for k, v in batch_bytes.items():
                     self._pending_bytes[k] = self._pending_bytes.get(k, 0) + v
+                    self._pending_size += v
                 for k, v in drops.items():
                     self._new_drops[k] = self._new_drops.get(k, 0) + v
                 self._idle.set()
