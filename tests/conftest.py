@@ -32,6 +32,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+_COUNTED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep the lines in which fault tests say what they counted (``[label] sent=...``)."""
+    if report.when == "call":
+        for line in report.capstdout.splitlines():
+            if line.startswith("[") and ("sent=" in line or "noticed" in line or "]" in line[:60]):
+                _COUNTED.append(f"{line}    ({report.nodeid.split('::')[-1]})")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _COUNTED:
+        terminalreporter.section("what the fault tests counted")
+        for line in _COUNTED:
+            terminalreporter.write_line(line)
+
+
 def _failed(request: pytest.FixtureRequest) -> bool:
     node = request.node
     return any(getattr(getattr(node, f"rep_{when}", None), "failed", False)

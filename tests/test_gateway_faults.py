@@ -231,7 +231,7 @@ def test_oversize_and_binary_input(pipe):
     wait_until(lambda: pipe.status()["rejected"].get("oversize", 0) == big, 10, "oversize rejections")
     pipe.wait_delivered(ok, 30)
     assert_exact(pipe.tally("ok", ok, label="normal messages beside oversize ones"))
-    assert pipe.tally("big", big)["delivered"] == 0
+    assert pipe.tally("big", big, label="oversize, rejected as designed")["delivered"] == 0
     st = pipe.status()
     assert st["drops"]["rejected:oversize"] == big
     assert pipe.gateway.returncode is None
