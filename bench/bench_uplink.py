@@ -484,9 +484,9 @@ def memory(n: int, steps: int = 4) -> dict[str, Any]:
 
 # gateway settings compared in 5 (kill -9) and 7 (flash wear): name -> (--sync, extra flags)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "full": ("full", ()),
+    "full": ("full", ()),  # the defaults: --sync full --commit-interval 200ms
     "normal": ("normal", ()),
-    "normal-ci250": ("normal", ("--commit-interval", "250ms")),
+    "full-ci50": ("full", ("--commit-interval", "50ms")),
 }
 
 
