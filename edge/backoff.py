@@ -1,10 +1,16 @@
-"""Capped, jittered exponential backoff for reconnect loops."""
+"""Capped, jittered exponential backoff, and the reconnect loop built on it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+from collections.abc import Callable
 
-__all__ = ["Backoff"]
+from edge.errors import ConnectError
+from edge.mqtt import MQTTClient
+
+__all__ = ["Backoff", "connect_retrying", "sleep_unless"]
 
 
 class Backoff:
@@ -27,3 +33,33 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep for ``seconds`` or until ``stop`` is set, whichever comes first."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+async def connect_retrying(
+    make: Callable[[], MQTTClient], backoff: Backoff, stop: asyncio.Event, what: str,
+    log: logging.Logger,
+) -> MQTTClient | None:
+    """Connect a fresh client from ``make()``, retrying with ``backoff`` (logged as
+    ``<what>: <error>; retrying in N s``) until it connects (then the backoff is reset
+    and the client returned) or ``stop`` is set (then None)."""
+    while not stop.is_set():
+        client = make()
+        try:
+            await client.connect()
+        except ConnectError as e:
+            delay = backoff.next()
+            log.warning("%s: %s; retrying in %.1f s", what, e, delay)
+            await sleep_unless(stop, delay)
+            continue
+        backoff.reset()
+        return client
+    return None

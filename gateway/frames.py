@@ -44,6 +44,28 @@ class Frame:
     prev_seq: int = 0
 
 
+def pack_topics(topics: dict[str, int]) -> bytes:
+    """A topic table: u16 count, then (u16 length, UTF-8) per topic, in index order."""
+    parts = [_U16.pack(len(topics))]
+    for topic in topics:
+        t = topic.encode()
+        parts.append(_U16.pack(len(t)))
+        parts.append(t)
+    return b"".join(parts)
+
+
+def read_topics(data: bytes, pos: int = 0) -> tuple[list[str], int]:
+    """Read a topic table at ``pos``; return the topics and the position after it."""
+    (count,) = _U16.unpack_from(data, pos)
+    pos += 2
+    topics = []
+    for _ in range(count):
+        (tlen,) = _U16.unpack_from(data, pos)
+        topics.append(data[pos + 2 : pos + 2 + tlen].decode())
+        pos += 2 + tlen
+    return topics, pos
+
+
 def _zstd():  # imported only when compression is used
     try:
         import zstandard
@@ -74,12 +96,7 @@ def encode(
             idx = topics[topic] = len(topics)
         parts.append(pack(seq - base, ts, idx, len(payload)))
         parts.append(payload)
-    table = [_U16.pack(len(topics))]
-    for topic in topics:
-        t = topic.encode()
-        table.append(_U16.pack(len(t)))
-        table.append(t)
-    body = b"".join(table) + b"".join(parts)
+    body = pack_topics(topics) + b"".join(parts)
     flags = 0
     if compress:
         body = _zstd().ZstdCompressor(level=1).compress(body)
@@ -113,13 +130,7 @@ def decode(data: bytes) -> Frame:
         body = data[pos:]
         if flags & FLAG_ZSTD:
             body = _zstd().ZstdDecompressor().decompress(body, max_output_size=1 << 30)
-        (ntopics,) = _U16.unpack_from(body, 0)
-        pos = 2
-        topics = []
-        for _ in range(ntopics):
-            (tlen,) = _U16.unpack_from(body, pos)
-            topics.append(body[pos + 2 : pos + 2 + tlen].decode())
-            pos += 2 + tlen
+        topics, pos = read_topics(body)
         records = []
         unpack = _REC.unpack_from
         rsize = _REC.size

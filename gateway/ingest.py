@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from edge.backoff import Backoff
-from edge.errors import ConnectError, ConnectionLost
+from edge.backoff import Backoff, connect_retrying, sleep_unless
+from edge.errors import ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.errors import FrameError
@@ -93,20 +93,18 @@ class Ingest:
 
     async def _connection_loop(self) -> None:
         backoff = Backoff(0.2, self.s.backoff_max)
-        while not self._stop.is_set():
-            client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
-                                keepalive=self.s.keepalive, on_message=self._on_message)
+
+        def make() -> MQTTClient:
             self._batch = []
             self._paused = False
-            self._client = client
-            try:
-                await client.connect()
-            except ConnectError as e:
-                delay = backoff.next()
-                log.warning("cloud broker: %s; retrying in %.1f s", e, delay)
-                await self._sleep(delay)
-                continue
-            backoff.reset()
+            self._client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
+                                      keepalive=self.s.keepalive, on_message=self._on_message)
+            return self._client
+
+        while not self._stop.is_set():
+            client = await connect_retrying(make, backoff, self._stop, "cloud broker", log)
+            if client is None:
+                break
             self.counters["connects"] += 1
             try:
                 granted = await client.subscribe([(self.s.filter, 1)])
@@ -230,11 +228,7 @@ class Ingest:
                 return
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-        except TimeoutError:
-            pass
+        await sleep_unless(self._stop, seconds)
 
     def status(self) -> dict[str, Any]:
         return {"sink": self.s.sink, "connected": bool(self._client and self._client.connected),

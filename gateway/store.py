@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import StoreCorrupt, StoreError
+from gateway.frames import pack_topics, read_topics
 
 __all__ = ["RECORD_OVERHEAD", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size", "inspect"]
 
@@ -107,7 +108,6 @@ class CommitResult:
 
 
 _REC = struct.Struct("<IqHHI")  # seq delta, ts ms, topic index, packet id, payload length
-_U16 = struct.Struct("<H")
 
 Record = tuple[int, int, str, bytes, int]  # seq, ts ms, topic, payload, local packet id
 
@@ -124,23 +124,12 @@ def pack(records: list[Record]) -> bytes:
             idx = topics[topic] = len(topics)
         parts.append(pk(seq - base, ts, idx, pid, len(payload)))
         parts.append(payload)
-    head = [_U16.pack(len(topics))]
-    for topic in topics:
-        t = topic.encode()
-        head.append(_U16.pack(len(t)))
-        head.append(t)
-    return b"".join(head) + b"".join(parts)
+    return pack_topics(topics) + b"".join(parts)
 
 
 def unpack(base: int, data: bytes) -> list[Record]:
     """The records of a chunk blob whose first record has seq ``base``."""
-    (ntopics,) = _U16.unpack_from(data, 0)
-    pos = 2
-    topics = []
-    for _ in range(ntopics):
-        (tlen,) = _U16.unpack_from(data, pos)
-        topics.append(data[pos + 2 : pos + 2 + tlen].decode())
-        pos += 2 + tlen
+    topics, pos = read_topics(data)
     out = []
     up = _REC.unpack_from
     size = _REC.size

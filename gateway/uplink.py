@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from edge.backoff import Backoff
-from edge.errors import ConnectError, ConnectionLost
+from edge.backoff import Backoff, connect_retrying, sleep_unless
+from edge.errors import ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.settings import GatewaySettings
@@ -181,9 +181,14 @@ class Gateway:
 
     async def _intake_loop(self) -> None:
         backoff = Backoff(0.2, self.s.backoff_max)
+
+        def make() -> MQTTClient:
+            # set before connecting: redeliveries can arrive with the CONNACK
+            self._local = MQTTClient(self.s.local, self.s.gateway_client_id, clean_session=False,
+                                     keepalive=self.s.local_keepalive, on_message=self._on_local)
+            return self._local
+
         while not self._stop.is_set():
-            client = MQTTClient(self.s.local, self.s.gateway_client_id, clean_session=False,
-                                keepalive=self.s.local_keepalive, on_message=self._on_local)
             self._discard_pending()
             self._paused = False
             self._held.clear()
@@ -194,15 +199,10 @@ class Gateway:
             self._redelivery = True
             before = self.store.next_seq - 1
             dups_before = self.counters["redelivered_duplicates"]
-            self._local = client
-            try:
-                present = await client.connect()
-            except ConnectError as e:
-                delay = backoff.next()
-                log.warning("local broker: %s; retrying in %.1f s", e, delay)
-                await self._sleep(delay)
-                continue
-            backoff.reset()
+            client = await connect_retrying(make, backoff, self._stop, "local broker", log)
+            if client is None:
+                break
+            present = client.session_present
             self.counters["local_connects"] += 1
             if not present:
                 # a new session has nothing to redeliver
@@ -460,19 +460,17 @@ class Gateway:
 
     async def _cloud_loop(self) -> None:
         backoff = Backoff(0.2, self.s.backoff_max)
+
+        def make() -> MQTTClient:
+            self._cloud = MQTTClient(self.s.cloud, self.s.gateway_client_id, clean_session=False,
+                                     keepalive=self.s.keepalive, max_inflight=self.s.window,
+                                     on_message=self._on_cloud)
+            return self._cloud
+
         while not self._stop.is_set():
-            client = MQTTClient(self.s.cloud, self.s.gateway_client_id, clean_session=False,
-                                keepalive=self.s.keepalive, max_inflight=self.s.window,
-                                on_message=self._on_cloud)
-            self._cloud = client
-            try:
-                await client.connect()
-            except ConnectError as e:
-                delay = backoff.next()
-                log.warning("cloud broker: %s; retrying in %.1f s", e, delay)
-                await self._sleep(delay)
-                continue
-            backoff.reset()
+            client = await connect_retrying(make, backoff, self._stop, "cloud broker", log)
+            if client is None:
+                break
             self.counters["cloud_connects"] += 1
             self._cloud_up = True
             down_for = time.time() - self._offline_since if self._offline_since else 0.0
@@ -639,8 +637,4 @@ class Gateway:
         }
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-        except TimeoutError:
-            pass
+        await sleep_unless(self._stop, seconds)
