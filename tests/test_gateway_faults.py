@@ -252,3 +252,41 @@ def test_brokers_unreachable_at_start_then_appear(pipe):
     sent = pipe.wait_sent(pipe.load(1000, 0, "late"), 30)
     pipe.wait_delivered(sent, 30)
     assert_exact(pipe.tally("late", sent, label="brokers late"))
+
+
+def test_health_status_cli_and_prometheus_metrics_while_running(tmp_path, broker_factory, proc_factory, chaos):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.harness import free_port
+
+    port = free_port()
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos,
+                    gateway_args=("--metrics-port", str(port), "--compress", "zstd"))
+    pipe.start()
+    sent = pipe.wait_sent(pipe.load(2000, 0, "health"), 30)
+    pipe.wait_delivered(sent, 30)
+    assert_exact(pipe.tally("health", sent, label="zstd frames"))
+    pipe.proxy.cut()
+    wait_until(lambda: pipe.status()["link"]["cloud"] == "down", 10, "link down")
+    backlog = pipe.wait_sent(pipe.load(500, 0, "health2"), 30)
+    wait_until(lambda: pipe.status()["lanes"]["telemetry"]["records"] >= backlog, 10, "backlog stored")
+    r = subprocess.run([sys.executable, "-m", "edgeferry", "gateway", "status", "--store", str(pipe.store),
+                        "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["running"] is True and st["link"]["cloud"] == "down" and st["offline_for_s"] > 0
+    lane = st["lanes"]["telemetry"]
+    assert lane["records"] >= backlog and lane["bytes"] > 0 and lane["oldest_age_s"] >= 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'edgeferry_link_up{node="pi-1",link="cloud"} 0' in text
+    records = [ln for ln in text.splitlines()
+               if ln.startswith('edgeferry_backlog_records{node="pi-1",lane="telemetry"}')]
+    assert records and float(records[0].split()[-1]) >= backlog
+    assert "edgeferry_backlog_oldest_age_seconds" in text and "edgeferry_offline_seconds" in text
+    pipe.proxy.up()
+    pipe.wait_delivered(sent + backlog, 30)
+    assert_exact(pipe.tally("health2", backlog, label="backlog after status checks"))
