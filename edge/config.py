@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from edge.errors import ConfigError
 from edge.mqtt import parse_url
@@ -130,7 +130,7 @@ class Option:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, exit 2
+    def error(self, message: str) -> NoReturn:  # one clear line, exit 2
         raise ConfigError(f"{self.prog}: {message}")
 
 

@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edge.errors import ConfigError, ConnectError, ConnectionLost, ProtocolError
@@ -204,7 +205,7 @@ class MQTTClient:
         self._rest = b""
         self._connack: asyncio.Future[tuple[bool, int]] | None = None
         self._closed: asyncio.Future[None] | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_pid = 0
         self._window: asyncio.Semaphore | None = None
         self._can_write = asyncio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -55,7 +56,7 @@ def gateway_status(
     from gateway.health import query_status
     from gateway.store import inspect
 
-    st = query_status(store)
+    st: dict[str, Any] | None = query_status(store)
     if st is None:
         try:
             st = inspect(store)
@@ -116,7 +117,9 @@ def chaos(
     if flap:
         try:
             up, down = flap.split(":")
-            schedule = (tuple(map(float, up.split("-"))), tuple(map(float, down.split("-"))))
+            u1, u2 = map(float, up.split("-"))
+            d1, d2 = map(float, down.split("-"))
+            schedule = ((u1, u2), (d1, d2))
         except ValueError:
             _fail(f"--flap {flap!r} must look like 1-3:1-3", 2)
     try:

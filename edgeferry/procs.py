@@ -46,7 +46,8 @@ __all__ = [
 REPO = Path(__file__).resolve().parent.parent
 EDGE_CONF = REPO / "deploy" / "mosquitto" / "edge.conf"
 CLOUD_CONF = REPO / "deploy" / "mosquitto" / "cloud.conf"
-MOSQUITTO = os.environ.get("EDGEFERRY_MOSQUITTO") or os.environ.get("EDGEFERRY_TEST_MOSQUITTO") or shutil.which("mosquitto") \
+MOSQUITTO = os.environ.get("EDGEFERRY_MOSQUITTO") or os.environ.get("EDGEFERRY_TEST_MOSQUITTO") \
+    or shutil.which("mosquitto") \
     or "/usr/sbin/mosquitto"
 
 _FORBIDDEN_PORTS = {1883, 8883}

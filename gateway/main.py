@@ -10,7 +10,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from edge.errors import ConfigError
 
@@ -25,7 +26,7 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def run_async(main: Callable[[], Awaitable[int]]) -> int:
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a coroutine on uvloop when available, else asyncio."""
     try:
         import uvloop

@@ -22,6 +22,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.errors import SinkError
 
@@ -113,7 +114,7 @@ class JsonlSink:
         self.fsync = fsync
         self.seen: dict[tuple[str, int], SeqSet] = {}
         self.high: dict[tuple[str, int, str], int] = {}
-        self._f = None
+        self._f: BinaryIO | None = None
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import os
 import random
 import re
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import StoreCorrupt, StoreError
 from gateway.frames import pack_topics, read_topics
@@ -540,7 +541,7 @@ def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record]) -> Non
     )
 
 
-def inspect(path: str | Path) -> dict[str, object]:
+def inspect(path: str | Path) -> dict[str, Any]:
     """Read a store file without changing it (for ``edgeferry gateway status``)."""
     p = Path(path)
     if not p.exists():

@@ -178,7 +178,8 @@ def test_ingest_kill9_and_restart(tmp_path, broker_factory, proc_factory, chaos,
 def test_store_full_drops_oldest_telemetry_and_keeps_events(tmp_path, broker_factory, proc_factory, chaos):
     # 60 kB of record bytes: about 440 telemetry records of 100-byte payloads
     pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos,
-                    gateway_args=("--max-store-bytes", "60kB", "--max-message-bytes", "4kB", "--uplink", "dt/#", "--uplink", "evt/#"))
+                    gateway_args=("--max-store-bytes", "60kB", "--max-message-bytes", "4kB",
+                                  "--uplink", "dt/#", "--uplink", "evt/#"))
     pipe.start()
     pipe.proxy.cut()
     wait_until(lambda: pipe.status()["link"]["cloud"] == "down", 10, "link down")

@@ -32,7 +32,8 @@ def test_precedence_flag_env_yaml(tmp_path):
     assert s.node_id == "from-env"  # env beats yaml
     assert s.cloud == "mqtt://yaml:1"  # yaml top level
     assert s.max_store_bytes == 1024 * 1024  # yaml section
-    assert [(ln.name, ln.when_full, ln.ttl) for ln in s.lanes] == [("alerts", "block", 0), ("bulk", "drop_oldest", 3600)]
+    lanes = [(ln.name, ln.when_full, ln.ttl) for ln in s.lanes]
+    assert lanes == [("alerts", "block", 0), ("bulk", "drop_oldest", 3600)]
 
 
 def test_lane_flag_and_env_json():
