@@ -171,9 +171,11 @@ def run(quick: bool) -> dict[str, Any]:
             str(wd / "state"),
             "--log-level",
             "WARNING",
+            *os.environ.get("EFBENCH_SERVICE_ARGS", "").split(),
         ]
         first = Proc(wd, "service-prime", svc_argv, env={**env, "BENCH_N": "0"}).start()
         _wait_state(broker.url, "state/benchnoop", b"online")
+        out["service_idle_rss_kb"] = mem_kb(first.pid).get("VmHWM")
         first.terminate()
         out["publish_seconds_service"] = round(_publish(broker.url, n), 3)
         svc = Proc(wd, "service", svc_argv, env=env).start()
