@@ -205,7 +205,7 @@ class Store:
         db.execute(f"PRAGMA synchronous={self.sync.upper()}")
         db.execute("PRAGMA wal_autocheckpoint=4000")
         db.execute("PRAGMA journal_size_limit=33554432")
-        db.execute("PRAGMA cache_size=-2000")
+        db.execute("PRAGMA cache_size=-1000")  # KiB: the writer appends whole chunks
         db.execute("PRAGMA secure_delete=OFF")
         self._migrate(db)
         meta = dict(db.execute("SELECT key, value FROM meta"))
@@ -236,7 +236,7 @@ class Store:
                             "the store until the lane is configured again", name[7:])
         self.next_seq = high + 1
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._reader.execute("PRAGMA cache_size=-1000")
+        self._reader.execute("PRAGMA cache_size=-500")  # KiB: the reader scans chunks once
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
