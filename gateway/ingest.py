@@ -28,8 +28,8 @@ __all__ = ["Ingest"]
 
 log = logging.getLogger("edgeferry.ingest")
 
-MAX_BATCH = 64
-"""Frames decoded and written per sink write (up to 64,000 records by default)."""
+MAX_BATCH = 16
+"""Frames decoded and written per sink write (up to 16,000 records by default)."""
 
 
 class Ingest:

@@ -29,12 +29,12 @@ from gateway.errors import SinkError
 try:
     import orjson
 
-    def _dumps(obj: dict[str, object]) -> bytes:
+    def _dumps(obj: object) -> bytes:
         return orjson.dumps(obj)
 except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
     import json
 
-    def _dumps(obj: dict[str, object]) -> bytes:
+    def _dumps(obj: object) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -115,6 +115,14 @@ class JsonlSink:
         self.seen: dict[tuple[str, int], SeqSet] = {}
         self.high: dict[tuple[str, int, str], int] = {}
         self._f: BinaryIO | None = None
+        self._quoted: dict[str, bytes] = {}
+
+    def _quote(self, s: str) -> bytes:
+        """JSON string of a node, lane or topic, cached (bounded)."""
+        if len(self._quoted) > 100_000:
+            self._quoted.clear()
+        q = self._quoted[s] = _dumps(s)  # type: ignore[arg-type]
+        return q
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,23 +161,35 @@ class JsonlSink:
         dups = 0
         seen_map = self.seen
         fresh: dict[tuple[str, int], set[int]] = {}
+        quoted = self._quoted
+        last_ts, last_stamp = -1, b""
+        k_prev: tuple[str, int] | None = None
+        seen: SeqSet | None = None
+        batch_seen: set[int] = set()
         for node, epoch, lane, seq, ts, topic, payload in rows:
             k = (node, epoch)
-            seen = seen_map.get(k)
-            batch_seen = fresh.get(k)
-            if batch_seen is None:
-                batch_seen = fresh[k] = set()
+            if k != k_prev:
+                k_prev = k
+                seen = seen_map.get(k)
+                batch_seen = fresh.setdefault(k, set())
             if (seen is not None and seq in seen) or seq in batch_seen:
                 dups += 1
                 continue
             batch_seen.add(seq)
-            text, enc = _payload_fields(payload)
-            row: dict[str, object] = {"node": node, "epoch": epoch, "seq": seq, "lane": lane,
-                                      "topic": topic, "payload": text}
-            if enc:
-                row["encoding"] = enc
-            row["ts"] = rfc3339(ts)
-            out.append(_dumps(row))
+            if ts != last_ts:
+                last_ts, last_stamp = ts, rfc3339(ts).encode()
+            q_node = quoted.get(node) or self._quote(node)
+            q_lane = quoted.get(lane) or self._quote(lane)
+            q_topic = quoted.get(topic) or self._quote(topic)
+            try:
+                body = _dumps(payload.decode("utf-8"))  # type: ignore[arg-type]
+                tail = b',"ts":"'
+            except UnicodeDecodeError:
+                body = b'"' + base64.b64encode(payload) + b'"'
+                tail = b',"encoding":"base64","ts":"'
+            # the same keys, in the same order, as a dict through orjson (tests hold it)
+            out.append(b'{"node":%b,"epoch":%d,"seq":%d,"lane":%b,"topic":%b,"payload":%b%b%b"}' % (
+                q_node, epoch, seq, q_lane, q_topic, body, tail, last_stamp))
         if out:
             out.append(b"")
             try:
