@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from edge.errors import ConfigError
@@ -41,34 +41,20 @@ def _on_signals(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-def run_gateway(argv: list[str]) -> int:
-    from gateway.settings import gateway_settings
-
-    try:
-        settings = gateway_settings(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _serve(name: str, settings: Any, make: Callable[[Any], Any],
+           started: Callable[[Any], Awaitable[list[asyncio.Server]]] | None = None) -> int:
+    """Run one long-lived component (an async context manager with wait() and stop())
+    until SIGTERM/SIGINT; print '<name> ready' once it runs; OSError -> one line, exit 1."""
     _setup_logging(settings.log_level)
 
     async def main() -> int:
-        from gateway.health import serve_metrics, serve_status
-        from gateway.uplink import Gateway
-
-        gw = Gateway(settings)
-        _on_signals(gw.stop)
+        component = make(settings)
+        _on_signals(component.stop)
         try:
-            async with gw:
-                servers = []
-                st = await serve_status(settings.store, gw.status)
-                if st is not None:
-                    servers.append(st)
-                if settings.metrics_port:
-                    servers.append(await serve_metrics(settings.metrics_host, settings.metrics_port, gw.status))
-                logging.getLogger("edgeferry.gateway").info(
-                    "gateway running: node %s, uplink %s", settings.node_id, ", ".join(settings.uplink))
-                print("gateway ready", file=sys.stderr, flush=True)
-                await gw.wait()
+            async with component:
+                servers = await started(component) if started is not None else []
+                print(f"{name} ready", file=sys.stderr, flush=True)
+                await component.wait()
                 for srv in servers:
                     srv.close()
         except OSError as e:
@@ -79,28 +65,52 @@ def run_gateway(argv: list[str]) -> int:
     return run_async(main)
 
 
+def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
+    try:
+        return parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def run_gateway(argv: list[str]) -> int:
+    from gateway.settings import gateway_settings
+
+    settings = _parse(gateway_settings, argv)
+    if settings is None:
+        return 2
+
+    def make(s: Any) -> Any:
+        from gateway.uplink import Gateway
+
+        return Gateway(s)
+
+    async def started(gw: Any) -> list[asyncio.Server]:
+        from gateway.health import serve_metrics, serve_status
+
+        servers = []
+        st = await serve_status(settings.store, gw.status)
+        if st is not None:
+            servers.append(st)
+        if settings.metrics_port:
+            servers.append(await serve_metrics(settings.metrics_host, settings.metrics_port, gw.status))
+        logging.getLogger("edgeferry.gateway").info(
+            "gateway running: node %s, uplink %s", settings.node_id, ", ".join(settings.uplink))
+        return servers
+
+    return _serve("gateway", settings, make, started)
+
+
 def run_ingest(argv: list[str]) -> int:
     from gateway.settings import ingest_settings
 
-    try:
-        settings = ingest_settings(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    settings = _parse(ingest_settings, argv)
+    if settings is None:
         return 2
-    _setup_logging(settings.log_level)
 
-    async def main() -> int:
+    def make(s: Any) -> Any:
         from gateway.ingest import Ingest
 
-        ing = Ingest(settings)
-        _on_signals(ing.stop)
-        try:
-            async with ing:
-                print("ingest ready", file=sys.stderr, flush=True)
-                await ing.wait()
-        except OSError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return Ingest(s)
 
-    return run_async(main)
+    return _serve("ingest", settings, make)
