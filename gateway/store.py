@@ -317,6 +317,11 @@ class Store:
         floor_changed = False
         try:
             db.execute("BEGIN IMMEDIATE")
+            # the lanes' counters change only after COMMIT, all at once, so that a status
+            # read meanwhile sees one consistent state: count and bytes deltas here
+            dcount = {name: 0 for name in self.lanes}
+            dbytes = {name: 0 for name in self.lanes}
+            oldest = {name: lane.oldest_ts for name, lane in self.lanes.items()}
             for lane_name, recs in by_lane.items():
                 lane = self.lanes[lane_name]
                 start = 0
@@ -326,28 +331,33 @@ class Store:
                         size += len(recs[end][2]) + len(recs[end][3]) + RECORD_OVERHEAD
                         end += 1
                     _insert_chunk(db, lane.table, recs[start:end])
-                    lane.count += end - start
-                    lane.bytes += size
+                    dcount[lane_name] += end - start
+                    dbytes[lane_name] += size
                     start = end
-                if lane.oldest_ts is None:
-                    lane.oldest_ts = recs[0][1]
+                if oldest[lane_name] is None:
+                    oldest[lane_name] = recs[0][1]
             for lane_name, upto in (deletes or {}).items():
                 n, b = self._remove_delivered(db, self.lanes[lane_name], upto)
                 if n:
                     res.deleted[lane_name] = (n, b)
+                    dcount[lane_name] -= n
+                    dbytes[lane_name] -= b
                     floor_changed = True
             now = time.time()
             if now - self._last_ttl >= 1.0:
                 self._last_ttl = now
                 for lane in self.lanes.values():
-                    if lane.spec.ttl and lane.oldest_ts is not None:
+                    first_ts = oldest[lane.spec.name]
+                    if lane.spec.ttl and first_ts is not None:
                         cutoff = int((now - lane.spec.ttl) * 1000)
-                        if lane.oldest_ts < cutoff:
+                        if first_ts < cutoff:
                             n, b = self._drop_front(db, lane, lambda r, c=cutoff: r[1] < c)
                             if n:
                                 res.expired[lane.spec.name] = (n, b)
+                                dcount[lane.spec.name] -= n
+                                dbytes[lane.spec.name] -= b
                                 floor_changed = True
-            over = self.total_bytes - self.max_bytes
+            over = self.total_bytes + sum(dbytes.values()) - self.max_bytes
             if over > 0:
                 for lane in reversed(list(self.lanes.values())):
                     if lane.spec.when_full != "drop_oldest" or over <= 0:
@@ -363,6 +373,8 @@ class Store:
                     n, b = self._drop_front(db, lane, enough)
                     if n:
                         res.evicted[lane.spec.name] = (n, b)
+                        dcount[lane.spec.name] -= n
+                        dbytes[lane.spec.name] -= b
                         floor_changed = True
                         over -= b
             counted = dict(drops or {})
@@ -370,10 +382,11 @@ class Store:
                 counted[f"store_full:{name}"] = counted.get(f"store_full:{name}", 0) + n
             for name, (n, _) in res.expired.items():
                 counted[f"ttl:{name}"] = counted.get(f"ttl:{name}", 0) + n
+            new_drops = dict(self.drops)
             if counted:
                 for k, v in counted.items():
-                    self.drops[k] = self.drops.get(k, 0) + v
-                db.execute("UPDATE meta SET value=? WHERE key='drops'", (json.dumps(self.drops),))
+                    new_drops[k] = new_drops.get(k, 0) + v
+                db.execute("UPDATE meta SET value=? WHERE key='drops'", (json.dumps(new_drops),))
             if floor_changed:
                 db.execute("UPDATE meta SET value=? WHERE key='seq_floor'", (str(seq - 1),))
             db.execute("COMMIT")
@@ -382,7 +395,14 @@ class Store:
                 db.execute("ROLLBACK")
             self._reload_counts()
             raise
-        # newest_seq only after COMMIT: the uplink reads up to it through another connection
+        # only after COMMIT: the uplink reads up to newest_seq through another connection,
+        # and status reads the counters and drops
+        for name, lane in self.lanes.items():
+            lane.count += dcount[name]
+            lane.bytes += dbytes[name]
+            if name in by_lane or dcount[name] < 0:
+                lane.oldest_ts = self._oldest_ts(db, lane)
+        self.drops = new_drops
         for lane_name, recs in by_lane.items():
             self.lanes[lane_name].newest_seq = recs[-1][0]
         self.next_seq = seq
@@ -395,7 +415,6 @@ class Store:
         ).fetchone()
         if n:
             db.execute(f"DELETE FROM {lane.table} WHERE last_seq <= ?", (upto,))
-            self._after_remove(db, lane, n, b)
         return n, b
 
     def _drop_front(self, db: sqlite3.Connection, lane: LaneState, drop: object) -> tuple[int, int]:
@@ -424,14 +443,7 @@ class Store:
             _insert_chunk(db, lane.table, [(r[0], r[1], r[2], r[3], r[4]) for r in rest])
             n, b = n + k, b + cb - kept
             break
-        if n:
-            self._after_remove(db, lane, n, b)
         return n, b
-
-    def _after_remove(self, db: sqlite3.Connection, lane: LaneState, n: int, b: int) -> None:
-        lane.count -= n
-        lane.bytes -= b
-        lane.oldest_ts = self._oldest_ts(db, lane)
 
     @staticmethod
     def _oldest_ts(db: sqlite3.Connection, lane: LaneState) -> int | None:

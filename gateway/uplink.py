@@ -90,6 +90,7 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self._new_drops: dict[str, int] = {}
+        self._drops_committing: dict[str, int] = {}
         self._last_delete = 0.0
         # uplink
         self._uplink_wake = asyncio.Event()
@@ -380,10 +381,12 @@ class Gateway:
                 if client is not None:
                     client.resume_reading()
             drops, self._new_drops = self._new_drops, {}
+            self._drops_committing = drops  # still shown by status() until committed
             self._idle.clear()
             try:
                 res = await loop.run_in_executor(self._wx, self.store.commit, batch, deletes, drops)
             except Exception as e:  # disk full, I/O error: keep the batch, try again
+                self._drops_committing = {}
                 log.error("store commit failed (%s); retrying", e)
                 self._pending[:0] = batch
                 for k, v in batch_bytes.items():
@@ -395,6 +398,7 @@ class Gateway:
                 await asyncio.sleep(1.0)
                 self._wake.set()
                 continue
+            self._drops_committing = {}
             self.counters["commits"] += 1
             for lane, upto in deletes.items():
                 self._deleted[lane] = upto
@@ -616,8 +620,9 @@ class Gateway:
                 "held_at_broker": len(self._held.get(name, ())),
             }
         drops = dict(self.store.drops)
-        for k, v in self._new_drops.items():
-            drops[k] = drops.get(k, 0) + v
+        for pending in (self._drops_committing, self._new_drops):
+            for k, v in pending.items():
+                drops[k] = drops.get(k, 0) + v
         return {
             "node_id": self.s.node_id,
             "epoch": self.store.epoch,
