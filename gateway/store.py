@@ -439,7 +439,7 @@ class Store:
                 n, b = n + cn, b + cb
                 continue
             rest = recs[k:]
-            kept = sum(len(r[2]) + len(r[3]) + RECORD_OVERHEAD for r in rest)
+            kept = sum(record_size(r[2], r[3]) for r in rest)
             _insert_chunk(db, lane.table, [(r[0], r[1], r[2], r[3], r[4]) for r in rest])
             n, b = n + k, b + cb - kept
             break
@@ -494,28 +494,6 @@ class Store:
             cur.close()
         return out
 
-    def recent(self, limit: int) -> list[tuple[int, int, str, bytes]]:
-        """The newest ``limit`` records over all lanes: (seq, pid, topic, payload). Used
-        after a restart to recognise messages the broker redelivers because it never got
-        our acknowledgement."""
-        db = self._db
-        if db is None:
-            raise StoreError("store is not open")
-        out: list[tuple[int, int, str, bytes]] = []
-        for lane in self.lanes.values():
-            got = 0
-            for first, data in db.execute(
-                f"SELECT first_seq, data FROM {lane.table} ORDER BY first_seq DESC"
-            ):
-                recs = unpack(first, data)
-                out.extend((r[0], r[4], r[2], r[3]) for r in recs)
-                got += len(recs)
-                if got >= limit:
-                    break
-        out.sort()
-        return out[-limit:]
-
-
     def recent_hashes(self, limit: int) -> dict[int, int]:
         """``{packet id: hash((topic, payload))}`` of the newest ``limit`` records of each
         lane (older first, so a newer record wins a reused packet id)."""
@@ -546,7 +524,7 @@ def _create_lane(db: sqlite3.Connection, table: str) -> None:
 
 
 def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record]) -> None:
-    size = sum(len(r[2]) + len(r[3]) + RECORD_OVERHEAD for r in recs)
+    size = sum(record_size(r[2], r[3]) for r in recs)
     db.execute(
         f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?)",
         (recs[0][0], recs[-1][0], len(recs), size, recs[0][1], recs[-1][1], pack(recs)),

@@ -88,6 +88,6 @@ def test_sizes_durations_urls():
     assert parse_duration("250ms") == 0.25 and parse_duration("2h") == 7200
     u = parse_url("mqtts://user:p%40ss@host")
     assert (u.host, u.port, u.tls, u.username, u.password) == ("host", 8883, True, "user", "p@ss")
-    for bad in ("localhost:1883", "mqtt://", "mqtt://h:1/path"):
+    for bad in ("localhost:18830", "mqtt://", "mqtt://h:1/path"):
         with pytest.raises(ConfigError):
             parse_url(bad)
