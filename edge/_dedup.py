@@ -43,6 +43,9 @@ class DedupTable:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        # the ids live in memory too, so SQLite only writes: a 256 KiB page cache instead
+        # of the default 2 MiB keeps about 1 MB off the service's peak RSS
+        db.execute("PRAGMA cache_size=-256")
         db.execute(
             "CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID"
         )

@@ -114,15 +114,7 @@ class Route:
     def validate(self, data: Any) -> Any:
         """Validate ``data`` against the payload annotation (pydantic ValidationError)."""
         if self._adapter is None:
-            from pydantic import BaseModel, TypeAdapter
-
-            t = self.payload_type
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                self._adapter = t.model_validate
-            elif t is Any:
-                self._adapter = _identity
-            else:
-                self._adapter = TypeAdapter(t).validate_python
+            self._adapter = _validator(self.payload_type)
         return self._adapter(data)
 
     def schema(self) -> dict[str, Any] | None:
@@ -138,6 +130,45 @@ class Route:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+# Annotations checked without pydantic: a service whose handlers take plain JSON values
+# never imports it (about 10 MB of resident memory). JSON decoding already produced
+# these types, so the check is the whole of what pydantic would do for them.
+_PLAIN = {dict: "an object", list: "an array", str: "a string"}
+
+
+class PayloadTypeError(ValueError):
+    """A plain JSON value of the wrong kind (the counterpart of a ValidationError)."""
+
+
+def _validator(t: Any) -> Callable[[Any], Any]:
+    if t is Any or t is object:
+        return _identity
+    want = _PLAIN.get(t)
+    if want is not None:
+
+        def check(x: Any) -> Any:
+            if type(x) is not t:
+                raise PayloadTypeError(f"payload: expected {want}, got {_json_kind(x)}")
+            return x
+
+        return check
+    from pydantic import BaseModel, TypeAdapter
+
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return t.model_validate
+    return TypeAdapter(t).validate_python
+
+
+def _json_kind(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "a boolean"
+    if isinstance(x, int | float):
+        return "a number"
+    return _PLAIN.get(type(x), type(x).__name__)
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -236,3 +236,48 @@ def test_dedup_commit_is_short_enough_for_the_event_loop(tmp_path):
     t.close()
     print(f"\nworst commit of 1000 marks: {worst * 1000:.1f} ms")
     assert worst < 0.05
+
+
+def test_plain_json_handlers_never_import_pydantic():
+    """dict, list, str and untyped payloads are checked without pydantic (about 10 MB of
+    resident memory a service that does not use models should not pay); the wrong JSON
+    kind is a schema dead letter, as a model mismatch is."""
+    code = """
+import asyncio, sys
+from edge import Service
+from edge.testing import MemoryBroker, TestClient
+
+svc = Service("plain", heartbeat=0)
+seen = []
+
+@svc.on("dt/{device}/obj")
+async def obj(device: str, data: dict) -> None:
+    seen.append(data)
+
+@svc.on("dt/{device}/arr")
+async def arr(device: str, data: list) -> None:
+    seen.append(data)
+
+@svc.on("dt/{device}/any")
+async def anything(device: str, data) -> None:
+    seen.append(data)
+
+async def main():
+    b = MemoryBroker()
+    async with svc.running(b), TestClient(b) as tc:
+        dlq = await tc.subscribe("dlq/plain")
+        await tc.publish_event("dt/a/obj", {"v": 1})
+        await tc.publish_event("dt/a/arr", [1, 2])
+        await tc.publish("dt/a/any", b"3.5")
+        await tc.publish_event("dt/b/obj", [1])
+        [dead] = await dlq.wait(1)
+        await svc.wait_until(lambda s: len(seen) == 3)
+    assert seen == [{"v": 1}, [1, 2], 3.5], seen
+    assert dead.event.data["reason"] == "schema", dead.event.data
+    assert "expected an object, got an array" in dead.event.data["error"], dead.event.data
+    assert svc.dead_lettered == {"schema": 1}
+    assert "pydantic" not in sys.modules, "pydantic was imported"
+
+asyncio.run(asyncio.wait_for(main(), 30))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
