@@ -1,17 +1,23 @@
-"""Service SDK benchmark (issue 3): a no-op edge.Service next to a bare aiomqtt receive
+"""Service SDK benchmark (issue 3): no-op edge.Services next to a bare aiomqtt receive
 loop, against the same real Mosquitto (deploy/mosquitto/edge.conf on a free port), in
 the same run.
 
 For each consumer: its persistent QoS 1 session is created, the consumer goes away, N
 CloudEvents telemetry messages (10 devices) are queued for it at the broker, and the
 consumer comes back; it reports the time of its first and of its Nth message, so the
-figure is its receive rate, not connection setup or the publisher's speed. Both run as
+figure is its receive rate, not connection setup or the publisher's speed. All run as
 child processes:
 
 - bare: ``aiomqtt`` ``async for msg in client.messages`` counting (paho acknowledges);
-- service: ``edgeferry service run bench.bench_service:noop`` — routing, envelope decode,
-  pydantic validation, per-device ordering, on-disk dedup table, acknowledgement after the
-  handler — and its peak RSS (VmHWM) once all N are handled.
+- typed: ``edgeferry service run bench.svc_typed:typed`` — routing, envelope decode,
+  pydantic validation into a model, per-device ordering, on-disk dedup table,
+  acknowledgement after the handler;
+- plain: ``bench.svc_plain:plain``, the same with a ``dict`` payload (no pydantic);
+
+and their peak RSS (VmHWM) once all N are handled, and idle (subscribed, nothing queued).
+Beside them, the floor: a process that only imports asyncio and uvloop (and pydantic,
+defining the same model, for the typed floor) and holds one MQTT connection open — what
+any uvloop service of that kind costs before the SDK adds a byte.
 
     .venv/bin/python -m bench --only service [--quick]
     .venv/bin/python -m bench.bench_service [--quick]
@@ -25,34 +31,7 @@ import sys
 import time
 from typing import Any
 
-from pydantic import BaseModel
-
-from edge import Service
-
-__all__ = ["noop", "run", "summary"]
-
-
-class Reading(BaseModel):
-    value: float
-    unit: str = "C"
-
-
-noop = Service("benchnoop", heartbeat=0, description="does nothing, as fast as it can")
-_state = {"n": 0, "first": 0.0}
-_TARGET = int(os.environ.get("BENCH_N", "0") or 0)
-
-
-@noop.on("dt/{device}/temperature")
-async def _nothing(device: str, reading: Reading) -> None:
-    n = _state["n"] = _state["n"] + 1
-    if n == 1:
-        _state["first"] = time.perf_counter()
-    if n == _TARGET:
-        print(
-            "BENCH " + json.dumps({"count": n, "seconds": time.perf_counter() - _state["first"]}),
-            flush=True,
-        )
-
+__all__ = ["run", "summary"]
 
 # ------------------------------------------------------------------ child: bare loop
 
@@ -82,6 +61,42 @@ async def _bare(url: str, n: int, prime: bool) -> None:
             "BENCH " + json.dumps({"count": count, "seconds": time.perf_counter() - first}),
             flush=True,
         )
+
+
+# ------------------------------------------------------------------ child: the floor
+
+
+def _floor(url: str, typed: bool) -> None:
+    """asyncio + uvloop (+ pydantic and the model) + one MQTT connection, nothing else."""
+    import asyncio
+
+    import uvloop
+
+    if typed:
+        from pydantic import BaseModel
+
+        class Reading(BaseModel):
+            value: float
+            unit: str = "C"
+
+        Reading.model_validate({"value": 1.0})
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+
+    async def go() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        client_id = b"bench-floor"
+        var = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+        writer.write(bytes([0x10, len(var)]) + var)  # CONNECT, clean session, keepalive 60
+        await writer.drain()
+        connack = await reader.readexactly(4)
+        if connack[3] != 0:
+            raise RuntimeError(f"CONNACK {connack!r}")
+        writer.close()
+
+    uvloop.run(go())
+    with open("/proc/self/status") as f:  # the peak, read once the connection closed
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print("BENCH " + json.dumps({"peak_rss_kb": hwm}), flush=True)
 
 
 # ------------------------------------------------------------------ parent
@@ -157,40 +172,59 @@ def run(quick: bool) -> dict[str, Any]:
         out["bare_peak_rss_kb"] = mem_kb(bare.pid).get("VmHWM", 0) if bare.alive() else None
         bare.terminate()
 
-        # no-op service
-        svc_argv = [
-            PY,
-            "-m",
-            "edgeferry",
-            "service",
-            "run",
-            "bench.bench_service:noop",
-            "--broker",
-            broker.url,
-            "--state-dir",
-            str(wd / "state"),
-            "--log-level",
-            "WARNING",
-            *os.environ.get("EFBENCH_SERVICE_ARGS", "").split(),
-        ]
-        first = Proc(wd, "service-prime", svc_argv, env={**env, "BENCH_N": "0"}).start()
-        _wait_state(broker.url, "state/benchnoop", b"online")
-        out["service_idle_rss_kb"] = mem_kb(first.pid).get("VmHWM")
-        first.terminate()
-        out["publish_seconds_service"] = round(_publish(broker.url, n), 3)
-        svc = Proc(wd, "service", svc_argv, env=env).start()
-        r = _result(svc, 600)
-        out["service_msgs_per_s"] = round(r["count"] / r["seconds"])
-        mem = mem_kb(svc.pid)
-        out["service_peak_rss_kb"] = mem.get("VmHWM")
-        out["service_rss_kb"] = mem.get("VmRSS")
-        svc.terminate()
+        for variant, target in (("typed", "bench.svc_typed:typed"),
+                                ("plain", "bench.svc_plain:plain")):
+            out[variant] = _service(broker.url, wd, target, n, env)
+        for variant in ("typed", "plain"):
+            floor = Proc(
+                wd,
+                f"floor-{variant}",
+                [PY, "-m", "bench.bench_service", "--child-floor", broker.url, variant],
+            ).start()
+            out[variant]["floor_peak_rss_kb"] = _result(floor, 60)["peak_rss_kb"]
+        # the figures the issue names (the typed service is the one a user writes)
+        out["service_msgs_per_s"] = out["typed"]["msgs_per_s"]
+        out["service_peak_rss_kb"] = out["typed"]["peak_rss_kb"]
         out["ratio_service_to_bare"] = round(out["service_msgs_per_s"] / out["bare_msgs_per_s"], 3)
         out["targets"] = {"ratio_at_least": 0.8, "peak_rss_mb_below": 35}
         out["command"] = "python -m bench --only service" + (" --quick" if quick else "")
     finally:
         broker.stop()
         wd.cleanup()
+    return out
+
+
+def _service(url: str, wd: Any, target: str, n: int, env: dict[str, str]) -> dict[str, Any]:
+    """Idle and burst figures of ``edgeferry service run TARGET``."""
+    from bench._util import PY, Proc, mem_kb
+
+    name = target.rsplit(":", 1)[1]
+    argv = [
+        PY,
+        "-m",
+        "edgeferry",
+        "service",
+        "run",
+        target,
+        "--broker",
+        url,
+        "--state-dir",
+        str(wd / "state"),
+        "--log-level",
+        "WARNING",
+        *os.environ.get("EFBENCH_SERVICE_ARGS", "").split(),
+    ]
+    out: dict[str, Any] = {"command": " ".join(["edgeferry", *argv[3:6]])}
+    first = Proc(wd, f"{name}-prime", argv, env={**env, "BENCH_N": "0"}).start()
+    _wait_state(url, f"state/bench{name}", b"online")
+    out["idle_rss_kb"] = mem_kb(first.pid).get("VmHWM")
+    first.terminate()
+    out["publish_seconds"] = round(_publish(url, n), 3)
+    svc = Proc(wd, name, argv, env=env).start()
+    r = _result(svc, 600)
+    out["msgs_per_s"] = round(r["count"] / r["seconds"])
+    out["peak_rss_kb"] = mem_kb(svc.pid).get("VmHWM")
+    svc.terminate()
     return out
 
 
@@ -209,14 +243,23 @@ def _wait_state(url: str, topic: str, payload: bytes, timeout: float = 30) -> No
 
 
 def summary(res: dict[str, Any]) -> str:
+    def mb(kb: int) -> str:
+        return f"{kb / 1024:.1f} MB"
+
+    t, p = res["typed"], res["plain"]
     return "\n".join(
         [
             f"  messages              {res['messages']} "
             "(10 devices, CloudEvents JSON, QoS 1, queued then drained)",
-            f"  bare aiomqtt loop     {res['bare_msgs_per_s']:>8} msg/s",
-            f"  no-op edge.Service    {res['service_msgs_per_s']:>8} msg/s",
-            f"  ratio                 {res['ratio_service_to_bare']:.2f} (target >= 0.8)",
-            f"  service peak RSS      {res['service_peak_rss_kb'] / 1024:.1f} MB (target < 35 MB)",
+            f"  bare aiomqtt loop     {res['bare_msgs_per_s']:>8} msg/s   "
+            f"peak {mb(res['bare_peak_rss_kb'])}",
+            f"  typed no-op service   {t['msgs_per_s']:>8} msg/s   peak {mb(t['peak_rss_kb'])}, "
+            f"idle {mb(t['idle_rss_kb'])}, floor {mb(t['floor_peak_rss_kb'])}",
+            f"  plain no-op service   {p['msgs_per_s']:>8} msg/s   peak {mb(p['peak_rss_kb'])}, "
+            f"idle {mb(p['idle_rss_kb'])}, floor {mb(p['floor_peak_rss_kb'])}",
+            f"  ratio (typed / bare)  {res['ratio_service_to_bare']:.2f} (target >= 0.8)",
+            "  target peak RSS       < 35 MB (floor: asyncio + uvloop [+ pydantic model] "
+            "+ one connection, no SDK)",
         ]
     )
 
@@ -226,6 +269,9 @@ def main(argv: list[str]) -> int:
         import asyncio
 
         asyncio.run(_bare(argv[1], int(argv[2]), argv[3] == "1"))
+        return 0
+    if argv and argv[0] == "--child-floor":
+        _floor(argv[1], argv[2] == "typed")
         return 0
     res = run("--quick" in argv)
     print(summary(res))

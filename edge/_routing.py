@@ -135,7 +135,7 @@ def _identity(x: Any) -> Any:
 # Annotations checked without pydantic: a service whose handlers take plain JSON values
 # never imports it (about 10 MB of resident memory). JSON decoding already produced
 # these types, so the check is the whole of what pydantic would do for them.
-_PLAIN = {dict: "an object", list: "an array", str: "a string"}
+_PLAIN: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
 
 
 class PayloadTypeError(ValueError):
@@ -145,11 +145,14 @@ class PayloadTypeError(ValueError):
 def _validator(t: Any) -> Callable[[Any], Any]:
     if t is Any or t is object:
         return _identity
-    want = _PLAIN.get(t)
+    plain = t
+    if typing.get_args(t) in ((str, Any), (Any,)):  # dict[str, Any], list[Any]: JSON keys are str
+        plain = typing.get_origin(t)
+    want = _PLAIN.get(plain) if isinstance(plain, type) else None
     if want is not None:
 
         def check(x: Any) -> Any:
-            if type(x) is not t:
+            if type(x) is not plain:
                 raise PayloadTypeError(f"payload: expected {want}, got {_json_kind(x)}")
             return x
 

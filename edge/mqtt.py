@@ -215,7 +215,8 @@ class MQTTClient:
         self._ping_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._entered = False
-        self._reading_paused = False
+        self._reading_paused = False  # the receiver asked us to stop
+        self._transport_paused = False  # the socket is not being read
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -409,19 +410,37 @@ class MQTTClient:
 
     def pause_reading(self) -> None:
         """Stop reading from the socket (the receiver has enough unacknowledged messages
-        in hand); TCP flow control then holds the rest at the broker. Keepalive pings
-        still go out, and a paused connection is not declared silent."""
+        in hand); TCP flow control then holds the rest at the broker. Packets already
+        read wait as bytes. Keepalive pings still go out, and a paused connection is not
+        declared silent."""
         if self._transport is not None and not self._reading_paused and self.connected:
             self._reading_paused = True
-            self._transport.pause_reading()
+            if not self._transport_paused:
+                self._transport_paused = True
+                self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read again after :meth:`pause_reading`."""
+        """Read again after :meth:`pause_reading`: first the packets read before the
+        pause, then from the socket once those are parsed."""
         if self._transport is not None and self._reading_paused:
             self._reading_paused = False
             self._last_rx = time.monotonic()
-            if self.connected:
-                self._transport.resume_reading()
+            if self._rest:
+                asyncio.get_running_loop().call_soon(self._feed_rest)
+            else:
+                self._resume_transport()
+
+    def _feed_rest(self) -> None:
+        if self._reading_paused or not self.connected:
+            return
+        self._feed(b"")
+        if not self._reading_paused:
+            self._resume_transport()
+
+    def _resume_transport(self) -> None:
+        if self._transport_paused and self._transport is not None and self.connected:
+            self._transport_paused = False
+            self._transport.resume_reading()
 
     def ping(self) -> asyncio.Future[None]:
         """Send PINGREQ; the future completes at PINGRESP. The broker handles packets in
@@ -504,6 +523,11 @@ class MQTTClient:
                         pid = 0
                         payload = data[t_end:end]
                     on_message(Message(topic, payload, qos, bool(first & 1), bool(first & 8), pid))
+                    if self._reading_paused:
+                        # the receiver has enough in hand: the rest of this read waits as
+                        # bytes (about a third of parsed messages) until resume_reading
+                        self._rest = data[end:]
+                        return
                 elif ptype == PUBACK or ptype == SUBACK or ptype == UNSUBACK:
                     pid = (data[i] << 8) | data[i + 1]
                     fut = self._pending.pop(pid, None)

@@ -100,7 +100,7 @@ class Service:
     :meth:`run` (blocking, signals handled) or ``async with svc:`` (embedding, tests).
 
     ``broker`` is an ``mqtt://`` URL or an :class:`edge.testing.MemoryBroker`.
-    ``state_dir`` holds the on-disk dedup table (``<state_dir>/<name>.dedup.sqlite``);
+    ``state_dir`` holds the on-disk dedup table (``<state_dir>/<name>.dedup``);
     without it the table lives in memory only. ``config`` is an optional pydantic model
     for the service's own settings (YAML section named after the service).
     """
@@ -367,7 +367,7 @@ class Service:
         if self.dedup and self.state_dir:
             import os
 
-            path = os.path.join(self.state_dir, f"{self.name}.dedup.sqlite")
+            path = os.path.join(self.state_dir, f"{self.name}.dedup")
         self._dedup = (
             DedupTable(path, ttl=self.dedup_ttl, max_entries=self.dedup_max) if self.dedup else None
         )

@@ -1,6 +1,7 @@
 """Service SDK pieces without a broker: topic patterns, handler signatures, the dedup
 table, settings, loading MODULE:ATTR."""
 
+import os
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from edge import Event, HandlerSignatureError, Service, ServiceError
-from edge._dedup import DedupTable
+from edge._dedup import COMPACT_FACTOR, MAGIC, DedupTable, _record
 from edge._routing import compile_pattern, make_route, match_specs
 from edge._runner import OPTIONS, apply_settings, load_target
 from edge.config import load_settings
@@ -124,7 +125,7 @@ async def test_service_refuses_reentry_and_no_handlers():
 
 
 def test_dedup_table_persists_expires_and_stays_bounded(tmp_path):
-    path = str(tmp_path / "d.sqlite")
+    path = str(tmp_path / "d.dedup")
     t = DedupTable(path, ttl=3600, max_entries=3)
     for i in range(5):
         t.add(f"id{i}")
@@ -137,8 +138,8 @@ def test_dedup_table_persists_expires_and_stays_bounded(tmp_path):
     # an uncommitted mark is not durable (the message was not acknowledged either)
     t3 = DedupTable(path, ttl=3600, max_entries=10)
     t3.add("late")
-    t3._db.close()
-    t3._db = None
+    os.close(t3._fd)  # the process dies here
+    t3._fd = None
     assert "late" not in DedupTable(path, ttl=3600, max_entries=10)
     # TTL
     t4 = DedupTable(None, ttl=0.05, max_entries=10)
@@ -148,6 +149,109 @@ def test_dedup_table_persists_expires_and_stays_bounded(tmp_path):
     while "x" in t4 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "x" not in t4 and t4.expire() == 1 and len(t4) == 0
+
+
+def test_dedup_log_is_compacted_and_stays_small(tmp_path):
+    """The append-only log is rewritten with the live ids once it holds COMPACT_FACTOR x
+    max_entries records: a long run keeps it bounded, and it reads back the same ids."""
+    path = str(tmp_path / "d.dedup")
+    t = DedupTable(path, max_entries=1000)
+    for i in range(20_000):
+        t.add(f"e{i}")
+        if i % 7 == 0:
+            t.commit()
+    t.close()
+    records = (os.path.getsize(path) - len(MAGIC)) // len(_record("e19999", 0.0))
+    print(f"\n20,000 marks, max 1,000 ids: log holds about {records} records")
+    assert records <= COMPACT_FACTOR * 1000
+    t2 = DedupTable(path, max_entries=1000)
+    assert len(t2) == 1000 and "e19999" in t2 and "e19000" in t2 and "e18999" not in t2
+    # a re-marked id moves to the end and survives the oldest being forgotten
+    t2.add("e19000")
+    t2.add("new")
+    t2.close()
+    t3 = DedupTable(path, max_entries=1000)
+    assert "e19000" in t3 and "new" in t3 and "e19001" not in t3
+    t3.close()
+
+
+def test_dedup_log_cut_tail_and_bad_header_are_recovered(tmp_path):
+    """A write cut by a crash or a full disk leaves a short or garbled last record: it is
+    cut off and the rest is kept. A file that is not a dedup log is moved aside."""
+    path = str(tmp_path / "d.dedup")
+    t = DedupTable(path, max_entries=100)
+    for i in range(10):
+        t.add(f"id{i}")
+    t.commit()
+    t.close()
+    size = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(_record("id10", time.time())[:-3])  # a torn write
+    t = DedupTable(path, max_entries=100)
+    assert len(t) == 10 and "id9" in t and "id10" not in t
+    assert t.recovered == {"records": 10, "cut_bytes": len(_record("id10", 0.0)) - 3}
+    assert os.path.getsize(path) == size
+    t.add("id11")
+    t.close()
+    with open(path, "r+b") as f:  # flip a byte inside the 4th record: it and all after go
+        f.seek(len(MAGIC) + 3 * len(_record("id0", 0.0)) + 6)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    t = DedupTable(path, max_entries=100)
+    assert [i for i in ("id0", "id1", "id2", "id3", "id11") if i in t] == ["id0", "id1", "id2"]
+    t.close()
+    with open(path, "wb") as f:
+        f.write(b"SQLite format 3\x00 not ours")
+    t = DedupTable(path, max_entries=100)
+    assert len(t) == 0
+    t.add("fresh")
+    t.close()
+    assert "fresh" in DedupTable(path, max_entries=100)
+    assert [p.name for p in tmp_path.glob("d.dedup.corrupt-*")]
+
+
+def test_dedup_failed_write_is_cut_back(tmp_path, monkeypatch):
+    """A write that fails half way (ENOSPC) is removed from the file, so later marks stay
+    readable; the failed marks' messages were not acknowledged."""
+    import edge._dedup as dd
+
+    path = str(tmp_path / "d.dedup")
+    t = DedupTable(path, max_entries=100)
+    t.add("a")
+    t.commit()
+    real = dd._write_all
+
+    def half_then_enospc(fd: int, buf: bytes) -> None:
+        os.write(fd, buf[: len(buf) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dd, "_write_all", half_then_enospc)
+    t.add("b")
+    with pytest.raises(OSError):
+        t.commit()
+    monkeypatch.setattr(dd, "_write_all", real)
+    t.add("c")
+    t.commit()
+    t.close()
+    t2 = DedupTable(path, max_entries=100)
+    assert "a" in t2 and "c" in t2 and "b" not in t2 and t2.recovered["cut_bytes"] == 0
+
+
+def test_dedup_table_imports_the_sqlite_table_of_0_1(tmp_path):
+    import sqlite3
+
+    old = tmp_path / "svc.dedup.sqlite"
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID")
+    now = time.time()
+    db.executemany("INSERT INTO seen VALUES (?, ?)", [("old", now - 7200), ("kept", now - 5)])
+    db.commit()
+    db.close()
+    t = DedupTable(str(tmp_path / "svc.dedup"), ttl=3600, max_entries=100)
+    assert "kept" in t and "old" not in t and not old.exists()
+    t.close()
+    assert "kept" in DedupTable(str(tmp_path / "svc.dedup"), ttl=3600, max_entries=100)
 
 
 def test_settings_precedence_and_credentials(tmp_path):
@@ -221,19 +325,20 @@ def test_import_edge_stays_light():
 
 
 def test_dedup_commit_is_short_enough_for_the_event_loop(tmp_path):
-    """The service commits on the loop (one transaction per loop turn): a large batch must
-    stay in the low milliseconds (WAL, synchronous=NORMAL)."""
+    """The service commits on the loop (one write per loop turn, now and then a rewrite of
+    the live ids): a large batch must stay in the low milliseconds."""
     from edge.events import new_id
 
-    t = DedupTable(str(tmp_path / "d.sqlite"), max_entries=10_000)
+    t = DedupTable(str(tmp_path / "d.dedup"), max_entries=10_000)
     worst = 0.0
-    for _ in range(5):
+    for _ in range(COMPACT_FACTOR * 10 + 5):  # appends and one rewrite of 10,000 ids
         for _ in range(1000):
             t.add(new_id())
         t0 = time.perf_counter()
         t.commit()
         worst = max(worst, time.perf_counter() - t0)
     t.close()
+    assert t._records < 20_000  # the rewrite happened
     print(f"\nworst commit of 1000 marks: {worst * 1000:.1f} ms")
     assert worst < 0.05
 
@@ -244,6 +349,7 @@ def test_plain_json_handlers_never_import_pydantic():
     kind is a schema dead letter, as a model mismatch is."""
     code = """
 import asyncio, sys
+from typing import Any
 from edge import Service
 from edge.testing import MemoryBroker, TestClient
 
@@ -251,7 +357,7 @@ svc = Service("plain", heartbeat=0)
 seen = []
 
 @svc.on("dt/{device}/obj")
-async def obj(device: str, data: dict) -> None:
+async def obj(device: str, data: dict[str, Any]) -> None:
     seen.append(data)
 
 @svc.on("dt/{device}/arr")
