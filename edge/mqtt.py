@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,8 +216,11 @@ class MQTTClient:
         self._ping_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._entered = False
-        self._reading_paused = False  # the receiver asked us to stop
+        self._reading_paused = False  # the receiver asked for no more deliveries
         self._transport_paused = False  # the socket is not being read
+        # PUBLISH packets read while deliveries are paused (or not yet handed over after a
+        # pause), raw and in order; acknowledgements behind them are handled at once
+        self._held: deque[tuple[bytes, int]] = deque()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -309,6 +313,7 @@ class MQTTClient:
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()
+        self._held.clear()  # unacknowledged: the broker sends them again next session
         self._can_write.set()
         if self._window is not None:
             # wake every publisher waiting for room; they will see the closed connection
@@ -370,6 +375,8 @@ class MQTTClient:
         fut.add_done_callback(self._release_slot)
         self._pending[pid] = fut
         self._write(encode_publish(topic, payload, qos, retain, pid))
+        if self._transport_paused:
+            self._flow()  # its PUBACK may sit behind deliveries we are holding back
         return fut
 
     def _release_slot(self, fut: asyncio.Future[None]) -> None:
@@ -394,6 +401,8 @@ class MQTTClient:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[pid] = fut  # type: ignore[assignment]
         self._write(b"\x82" + _varint(len(body)) + body)
+        if self._transport_paused:
+            self._flow()
         granted = await fut
         return list(granted)
 
@@ -409,38 +418,52 @@ class MQTTClient:
             self._write(b"".join([pack(0x40, 2, p) for p in pids]))
 
     def pause_reading(self) -> None:
-        """Stop reading from the socket (the receiver has enough unacknowledged messages
-        in hand); TCP flow control then holds the rest at the broker. Packets already
-        read wait as bytes. Keepalive pings still go out, and a paused connection is not
-        declared silent."""
+        """Deliver no more messages until :meth:`resume_reading` (the receiver has enough
+        unacknowledged ones in hand). The socket is not read either, so TCP flow control
+        holds the backlog at the broker — except while a publish, subscribe or ping of
+        ours awaits its answer: that answer may sit behind queued deliveries, so reading
+        goes on, and the deliveries read meanwhile wait as bytes, in order. Keepalive
+        pings still go out, and a paused connection is not declared silent."""
         if self._transport is not None and not self._reading_paused and self.connected:
             self._reading_paused = True
-            if not self._transport_paused:
-                self._transport_paused = True
-                self._transport.pause_reading()
+            self._flow()
 
     def resume_reading(self) -> None:
-        """Read again after :meth:`pause_reading`: first the packets read before the
-        pause, then from the socket once those are parsed."""
+        """Deliver again after :meth:`pause_reading`: first what was held, then from the
+        socket."""
         if self._transport is not None and self._reading_paused:
             self._reading_paused = False
             self._last_rx = time.monotonic()
-            if self._rest:
-                asyncio.get_running_loop().call_soon(self._feed_rest)
+            if self._held:
+                asyncio.get_running_loop().call_soon(self._deliver_held)
             else:
-                self._resume_transport()
+                self._flow()
 
-    def _feed_rest(self) -> None:
-        if self._reading_paused or not self.connected:
+    def _deliver_held(self) -> None:
+        held = self._held
+        try:
+            while held and not self._reading_paused and self.connected:
+                packet, i = held.popleft()
+                self._publish_in(packet, packet[0], i, len(packet))
+        except UnicodeDecodeError as e:
+            self._lost(ConnectionLost(f"protocol error from {self.url}: {e}"))
             return
-        self._feed(b"")
-        if not self._reading_paused:
-            self._resume_transport()
+        self._flow()
 
-    def _resume_transport(self) -> None:
-        if self._transport_paused and self._transport is not None and self.connected:
+    def _flow(self) -> None:
+        """Read the socket when deliveries are wanted, or when an answer is awaited."""
+        want = (
+            not self._reading_paused and not self._held
+        ) or bool(self._pending or self._ping_waiters)
+        t = self._transport
+        if t is None or not self.connected:
+            return
+        if want and self._transport_paused:
             self._transport_paused = False
-            self._transport.resume_reading()
+            t.resume_reading()
+        elif not want and not self._transport_paused:
+            self._transport_paused = True
+            t.pause_reading()
 
     def ping(self) -> asyncio.Future[None]:
         """Send PINGREQ; the future completes at PINGRESP. The broker handles packets in
@@ -448,6 +471,8 @@ class MQTTClient:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ping_waiters.append(fut)
         self._write(_PINGREQ)
+        if self._transport_paused:
+            self._flow()
         if self._ping_sent is None:
             self._ping_sent = time.monotonic()
         return fut
@@ -457,7 +482,7 @@ class MQTTClient:
     def _tick(self) -> None:
         now = time.monotonic()
         half = self.keepalive / 2
-        if self._reading_paused:
+        if self._transport_paused:
             # we are not reading, so answers cannot arrive: keep the broker's side alive
             if now - self._last_tx > half:
                 try:
@@ -483,70 +508,78 @@ class MQTTClient:
         self._last_rx = time.monotonic()
         if self._rest:
             data = self._rest + data
-        n = len(data)
-        pos = 0
-        on_message = self.on_message
         try:
-            while n - pos >= 2:
-                first = data[pos]
-                # remaining length (1..4 bytes)
-                i = pos + 1
-                length = 0
-                mult = 1
-                while True:
-                    if i >= n:
-                        self._rest = data[pos:]
-                        return
-                    byte = data[i]
-                    length += (byte & 0x7F) * mult
-                    i += 1
-                    if byte < 0x80:
-                        break
-                    mult *= 128
-                    if mult > 128**3:
-                        raise ProtocolError("malformed remaining length")
-                end = i + length
-                if end > n:
-                    if length > self.max_packet_bytes:
-                        raise ProtocolError(f"packet of {length} bytes exceeds the limit")
-                    break
-                ptype = first >> 4
-                if ptype == PUBLISH:
-                    tlen = (data[i] << 8) | data[i + 1]
-                    t_end = i + 2 + tlen
-                    topic = data[i + 2 : t_end].decode()
-                    qos = (first >> 1) & 3
-                    if qos:
-                        pid = (data[t_end] << 8) | data[t_end + 1]
-                        payload = data[t_end + 2 : end]
-                    else:
-                        pid = 0
-                        payload = data[t_end:end]
-                    on_message(Message(topic, payload, qos, bool(first & 1), bool(first & 8), pid))
-                    if self._reading_paused:
-                        # the receiver has enough in hand: the rest of this read waits as
-                        # bytes (about a third of parsed messages) until resume_reading
-                        self._rest = data[end:]
-                        return
-                elif ptype == PUBACK or ptype == SUBACK or ptype == UNSUBACK:
-                    pid = (data[i] << 8) | data[i + 1]
-                    fut = self._pending.pop(pid, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(data[i + 2 : end] if ptype == SUBACK else None)
-                elif ptype == PINGRESP:
-                    self._ping_sent = None
-                    waiters, self._ping_waiters = self._ping_waiters, []
-                    for w in waiters:
-                        if not w.done():
-                            w.set_result(None)
-                elif ptype == CONNACK:
-                    if self._connack is not None and not self._connack.done():
-                        self._connack.set_result((bool(data[i] & 1), data[i + 1]))
-                else:
-                    raise ProtocolError(f"unexpected packet type {ptype} from the broker")
-                pos = end
-            self._rest = data[pos:] if pos < n else b""
+            pos = self._packets(data)
         except (ProtocolError, UnicodeDecodeError, IndexError) as e:
             self._rest = b""
             self._lost(ConnectionLost(f"protocol error from {self.url}: {e}"))
+            return
+        self._rest = data[pos:] if pos < len(data) else b""
+        if self._reading_paused:
+            self._flow()  # the awaited answer may have come: stop reading
+
+    def _packets(self, data: bytes) -> int:
+        """Handle the complete packets in ``data``; return where the incomplete one starts."""
+        n = len(data)
+        pos = 0
+        while n - pos >= 2:
+            first = data[pos]
+            # remaining length (1..4 bytes)
+            i = pos + 1
+            length = 0
+            mult = 1
+            while True:
+                if i >= n:
+                    return pos
+                byte = data[i]
+                length += (byte & 0x7F) * mult
+                i += 1
+                if byte < 0x80:
+                    break
+                mult *= 128
+                if mult > 128**3:
+                    raise ProtocolError("malformed remaining length")
+            end = i + length
+            if end > n:
+                if length > self.max_packet_bytes:
+                    raise ProtocolError(f"packet of {length} bytes exceeds the limit")
+                return pos
+            ptype = first >> 4
+            if ptype == PUBLISH:
+                if self._reading_paused or self._held:
+                    self._held.append((data[pos:end], i - pos))
+                else:
+                    self._publish_in(data, first, i, end)
+            elif ptype == PUBACK or ptype == SUBACK or ptype == UNSUBACK:
+                pid = (data[i] << 8) | data[i + 1]
+                fut = self._pending.pop(pid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(data[i + 2 : end] if ptype == SUBACK else None)
+            elif ptype == PINGRESP:
+                self._ping_sent = None
+                waiters, self._ping_waiters = self._ping_waiters, []
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+            elif ptype == CONNACK:
+                if self._connack is not None and not self._connack.done():
+                    self._connack.set_result((bool(data[i] & 1), data[i + 1]))
+            else:
+                raise ProtocolError(f"unexpected packet type {ptype} from the broker")
+            pos = end
+        return pos
+
+    def _publish_in(self, data: bytes, first: int, i: int, end: int) -> None:
+        """Hand the PUBLISH packet ``data[..end]`` (its variable header at ``i``) over."""
+        tlen = (data[i] << 8) | data[i + 1]
+        t_end = i + 2 + tlen
+        topic = data[i + 2 : t_end].decode()
+        qos = (first >> 1) & 3
+        if qos:
+            pid = (data[t_end] << 8) | data[t_end + 1]
+            payload = data[t_end + 2 : end]
+        else:
+            pid = 0
+            payload = data[t_end:end]
+        self.on_message(Message(topic, payload, qos, bool(first & 1), bool(first & 8), pid))
 

@@ -422,3 +422,35 @@ async def test_broker_restart_reconnects_and_carries_on(edge_broker):
         async with TestClient(edge_broker.url) as tc:
             await tc.publish_event("dt/a/x", {"n": 2})
             await svc.wait_until(lambda s: seen == [1, 2], 20)
+
+
+async def test_handlers_that_publish_through_a_backlog_larger_than_max_pending(edge_broker):
+    """With a backlog at the broker the service stops taking messages once it holds
+    max_pending; handlers that publish still need their acknowledgements, which arrive
+    behind the queued deliveries. They must keep coming (no deadlock), and the held
+    deliveries must stay in order."""
+    url = edge_broker.url
+    svc = Service(name(), heartbeat=0, max_pending=8, concurrency=4)
+    seen: list[int] = []
+
+    @svc.on("dt/{device}/x")
+    async def forward(device: str, data: dict) -> None:
+        await svc.publish(f"evt/fwd/{device}", {"n": data["n"]})
+        seen.append(data["n"])
+
+    async with svc.running(url):  # creates the persistent session
+        pass
+    total = 2000
+    async with TestClient(url) as tc:
+        for n in range(total):
+            await tc.publish_event(f"dt/d{n % 5}/x", {"n": n, "pad": "x" * 200})
+        await tc.settle()
+    async with TestClient(url) as tc:
+        out = await tc.subscribe("evt/fwd/#")
+        async with svc.running(url):
+            await svc.wait_until(lambda s: len(seen) >= total, 60)
+            await out.wait(total, 30)
+    print(f"\nbacklog {total}, max_pending 8: handled {len(seen)}, forwarded {total}")
+    assert sorted(seen) == list(range(total))
+    for d in range(5):  # in order per key
+        assert [n for n in seen if n % 5 == d] == list(range(d, total, 5))
