@@ -1,11 +1,17 @@
-"""A service's connection to its broker, kept up for as long as the service runs.
+"""A service's connections to its broker, kept up for as long as the service runs.
 
-One :class:`Link` owns the current MQTT client (one client is one connection; a
-reconnect makes a new one): it connects with capped, jittered backoff, makes the new
-client current *before* subscribing (a persistent session's messages may arrive before
-the SUBACK), subscribes, publishes the retained ``online`` state, and on a drop starts
-over at once. :meth:`Link.send` publishes through drops: it waits for the next
-connection and sends again (the same bytes, so the same event id).
+A :class:`Link` owns two MQTT clients (one client is one connection; a reconnect makes a
+new one). The *session* client holds the persistent QoS 1 session, the subscriptions, the
+will and the retained ``online`` state: it receives. The *publisher* client, a clean
+session beside it (client id ``<id>-pub``), carries everything the service publishes.
+Handlers publish while the session client may have stopped reading (``max_pending``
+messages in hand): on one connection their PUBACKs would queue behind the deliveries it
+is not reading, and a backlog larger than ``max_pending`` would never move again.
+
+Each client connects with capped, jittered backoff; the session client is made current
+*before* subscribing (a persistent session's messages may arrive before the SUBACK); on a
+drop, each starts over at once. :meth:`Link.send` publishes through drops: it waits for
+the next publisher connection and sends again (the same bytes, so the same event id).
 """
 
 from __future__ import annotations
@@ -55,8 +61,10 @@ class Link:
         self.on_new_client = on_new_client
         self.on_online = on_online
         self.counters = counters
-        self.client: Any = None
-        self.connected = asyncio.Event()
+        self.client: Any = None  # the session client (receives)
+        self.pub: Any = None  # the publisher client
+        self.connected = asyncio.Event()  # the session is subscribed and online
+        self.pub_ready = asyncio.Event()
         self.closing = False
         self.state_topic = f"state/{name}"
 
@@ -65,32 +73,32 @@ class Link:
         b = self.broker
         return str(b) if isinstance(b, str | BrokerURL) else type(b).__name__
 
-    def _make_client(self) -> Any:
+    def _make_client(self, publisher: bool) -> Any:
         kw: dict[str, Any] = dict(
-            clean_session=False,
+            clean_session=publisher,
             keepalive=self.keepalive,
-            will=Will(self.state_topic, b"offline", 1, True),
             max_inflight=self.max_inflight,
         )
+        if not publisher:
+            kw["will"] = Will(self.state_topic, b"offline", 1, True)
+        client_id = f"{self.client_id}-pub" if publisher else self.client_id
         b = self.broker
         if isinstance(b, str | BrokerURL):
             connect_timeout = min(self.connect_timeout, 10.0)
-            client: Any = MQTTClient(b, self.client_id, connect_timeout=connect_timeout, **kw)
+            client: Any = MQTTClient(b, client_id, connect_timeout=connect_timeout, **kw)
         else:  # an edge.testing.MemoryBroker, or anything with the same client() factory
-            client = b.client(self.client_id, **kw)
-        client.on_message = functools.partial(self.on_message, client)
+            client = b.client(client_id, **kw)
+        if not publisher:
+            client.on_message = functools.partial(self.on_message, client)
         return client
 
-    async def open(self, give_up_after: float | None) -> None:
-        """Connect (retrying with backoff for ``give_up_after`` seconds, None: forever),
-        subscribe, and publish ``online``."""
+    async def _connect(self, publisher: bool, deadline: float | None) -> Any:
         backoff = Backoff(0.2, 5.0)
-        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         while True:
-            client = self._make_client()
+            client = self._make_client(publisher)
             try:
                 await client.connect()
-                break
+                return client
             except ConnectError as e:
                 if self.closing or (deadline is not None and time.monotonic() >= deadline):
                     raise
@@ -99,6 +107,16 @@ class Link:
                     "service %s: cannot connect (%s); retrying in %.1f s", self.name, e, delay
                 )
                 await asyncio.sleep(delay)
+
+    async def open(self, give_up_after: float | None) -> None:
+        """Connect both clients (retrying with backoff for ``give_up_after`` seconds, None:
+        forever), subscribe, and publish ``online``."""
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        await self._open_publisher(deadline)
+        await self._open_session(deadline)
+
+    async def _open_session(self, deadline: float | None) -> None:
+        client = await self._connect(False, deadline)
         self.client = client
         self.on_new_client(client)
         await client.subscribe([(f, 1) for f in self.filters])
@@ -106,8 +124,15 @@ class Link:
         self.connected.set()
         self.on_online()
 
+    async def _open_publisher(self, deadline: float | None) -> None:
+        self.pub = await self._connect(True, deadline)
+        self.pub_ready.set()
+
     async def supervise(self) -> None:
-        """Reconnect whenever the connection drops, until :meth:`close`."""
+        """Reconnect either client whenever its connection drops, until :meth:`close`."""
+        await asyncio.gather(self._supervise_session(), self._supervise_publisher())
+
+    async def _supervise_session(self) -> None:
         while not self.closing:
             try:
                 await asyncio.shield(self.client.closed)
@@ -118,23 +143,41 @@ class Link:
                 self.counters["reconnects"] += 1
                 log.warning("service %s: %s; reconnecting", self.name, e)
             try:
-                await self.open(None)
+                await self._open_session(None)
             except (ConnectionLost, ConnectError) as e:
                 log.warning("service %s: reconnect failed: %s", self.name, e)
                 await asyncio.sleep(Backoff(0.2, 5.0).next())
 
+    async def _supervise_publisher(self) -> None:
+        while not self.closing:
+            try:
+                await asyncio.shield(self.pub.closed)
+            except ConnectionLost as e:
+                if self.closing:
+                    return
+                log.warning("service %s: publisher %s; reconnecting", self.name, e)
+            if self.closing:
+                return
+            self.pub_ready.clear()
+            try:
+                await self._open_publisher(None)
+            except (ConnectionLost, ConnectError) as e:
+                log.warning("service %s: publisher reconnect failed: %s", self.name, e)
+                await asyncio.sleep(Backoff(0.2, 5.0).next())
+
     async def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Publish and wait for the acknowledgement; through a drop, publish again on the
-        next connection."""
+        """Publish on the publisher connection and wait for the acknowledgement; through a
+        drop, publish again on the next connection."""
         while True:
-            client = self.client
-            if client is None or not client.connected:
+            pub = self.pub
+            if pub is None or not pub.connected:
                 if self.closing:
                     raise ServiceError(f"service {self.name!r} is not running")
-                await self.connected.wait()
+                self.pub_ready.clear()  # set again once a new publisher is connected
+                await self.pub_ready.wait()
                 continue
             try:
-                await client.publish(topic, payload, qos, retain)
+                await pub.publish(topic, payload, qos, retain)
                 return
             except ConnectionLost:
                 if self.closing:
@@ -144,6 +187,10 @@ class Link:
     async def close(self, *, offline: bool = True) -> None:
         """Publish ``offline`` (a clean stop; the will covers the rest) and disconnect."""
         self.closing = True
+        self.pub_ready.set()  # senders waiting for a connection see the close
+        pub, self.pub = self.pub, None
+        if pub is not None:
+            await pub.close()
         client = self.client
         if client is None:
             return

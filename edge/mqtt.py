@@ -218,8 +218,8 @@ class MQTTClient:
         self._entered = False
         self._reading_paused = False  # the receiver asked for no more deliveries
         self._transport_paused = False  # the socket is not being read
-        # PUBLISH packets read while deliveries are paused (or not yet handed over after a
-        # pause), raw and in order; acknowledgements behind them are handled at once
+        # PUBLISH packets read after a pause (the rest of that read), raw and in order;
+        # other packets behind them are handled at once
         self._held: deque[tuple[bytes, int]] = deque()
 
     # ---------------------------------------------------------------- lifecycle
@@ -375,8 +375,6 @@ class MQTTClient:
         fut.add_done_callback(self._release_slot)
         self._pending[pid] = fut
         self._write(encode_publish(topic, payload, qos, retain, pid))
-        if self._transport_paused:
-            self._flow()  # its PUBACK may sit behind deliveries we are holding back
         return fut
 
     def _release_slot(self, fut: asyncio.Future[None]) -> None:
@@ -401,8 +399,6 @@ class MQTTClient:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[pid] = fut  # type: ignore[assignment]
         self._write(b"\x82" + _varint(len(body)) + body)
-        if self._transport_paused:
-            self._flow()
         granted = await fut
         return list(granted)
 
@@ -420,10 +416,11 @@ class MQTTClient:
     def pause_reading(self) -> None:
         """Deliver no more messages until :meth:`resume_reading` (the receiver has enough
         unacknowledged ones in hand). The socket is not read either, so TCP flow control
-        holds the backlog at the broker — except while a publish, subscribe or ping of
-        ours awaits its answer: that answer may sit behind queued deliveries, so reading
-        goes on, and the deliveries read meanwhile wait as bytes, in order. Keepalive
-        pings still go out, and a paused connection is not declared silent."""
+        holds the backlog at the broker; deliveries already read wait as bytes, in order.
+        Answers to this connection's own publishes, subscribes and pings may sit behind
+        the backlog, so a receiver whose progress depends on them must publish on another
+        connection (edge.Service does). Keepalive pings still go out, and a paused
+        connection is not declared silent."""
         if self._transport is not None and not self._reading_paused and self.connected:
             self._reading_paused = True
             self._flow()
@@ -451,10 +448,8 @@ class MQTTClient:
         self._flow()
 
     def _flow(self) -> None:
-        """Read the socket when deliveries are wanted, or when an answer is awaited."""
-        want = (
-            not self._reading_paused and not self._held
-        ) or bool(self._pending or self._ping_waiters)
+        """Read the socket when deliveries are wanted and nothing read is held back."""
+        want = not self._reading_paused and not self._held
         t = self._transport
         if t is None or not self.connected:
             return
@@ -471,8 +466,6 @@ class MQTTClient:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ping_waiters.append(fut)
         self._write(_PINGREQ)
-        if self._transport_paused:
-            self._flow()
         if self._ping_sent is None:
             self._ping_sent = time.monotonic()
         return fut
@@ -515,8 +508,6 @@ class MQTTClient:
             self._lost(ConnectionLost(f"protocol error from {self.url}: {e}"))
             return
         self._rest = data[pos:] if pos < len(data) else b""
-        if self._reading_paused:
-            self._flow()  # the awaited answer may have come: stop reading
 
     def _packets(self, data: bytes) -> int:
         """Handle the complete packets in ``data``; return where the incomplete one starts."""

@@ -237,6 +237,37 @@ async def test_health_online_will_heartbeat_and_reconnect(broker):
     assert [m.payload for m in state.messages][-1] == b"offline"
 
 
+async def test_publisher_connection_drop_is_survived(broker):
+    """Handlers publish on a second, clean-session connection (their PUBACKs must not
+    queue behind deliveries the session connection is holding back). When it dies, the
+    publishes wait for the next one and go out once; receiving is not disturbed."""
+    svc = Service(name(), heartbeat=0)
+
+    @svc.on("dt/{device}/x")
+    async def forward(device: str, data: dict) -> None:
+        await svc.publish(f"evt/fwd/{device}", data)
+
+    async with TestClient(broker) as tc:
+        out = await tc.subscribe("evt/fwd/#")
+        async with svc.running(broker):
+            await tc.publish_event("dt/a/x", {"n": 1})
+            await out.wait(1)
+            first_pub = svc._link.pub
+            assert first_pub is not svc._client
+            first_pub.abort()
+            for n in range(2, 6):
+                await tc.publish_event("dt/a/x", {"n": n})
+            await out.wait(1, 10, where=lambda m: m.event.data["n"] == 5)
+            assert svc._link.pub is not first_pub and svc.counters["reconnects"] == 0
+            await tc.settle()
+    # at least once: a publish whose PUBACK the drop swallowed goes out again, with the
+    # same event id, so a consumer applies each event once
+    ids = {m.event.data["n"]: m.event.id for m in out.messages}
+    assert sorted(ids) == [1, 2, 3, 4, 5]
+    assert len({m.event.id for m in out.messages}) == 5
+    assert [m.event.data["n"] for m in out.messages if m.event.data["n"] > 1] == [2, 3, 4, 5]
+
+
 async def test_stop_drains_in_flight_handler_then_acks(broker):
     svc = Service(name(), heartbeat=0, drain_timeout=10, broker=broker)
     started = asyncio.Event()
