@@ -36,7 +36,7 @@ from binascii import crc32
 __all__ = ["COMPACT_FACTOR", "MAGIC", "DedupTable"]
 
 MAGIC = b"EFDEDUP1"
-COMPACT_FACTOR = 4
+COMPACT_FACTOR = 2
 _HEAD = struct.Struct("<IdH")  # crc32, time, id length
 _BODY = struct.Struct("<dH")
 _MAX_ID = 0xFFFF
@@ -112,6 +112,7 @@ class DedupTable:
         n = 0
         end = len(data)
         head = _HEAD.size
+        limit = self.max_entries
         while pos + head <= end:
             crc, ts, ln = _HEAD.unpack_from(data, pos)
             stop = pos + head + ln
@@ -120,11 +121,12 @@ class DedupTable:
             event_id = data[pos + head : stop].decode("utf-8", "surrogatepass")
             ids.pop(event_id, None)
             ids[event_id] = ts
+            if len(ids) > limit:  # the newest max_entries ids are all that can survive
+                del ids[next(iter(ids))]
             pos = stop
             n += 1
         cutoff = time.time() - self.ttl
-        live = [(k, v) for k, v in ids.items() if v >= cutoff]
-        self._ids = dict(live[-self.max_entries :])
+        self._ids = {k: v for k, v in ids.items() if v >= cutoff}
         return pos, n
 
     def _import_sqlite(self, path: str) -> None:

@@ -344,7 +344,7 @@ def test_dedup_commit_is_short_enough_for_the_event_loop(tmp_path):
 
 
 def test_plain_json_handlers_never_import_pydantic():
-    """dict, list, str and untyped payloads are checked without pydantic (about 10 MB of
+    """dict, list, str and untyped payloads are checked without pydantic (about 12 MiB of
     resident memory a service that does not use models should not pay); the wrong JSON
     kind is a schema dead letter, as a model mismatch is."""
     code = """
