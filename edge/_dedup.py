@@ -10,13 +10,14 @@ than ``ttl`` seconds. The ids live in an insertion-ordered dict, so a lookup nev
 touches the disk.
 
 On disk the table is an append-only log (``<name>.dedup``), not a database: a handled
-message costs one record of about 40 bytes (SQLite in WAL mode wrote about 10 KB per
-message when each loop turn carried one mark, which on an SD card adds up), and the
-process needs no SQLite (about 1.5 MB of resident memory). When the log holds more than
-``COMPACT_FACTOR`` times ``max_entries`` records, it is rewritten with the live ids only
-(temporary file, rename). The log is not fsynced per write: a killed process loses nothing (the
-data is in the page cache); a power cut may lose the last marks, whose handlers then run
-again (at least once still holds; derived event ids stay the same, see docs/events.md).
+message costs one record of about 40 bytes, about 80 with the rewrites below (SQLite in
+WAL mode wrote about 10 KB per message when each loop turn carried one mark, which on an
+SD card adds up), and the process needs no SQLite (about 1.5 MB of resident memory).
+When the log holds more than ``COMPACT_FACTOR`` times ``max_entries`` records, it is
+rewritten with the live ids only (temporary file, rename). The log is not fsynced per
+write: a killed process loses nothing (the data is in the page cache); a power cut may
+lose the last marks, whose handlers then run again (at least once still holds; derived
+event ids stay the same, see docs/events.md).
 
 Record: ``crc32 (u32) | time (f64) | id length (u16) | id (UTF-8)``, little endian, the
 checksum over everything after it. A file starts with :data:`MAGIC`. Reading stops at
