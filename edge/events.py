@@ -42,12 +42,14 @@ _last_ms = -1
 _last_rand = 0
 
 
+# every 10-bit value as its two Crockford base32 characters: ids are made per message
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
 def _b32(n: int, chars: int) -> str:
-    out = []
-    for _ in range(chars):
-        out.append(_ALPHABET[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
+    """``n`` as ``chars`` (even) Crockford base32 characters, most significant first."""
+    pairs = _PAIRS
+    return "".join([pairs[(n >> s) & 1023] for s in range(5 * chars - 10, -1, -10)])
 
 
 def new_id() -> str:
