@@ -407,7 +407,10 @@ class Service:
         )
 
     def _on_new_client(self, client: Any) -> None:
-        self._paused = None  # a paused older connection is gone
+        # a paused older connection is gone; but the new one may already be paused: a
+        # persistent session's backlog can arrive with the CONNACK, before we get here
+        if self._paused is not client:
+            self._paused = None
 
     def _poke(self) -> None:
         if self._progress is not None:

@@ -227,7 +227,11 @@ class MemoryClient:
         self.session_present = False
         self._closed: asyncio.Future[None] | None = None
         self._entered = False
-        self._held: deque[Message] | None = None  # while reading is paused
+        # delivered by the broker, not yet handed over: one FIFO, so order holds across
+        # pause_reading/resume_reading (as in MQTTClient, which holds unread bytes)
+        self._inbox: deque[Message] = deque()
+        self._paused = False
+        self._drain_scheduled = False
 
     async def __aenter__(self) -> MemoryClient:
         await self.connect()
@@ -251,34 +255,37 @@ class MemoryClient:
             raise ConnectError("memory broker is down")
         self._closed = asyncio.get_running_loop().create_future()
         self.session_present = self.broker._connect(self)
-        loop = asyncio.get_running_loop()
-        loop.call_soon(self._resume)
+        # a persistent session's backlog comes right behind the CONNACK: like MQTTClient
+        # parsing both from one read, hand it over before connect() returns
+        self.broker._resume(self)
+        self._drain()
         return self.session_present
 
-    def _resume(self) -> None:
-        if self.connected:
-            self.broker._resume(self)
-
     def _deliver(self, msg: Message) -> None:
-        asyncio.get_running_loop().call_soon(self._dispatch, msg)
+        self._inbox.append(msg)
+        self._schedule_drain()
 
-    def _dispatch(self, msg: Message) -> None:
-        if self._held is not None:
-            self._held.append(msg)
-        elif self.connected:
-            self.on_message(msg)
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and not self._paused:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        inbox = self._inbox
+        while inbox and not self._paused and self.connected:
+            self.on_message(inbox.popleft())
 
     def pause_reading(self) -> None:
-        if self._held is None:
-            self._held = deque()
+        self._paused = True
 
     def resume_reading(self) -> None:
-        held, self._held = self._held, None
-        loop = asyncio.get_running_loop()
-        for msg in held or ():
-            loop.call_soon(self._dispatch, msg)
+        self._paused = False
+        if self._inbox:
+            self._schedule_drain()
 
     def _end(self, clean: bool, why: str) -> None:
+        self._inbox.clear()  # unacknowledged: the session sends them again
         if self._closed is not None and not self._closed.done():
             self._closed.set_exception(ConnectionLost(why))
             self._closed.exception()

@@ -455,12 +455,13 @@ async def test_broker_restart_reconnects_and_carries_on(edge_broker):
             await svc.wait_until(lambda s: seen == [1, 2], 20)
 
 
-async def test_handlers_that_publish_through_a_backlog_larger_than_max_pending(edge_broker):
+async def test_handlers_that_publish_through_a_backlog_larger_than_max_pending(broker):
     """With a backlog at the broker the service stops taking messages once it holds
     max_pending; handlers that publish still need their acknowledgements, which arrive
     behind the queued deliveries. They must keep coming (no deadlock), and the held
-    deliveries must stay in order."""
-    url = edge_broker.url
+    deliveries must stay in order. The backlog may also fill max_pending before connect()
+    returns (it comes with the CONNACK): that pause must not be forgotten either."""
+    url = broker
     svc = Service(name(), heartbeat=0, max_pending=8, concurrency=4)
     seen: list[int] = []
 
