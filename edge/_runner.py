@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from edge.config import Option, load_settings
+from edge.config import Option, load_settings, read_yaml
 from edge.errors import ConfigError, EdgeError, ServiceError
 from edge.mqtt import BrokerURL, parse_url
 
@@ -148,10 +148,7 @@ def service_config_section(config_path: str | None, name: str) -> dict[str, Any]
     """The YAML section named after the service, or None."""
     if not config_path:
         return None
-    import yaml
-
-    with open(config_path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(config_path)
     section = data.get(name) if isinstance(data, dict) else None
     if section is not None and not isinstance(section, dict):
         raise ConfigError(f"{config_path}: '{name}' must be a mapping")

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from edge.errors import ConfigError
 from edge.mqtt import parse_url
 
-__all__ = ["Option", "load_settings", "parse_size", "parse_duration"]
+__all__ = ["Option", "load_settings", "parse_duration", "parse_size", "read_yaml"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -191,18 +191,25 @@ def load_settings(
 _SHARED_SECTIONS = {"gateway", "ingest", "service", "services", "sim"}
 
 
-def _read_yaml(path: str, section: str) -> tuple[dict[str, Any], set[str]]:
+def read_yaml(path: Any, what: str = "config", error: type[Exception] = ConfigError) -> Any:
+    """A YAML file's content ({} when empty). An unreadable file or invalid YAML raises
+    ``error`` with one line: ``cannot read <what> <path>: ...`` or ``<what> <path> is not
+    valid YAML: ...``. PyYAML is imported only here, when a file is given."""
     try:
-        import yaml  # only when a file is given
+        import yaml
     except ImportError:  # pragma: no cover
-        raise ConfigError("reading --config needs PyYAML") from None
+        raise error(f"reading {path} needs PyYAML") from None
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise error(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: str, section: str) -> tuple[dict[str, Any], set[str]]:
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of settings")
     merged = {k: v for k, v in data.items() if k not in _SHARED_SECTIONS}

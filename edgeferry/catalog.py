@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.config import read_yaml
 from edge.errors import ServiceError
 
 __all__ = ["Catalog", "build_catalog", "services_from_config"]
@@ -80,15 +81,7 @@ def services_from_config(path: str | None) -> list[str]:
     """The ``services:`` list of the YAML file (MODULE:ATTR strings)."""
     if not path:
         return []
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ServiceError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ServiceError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, error=ServiceError)
     specs = data.get("services", []) if isinstance(data, dict) else []
     if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
         raise ServiceError(f"{path}: 'services' must be a list of MODULE:ATTR strings")

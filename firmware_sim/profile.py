@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from edge.config import read_yaml
 from firmware_sim.errors import ProfileError
 from firmware_sim.sensors import STREAMS
 
@@ -212,18 +213,8 @@ def load_profile(path: str | Path | None = None, **overrides: Any) -> Profile:
     data: dict[str, Any] = {}
     origin = "profile"
     if path is not None:
-        import yaml
-
         origin = str(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ProfileError(
-                f"profile {path} is not valid YAML: {str(e).splitlines()[0]}"
-            ) from None
+        loaded = read_yaml(path, "profile", ProfileError)
         if not isinstance(loaded, dict):
             raise ProfileError(f"profile {path} must be a mapping")
         data = loaded.get("sim", loaded) if isinstance(loaded.get("sim"), dict) else loaded
