@@ -485,10 +485,14 @@ class Device:
     async def shutdown(self) -> None:
         """Clean stop at the end of a run: ``offline`` (retained), then DISCONNECT."""
         self.stop_ticks()
+        await self._say_offline(5)
+
+    async def _say_offline(self, wait: float) -> None:
+        """Publish the retained ``offline`` (waiting up to ``wait`` s), then DISCONNECT."""
         c = self.client
         if c is not None and c.connected:
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(wait):
                     await c.publish(self.state_topic, _OFFLINE, 1, retain=True)
             except (ConnectionLost, TimeoutError):
                 pass
@@ -589,14 +593,7 @@ class Device:
             await self._flush(2.0)  # firmware sends what it holds before restarting
             if not self.alive:
                 return  # lost power meanwhile: it boots (or not) on its own schedule
-            c = self.client
-            if c is not None and c.connected:
-                try:
-                    async with asyncio.timeout(2):
-                        await c.publish(self.state_topic, _OFFLINE, 1, retain=True)
-                except (ConnectionLost, TimeoutError):
-                    pass
-                await c.close()
+            await self._say_offline(2)
             self.power_off("reboot", graceful=True)
             await asyncio.sleep(self.fleet.profile.reboot_time)
             if firmware is not None:

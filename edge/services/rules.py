@@ -122,6 +122,31 @@ _state: dict[tuple[str, str], _State] = {}
 _prev: dict[tuple[str, str, str], tuple[float, float]] = {}
 
 
+def _alert(
+    r: Rule,
+    state: Literal["firing", "cleared"],
+    condition: str,
+    device: str,
+    stream: str,
+    v: float,
+    rate: float | None,
+    ts: float,
+) -> Alert:
+    """An alert of rule ``r`` on this sample (the rate only when the rule looks at it)."""
+    looks_at_rate = r.rate_above is not None or r.rate_below is not None
+    return Alert(
+        rule=r.name,
+        device=device,
+        stream=stream,
+        state=state,
+        severity=r.severity,
+        value=v,
+        rate=rate if looks_at_rate else None,
+        condition=condition,
+        at=ts,
+    )
+
+
 def _breach(r: Rule, v: float, rate: float | None) -> str | None:
     if r.above is not None and v > r.above:
         return f"value > {r.above:g}"
@@ -181,7 +206,6 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
         if reading is None:  # this sample does not carry the rule's field
             continue
         v, rate = reading
-        looks_at_rate = r.rate_above is not None or r.rate_below is not None
         st = _state.setdefault((r.name, device), _State())
         if not st.firing:
             cond = _breach(r, v, rate)
@@ -192,34 +216,14 @@ async def evaluate(device: str, stream: str, value: Sample, event: Event) -> Non
                 continue
             await service.publish(
                 f"evt/alert/{device}",
-                Alert(
-                    rule=r.name,
-                    device=device,
-                    stream=stream,
-                    state="firing",
-                    severity=r.severity,
-                    value=v,
-                    rate=rate if looks_at_rate else None,
-                    condition=cond,
-                    at=ts,
-                ),
+                _alert(r, "firing", cond, device, stream, v, rate, ts),
                 subject=device,
             )
             st.firing, st.last_fired, st.condition = True, ts, cond
         elif _clear(r, v, rate):
             await service.publish(
                 f"evt/alert/{device}",
-                Alert(
-                    rule=r.name,
-                    device=device,
-                    stream=stream,
-                    state="cleared",
-                    severity=r.severity,
-                    value=v,
-                    rate=rate if looks_at_rate else None,
-                    condition=st.condition,
-                    at=ts,
-                ),
+                _alert(r, "cleared", st.condition, device, stream, v, rate, ts),
                 type="io.edgeferry.alert.cleared",
                 subject=device,
             )
