@@ -30,6 +30,7 @@ __all__ = [
     "is_ulid",
     "new_id",
     "now_rfc3339",
+    "rfc3339_ms",
     "ulid_ms",
 ]
 
@@ -93,10 +94,24 @@ def derived_id(trigger_id: str | None, producer: str, n: int) -> str:
     return trig[:10] + _b32(int.from_bytes(h, "big"), 16)
 
 
+_second_prefix: dict[int, str] = {}
+
+
+def rfc3339_ms(ts_ms: int) -> str:
+    """Unix milliseconds as RFC 3339 UTC: ``2026-11-27T18:45:08.123Z`` (the part up to the
+    second is formatted once per second, as timestamps are made per message)."""
+    sec, ms = divmod(ts_ms, 1000)
+    prefix = _second_prefix.get(sec)
+    if prefix is None:
+        if len(_second_prefix) > 4096:
+            _second_prefix.clear()
+        prefix = _second_prefix[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{prefix}.{ms:03d}Z"
+
+
 def now_rfc3339() -> str:
     """Now, as RFC 3339 UTC with milliseconds: ``2026-11-27T18:45:08.123Z``."""
-    t = time.time()
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z"
+    return rfc3339_ms(time.time_ns() // 1_000_000)
 
 
 def parse_time(s: str) -> float:

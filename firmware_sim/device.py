@@ -34,7 +34,7 @@ import orjson
 
 from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost
-from edge.events import new_id
+from edge.events import new_id, rfc3339_ms
 from edge.mqtt import Message, MQTTClient, Will
 from firmware_sim._rng import uniform
 from firmware_sim.faults import DeviceFaults, garbage_payload
@@ -52,17 +52,6 @@ _P_JITTER, _P_DUP, _P_GARBAGE, _P_PHASE = 201, 202, 203, 204
 _SEEN_COMMANDS = 256  # command ids remembered (in "flash": they survive reboots)
 _OFFLINE = b"offline"
 
-_sec_cache: dict[int, str] = {}
-
-
-def _rfc3339(t: float) -> str:
-    sec = int(t)
-    prefix = _sec_cache.get(sec)
-    if prefix is None:
-        if len(_sec_cache) > 64:
-            _sec_cache.clear()
-        prefix = _sec_cache[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{prefix}.{int((t - sec) * 1000):03d}Z"
 
 
 class Device:
@@ -261,7 +250,7 @@ class Device:
         f = self.faults
         if f.skew or f.drift_ppm:
             t += f.skew + f.drift_ppm * 1e-6 * (t - self.fleet.wall_start)
-        return _rfc3339(t)
+        return rfc3339_ms(int(t * 1000))
 
     def _event(self, topic: str, etype: str, data: dict[str, Any], correlationid: str) -> None:
         """Queue an event (reply, OTA progress) in the outbox: it survives a dropped link."""

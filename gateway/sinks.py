@@ -20,10 +20,10 @@ import bisect
 import os
 import re
 import sqlite3
-import time
 from pathlib import Path
 from typing import BinaryIO
 
+from edge.events import rfc3339_ms
 from gateway.errors import SinkError
 
 try:
@@ -86,17 +86,7 @@ class SeqSet:
         return i >= 0 and n <= self._hi[i]
 
 
-_ts_cache: dict[int, str] = {}
-
-
-def rfc3339(ts_ms: int) -> str:
-    sec, ms = divmod(ts_ms, 1000)
-    prefix = _ts_cache.get(sec)
-    if prefix is None:
-        if len(_ts_cache) > 4096:
-            _ts_cache.clear()
-        prefix = _ts_cache[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{prefix}.{ms:03d}Z"
+rfc3339 = rfc3339_ms  # a row's received_at
 
 
 def _payload_fields(payload: bytes) -> tuple[str, str | None]:
