@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from edgeferry.procs import free_port  # below the ephemeral range, never 1883
+
 __all__ = [
     "REPO", "PY", "Broker", "Proc", "SinkTail", "Workdir", "count_run", "cpu_seconds",
     "Loadgen", "free_port", "io_write_bytes", "machine_info", "mem_kb", "payload_bytes",
@@ -41,12 +43,6 @@ def _die_with_parent() -> None:
     except OSError:
         pass
     os.setsid()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(pred, timeout: float, interval: float = 0.02, what: str = "condition"):

@@ -244,7 +244,7 @@ def _wait_state(url: str, topic: str, payload: bytes, timeout: float = 30) -> No
 
 def summary(res: dict[str, Any]) -> str:
     def mb(kb: int) -> str:
-        return f"{kb / 1024:.1f} MB"
+        return f"{kb / 1024:.1f} MiB"
 
     t, p = res["typed"], res["plain"]
     return "\n".join(

@@ -40,8 +40,9 @@ __all__ = [
     "python_argv",
     "wait_until",
 ]
-# (moved here from tests/harness.py so that `edgeferry demo` and bench/ use the same
-# broker and process handling as the tests; tests/harness.py re-exports it)
+# (moved here from tests/harness.py so that `edgeferry demo` uses the same broker and
+# process handling as the tests; tests/harness.py re-exports it. bench/_util.py has its
+# own Broker and Proc, which also measure and keep logs, and takes free_port from here)
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE_CONF = REPO / "deploy" / "mosquitto" / "edge.conf"
