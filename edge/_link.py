@@ -20,7 +20,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge.backoff import Backoff
@@ -130,39 +130,37 @@ class Link:
 
     async def supervise(self) -> None:
         """Reconnect either client whenever its connection drops, until :meth:`close`."""
-        await asyncio.gather(self._supervise_session(), self._supervise_publisher())
+        await asyncio.gather(
+            self._keep_up("", lambda: self.client, self._session_dropped, self._open_session),
+            self._keep_up("publisher ", lambda: self.pub, self.pub_ready.clear,
+                          self._open_publisher),
+        )
 
-    async def _supervise_session(self) -> None:
+    def _session_dropped(self) -> None:
+        self.connected.clear()
+        self.counters["reconnects"] += 1
+
+    async def _keep_up(
+        self,
+        label: str,
+        current: Callable[[], Any],
+        dropped: Callable[[], None],
+        reopen: Callable[[float | None], Awaitable[None]],
+    ) -> None:
         while not self.closing:
             try:
-                await asyncio.shield(self.client.closed)
+                await asyncio.shield(current().closed)
             except ConnectionLost as e:
                 if self.closing:
                     return
-                self.connected.clear()
-                self.counters["reconnects"] += 1
-                log.warning("service %s: %s; reconnecting", self.name, e)
-            try:
-                await self._open_session(None)
-            except (ConnectionLost, ConnectError) as e:
-                log.warning("service %s: reconnect failed: %s", self.name, e)
-                await asyncio.sleep(Backoff(0.2, 5.0).next())
-
-    async def _supervise_publisher(self) -> None:
-        while not self.closing:
-            try:
-                await asyncio.shield(self.pub.closed)
-            except ConnectionLost as e:
-                if self.closing:
-                    return
-                log.warning("service %s: publisher %s; reconnecting", self.name, e)
+                dropped()
+                log.warning("service %s: %s%s; reconnecting", self.name, label, e)
             if self.closing:
                 return
-            self.pub_ready.clear()
             try:
-                await self._open_publisher(None)
+                await reopen(None)
             except (ConnectionLost, ConnectError) as e:
-                log.warning("service %s: publisher reconnect failed: %s", self.name, e)
+                log.warning("service %s: %sreconnect failed: %s", self.name, label, e)
                 await asyncio.sleep(Backoff(0.2, 5.0).next())
 
     async def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
