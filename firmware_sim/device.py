@@ -304,6 +304,7 @@ class Device:
         self.net_down_until = max(self.net_down_until, self._now() + seconds)
         if self.client is not None and self.client.connected:
             self.counters["abnormal_disconnects"] += 1
+            self.online = False  # now, not when the link task next runs: readers see the drop
             self.client.abort()
         self.wake.set()
 
@@ -380,13 +381,19 @@ class Device:
             if not self.alive or fleet.drain_over:
                 await client.close()
                 continue
+            # the broker accepted it: a connection from here on, whose abort fires the will
+            self.counters["connects"] += 1
+            if loop.time() < self.net_down_until:
+                # the radio went down while the handshake was in flight
+                self.counters["abnormal_disconnects"] += 1
+                client.abort()
+                continue
             self.client = client
             client.closed.add_done_callback(lambda _f: self.wake.set())
             try:
                 await client.subscribe([(f"cmd/{self.name}/+", 1)])
                 await client.publish(self.state_topic, self._birth(), 1, retain=True)
                 backoff.reset()
-                self.counters["connects"] += 1
                 self.online = True
                 fleet.connected += 1
                 fleet.connection_changed.set()
