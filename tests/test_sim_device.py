@@ -280,3 +280,23 @@ async def test_many_devices_each_on_its_own_connection(edge_broker: Broker) -> N
         if "New client connected" in line and " as dev-" in line
     }
     assert len(clients) == 200
+
+
+async def test_a_drop_takes_the_device_offline_at_once_and_counts_one_link(
+    edge_broker: Broker,
+) -> None:
+    """``online`` must not outlive the link: a caller polling on the same loop tick as the
+    drop would otherwise take a dead link for a live one (and stop the fleet on it)."""
+    p = profile(devices=1, interval=0.1, sensors="temperature", seed=3)
+    async with Collector(edge_broker.url, ["state/#"]) as col:
+        async with Fleet(edge_broker.url, p) as fleet:
+            await fleet.wait_connected(timeout=10)
+            dev = fleet.device("dev-0000")
+            assert dev.online
+            dev.drop_link(0.3)
+            assert not dev.online, "online outlived the aborted link"
+            await until(lambda: dev.online, 10, "the device back online after the drop")
+    rec = fleet.manifest()["devices"]["dev-0000"]
+    assert rec["connects"] == 2 and rec["abnormal_disconnects"] == 1
+    wills = [g for g in col.on("state/dev-0000") if g.payload == b"offline"]
+    assert len(wills) == 2  # the will of the dropped link, then the clean stop
