@@ -378,11 +378,11 @@ class Device:
                 log.debug("%s: connect failed: %s", self.name, e)
                 await self._sleep(backoff.next())
                 continue
+            # the broker accepted it: a connection from here on, whose abort fires the will
+            self.counters["connects"] += 1
             if not self.alive or fleet.drain_over:
                 await client.close()
                 continue
-            # the broker accepted it: a connection from here on, whose abort fires the will
-            self.counters["connects"] += 1
             if loop.time() < self.net_down_until:
                 # the radio went down while the handshake was in flight
                 self.counters["abnormal_disconnects"] += 1
