@@ -78,7 +78,7 @@ class Device:
         "outbox",
         "client",
         "alive",
-        "online",
+        "_announced",
         "net_down_until",
         "wake",
         "timer",
@@ -117,7 +117,7 @@ class Device:
         self.outbox = Outbox(p.outbox)
         self.client: MQTTClient | None = None
         self.alive = True
-        self.online = False
+        self._announced = False  # the birth went out on the current connection
         self.net_down_until = 0.0
         self.wake = asyncio.Event()
         self.timer: asyncio.TimerHandle | None = None
@@ -303,9 +303,7 @@ class Device:
         """The network goes away for ``seconds``: no DISCONNECT, the broker fires the will."""
         self.net_down_until = max(self.net_down_until, self._now() + seconds)
         if self.client is not None and self.client.connected:
-            self.counters["abnormal_disconnects"] += 1
-            self.online = False  # now, not when the link task next runs: readers see the drop
-            self.client.abort()
+            self._abort(self.client)
         self.wake.set()
 
     def power_off(self, reason: str, graceful: bool) -> None:
@@ -315,14 +313,12 @@ class Device:
         if not self.alive:
             return
         self.alive = False
-        self.online = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         c = self.client
         if c is not None and c.connected and not graceful:
-            self.counters["abnormal_disconnects"] += 1
-            c.abort()
+            self._abort(c)
         self.outbox.clear(reason)
         self.fleet.device_emptied(self)
         self.wake.set()
@@ -342,6 +338,18 @@ class Device:
         self.wake.set()
 
     # ------------------------------------------------------------------ link
+
+    @property
+    def online(self) -> bool:
+        """Connected and announced: false the moment the connection is aborted, not only
+        once the link task next runs (a poll on the same tick must not see a dead link)."""
+        c = self.client
+        return self._announced and c is not None and c.connected
+
+    def _abort(self, client: MQTTClient) -> None:
+        """End an accepted connection without DISCONNECT: the broker fires the will."""
+        self.counters["abnormal_disconnects"] += 1
+        client.abort()
 
     async def run(self, connect_at: float) -> None:
         """The device's link task: connect, send, reconnect, until the fleet stops."""
@@ -385,8 +393,7 @@ class Device:
                 continue
             if loop.time() < self.net_down_until:
                 # the radio went down while the handshake was in flight
-                self.counters["abnormal_disconnects"] += 1
-                client.abort()
+                self._abort(client)
                 continue
             self.client = client
             client.closed.add_done_callback(lambda _f: self.wake.set())
@@ -394,13 +401,13 @@ class Device:
                 await client.subscribe([(f"cmd/{self.name}/+", 1)])
                 await client.publish(self.state_topic, self._birth(), 1, retain=True)
                 backoff.reset()
-                self.online = True
+                self._announced = True
                 fleet.connected += 1
                 fleet.connection_changed.set()
                 try:
                     await self._pump(client)
                 finally:
-                    self.online = False
+                    self._announced = False
                     fleet.connected -= 1
                     fleet.connection_changed.set()
             except ConnectionLost:
