@@ -1,4 +1,4 @@
-# edgeferry — the two commands: `make demo` and `make test`.
+# edgeferry — the two commands: `make demo` and `make test` (ruff and mypy, then pytest).
 # Both create .venv when missing, install the project with its dev extra, and make sure
 # the mosquitto binary exists (from the Debian package, when running as root).
 
@@ -31,7 +31,8 @@ mosquitto:
 	  else echo "error: mosquitto is missing: run 'sudo apt-get install mosquitto'"; exit 1; fi; \
 	fi
 
-test: setup
+# lint first: a lint or type error fails `make test` like a failing test does
+test: setup lint
 	$(PY) -m pytest
 
 demo: setup
