@@ -1,15 +1,19 @@
 """Real processes for the demo, the benchmarks and the tests: Mosquitto brokers started
-from the repository's configs, CLI processes, free ports.
+from the project's configs, CLI processes, free ports.
 
 - :func:`free_port` a free TCP port on 127.0.0.1, outside the kernel's ephemeral range.
-- :class:`Broker` a real Mosquitto started from a config file of the repo, on a free
+- :class:`Broker` a real Mosquitto started from one of the project's configs, on a free
   port, with its own persistence directory; stop / kill -9 / restart on the same port.
 - :class:`Proc` a process whose combined stdout and stderr is teed into a log file and
   can be waited on line by line (:meth:`Proc.wait_for_line`).
 - :func:`wait_until` the last resort: poll a condition that has no event to wait on.
 
-Waiting on output never sleeps: a reader thread per process appends lines under a
-condition variable, and waiters are woken by each new line or by the end of output.
+Waiting on output never sleeps (:mod:`edgeferry._output`).
+
+The broker configs (:data:`EDGE_CONF`, :data:`CLOUD_CONF`) travel inside the package,
+as ``edgeferry/data/mosquitto/*.conf``, so that ``edgeferry demo`` also works from an
+installed wheel; ``deploy/mosquitto/`` in the repository holds the same files for people
+to read and deploy (tests/test_packaging.py checks that they are the same).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO
+
+from edgeferry._output import Output, stop_process
 
 __all__ = [
     "CLOUD_CONF",
@@ -40,13 +45,16 @@ __all__ = [
     "python_argv",
     "wait_until",
 ]
-# (moved here from tests/harness.py so that `edgeferry demo` uses the same broker and
-# process handling as the tests; tests/harness.py re-exports it. bench/_util.py has its
-# own Broker and Proc, which also measure and keep logs, and takes free_port from here)
+# (moved here from tests/harness.py so that `edgeferry demo` and the benchmarks use the
+# same broker and process handling as the tests; tests/harness.py re-exports it)
 
+CONF_DIR = Path(__file__).resolve().parent / "data" / "mosquitto"
+EDGE_CONF = CONF_DIR / "edge.conf"
+CLOUD_CONF = CONF_DIR / "cloud.conf"
+# The checkout this module runs from, if it does (tests, benchmarks); in an installed
+# wheel this is the site-packages' parent and means nothing.
 REPO = Path(__file__).resolve().parent.parent
-EDGE_CONF = REPO / "deploy" / "mosquitto" / "edge.conf"
-CLOUD_CONF = REPO / "deploy" / "mosquitto" / "cloud.conf"
+_CHECKOUT = REPO if (REPO / "pyproject.toml").is_file() else None
 MOSQUITTO = os.environ.get("EDGEFERRY_MOSQUITTO") or os.environ.get("EDGEFERRY_TEST_MOSQUITTO") \
     or shutil.which("mosquitto") \
     or "/usr/sbin/mosquitto"
@@ -98,110 +106,11 @@ def free_port() -> int:
             return port
 
 
-# ---------------------------------------------------------------------------- output
-
-
-class _Output:
-    """Lines of a process's output, collected by a reader thread and teed to a file."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.eof = True
-        self._thread: threading.Thread | None = None
-
-    def attach(self, stream: IO[bytes], name: str, banner: str | None = None) -> None:
-        self.join(5)  # the previous run's reader, if any, has seen its end of output
-        log = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        with self.cond:
-            self.eof = False
-            if banner is not None:
-                self.lines.append(banner + "\n")
-                log.write(banner + "\n")
-        self._thread = threading.Thread(target=self._pump, args=(stream, log),
-                                        name=f"output-{name}", daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream: IO[bytes], log: IO[str]) -> None:
-        try:
-            for raw in iter(stream.readline, b""):
-                text = raw.decode("utf-8", "replace")
-                if not text.endswith("\n"):
-                    text += "\n"
-                log.write(text)
-                with self.cond:
-                    self.lines.append(text)
-                    self.cond.notify_all()
-        finally:
-            stream.close()
-            log.close()
-            with self.cond:
-                self.eof = True
-                self.cond.notify_all()
-
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, since: int,
-                 what: str) -> re.Match[str]:
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        i = since
-        with self.cond:
-            while True:
-                while i < len(self.lines):
-                    m = rx.search(self.lines[i])
-                    if m is not None:
-                        return m
-                    i += 1
-                if self.eof:
-                    raise AssertionError(
-                        f"{what} ended without printing a line matching {rx.pattern!r}; "
-                        f"last lines:\n{self.tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"no line matching {rx.pattern!r} from {what} within {timeout} s; "
-                        f"last lines:\n{self.tail()}")
-                self.cond.wait(left)
-
-    def tail(self, n: int = 40) -> str:
-        return "".join(self.lines[-n:])
-
-    def text(self) -> str:
-        with self.cond:
-            return "".join(self.lines)
-
-
-def _stop_process(popen: subprocess.Popen[bytes], sig: int, timeout: float,
-                  group: bool = False) -> int:
-    """Send ``sig`` (to the process group if ``group``), wait up to ``timeout``, then
-    SIGKILL. Returns the exit status."""
-    if popen.poll() is None:
-        try:
-            if group:
-                os.killpg(popen.pid, sig)
-            else:
-                popen.send_signal(sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(popen.pid, signal.SIGKILL) if group else popen.kill()
-            except ProcessLookupError:
-                pass
-    return popen.wait()
-
-
 # ---------------------------------------------------------------------------- broker
 
 
 class Broker:
-    """A real Mosquitto started from a config file of the repository.
+    """A real Mosquitto started from a config file (default: :data:`EDGE_CONF`).
 
     The config is copied into ``workdir`` with its ``listener``, ``persistence_location``,
     ``log_dest`` and ``user`` lines replaced: the broker listens on 127.0.0.1 on a free
@@ -231,7 +140,7 @@ class Broker:
         self.data_dir = self.workdir / "data"
         self.conf_path = self.workdir / f"{self.name}.conf"
         self.log_path = self.workdir / f"{self.name}.log"
-        self._out = _Output(self.log_path)
+        self._out = Output(self.log_path)
         self._popen: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._started_once = False
@@ -316,7 +225,7 @@ class Broker:
     def _finish(self, sig: int, timeout: float) -> int | None:
         if self._popen is None:
             return None
-        rc = _stop_process(self._popen, sig, timeout)
+        rc = stop_process(self._popen, sig, timeout)
         self._out.join(timeout)
         return rc
 
@@ -382,7 +291,8 @@ class Broker:
 class Proc:
     """A command-line process with its combined output teed into ``logdir/<name>.log``.
 
-    ``env`` entries are added to (and override) the current environment;
+    ``env`` entries are added to (and override) the current environment; ``cwd`` is
+    the checkout when running from one, else the current directory, unless given;
     ``PYTHONUNBUFFERED=1`` is set unless given. The process gets its own session, so
     :meth:`kill9` and teardown also reach any children it started.
     """
@@ -395,8 +305,8 @@ class Proc:
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.logdir / f"{name}.log"
         self.env = dict(env) if env is not None else {}
-        self.cwd = Path(cwd) if cwd is not None else REPO
-        self._out = _Output(self.log_path)
+        self.cwd = Path(cwd) if cwd is not None else _CHECKOUT  # None: the current directory
+        self._out = Output(self.log_path)
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
@@ -441,14 +351,14 @@ class Proc:
     def kill9(self) -> int:
         """SIGKILL the process (and anything else in its session); return its status."""
         assert self._popen is not None, f"process {self.name} is not started"
-        rc = _stop_process(self._popen, signal.SIGKILL, 10, group=True)
+        rc = stop_process(self._popen, signal.SIGKILL, 10, group=True)
         self._out.join(5)
         return rc
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit status."""
         assert self._popen is not None, f"process {self.name} is not started"
-        rc = _stop_process(self._popen, signal.SIGTERM, timeout)
+        rc = stop_process(self._popen, signal.SIGTERM, timeout)
         if self._popen.returncode is not None:
             # anything left in its session goes too
             try:

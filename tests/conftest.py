@@ -1,8 +1,8 @@
 """Fixtures for tests against real processes (see tests/harness.py).
 
 - ``broker_factory``: ``make("edge" | "cloud" | path, extra=(), name=None) -> Broker``,
-  started from deploy/mosquitto/<conf>.conf on a free port; ``edge_broker`` and
-  ``cloud_broker`` are one of each.
+  started from edgeferry/data/mosquitto/<conf>.conf (the same files as deploy/mosquitto/)
+  on a free port; ``edge_broker`` and ``cloud_broker`` are one of each.
 - ``chaos``: ``make_proxy(broker | (host, port) | port, seed=None) -> ThreadedChaosProxy``.
 - ``proc_factory``: ``make(argv, name=None, env=None) -> Proc`` (started), logs in tmp_path.
 

@@ -50,7 +50,6 @@ KNOWN_LONG: set[str] = {
     "firmware_sim/device.py",  # house-edge: device context object
     "firmware_sim/chaos.py",  # house-edge
     "bench/bench_uplink.py",  # house-rules: onto edgeferry.procs
-    "edgeferry/procs.py",  # house-rules: the output reader moves out
 }
 
 
