@@ -46,16 +46,19 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def connect_retrying(
     make: Callable[[], MQTTClient], backoff: Backoff, stop: asyncio.Event, what: str,
-    log: logging.Logger,
+    log: logging.Logger, on_error: Callable[[ConnectError], None] | None = None,
 ) -> MQTTClient | None:
     """Connect a fresh client from ``make()``, retrying with ``backoff`` (logged as
     ``<what>: <error>; retrying in N s``) until it connects (then the backoff is reset
-    and the client returned) or ``stop`` is set (then None)."""
+    and the client returned) or ``stop`` is set (then None). ``on_error`` sees each
+    failed attempt (the gateway shows it as the link's state)."""
     while not stop.is_set():
         client = make()
         try:
             await client.connect()
         except ConnectError as e:
+            if on_error is not None:
+                on_error(e)
             delay = backoff.next()
             log.warning("%s: %s; retrying in %.1f s", what, e, delay)
             await sleep_unless(stop, delay)

@@ -21,10 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from edge._tls import TLSOptions, read_secret
 from edge.errors import ConfigError
 from edge.mqtt import parse_url
 
-__all__ = ["Option", "load_settings", "parse_duration", "parse_size", "read_yaml"]
+__all__ = ["Option", "TLS_OPTIONS", "load_settings", "parse_duration", "parse_size", "read_yaml",
+           "tls_from_settings"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -218,3 +220,42 @@ def _read_yaml(path: str, section: str) -> tuple[dict[str, Any], set[str]]:
         raise ConfigError(f"config {path}: '{section}' must be a mapping")
     merged.update(sect)
     return merged, set(sect)
+
+
+TLS_OPTIONS = [
+    Option("ca_file", "str", None, "CA certificates to trust for the broker (PEM; default: the "
+           "system store; with mqtts://)", metavar="FILE"),
+    Option("cert_file", "str", None, "client certificate (PEM), read again at each reconnect",
+           metavar="FILE"),
+    Option("key_file", "str", None, "client private key (PEM, mode 600), read again at each "
+           "reconnect", metavar="FILE"),
+    Option("tls_server_name", "str", None, "name to send (SNI) and check the broker's "
+           "certificate against, instead of the URL's host", metavar="NAME"),
+    Option("alpn", "list", [], "ALPN protocol to offer (repeatable; AWS IoT Core on port 443: "
+           "x-amzn-mqtt-ca)", metavar="PROTO"),
+    Option("password_file", "str", None, "file whose first line is the broker password (mode "
+           "600; the user name goes in the URL), read again at each reconnect", metavar="FILE"),
+]
+"""The settings of every command that connects to a broker."""
+
+
+def tls_from_settings(values: dict[str, Any], url: str, error: type[Exception] = ConfigError,
+                      check: bool = True) -> TLSOptions | None:
+    """TLSOptions from resolved settings (``ca_file``, ``cert_file``, ``key_file``,
+    ``tls_server_name``, ``alpn``), checked now unless ``check`` is false; None for a plaintext ``mqtt://`` URL.
+    TLS files with a plaintext URL are refused, as is a password file that others may
+    read: a setting that would be silently ignored is a mistake."""
+    tls_set = [k for k in ("ca_file", "cert_file", "key_file", "tls_server_name")
+               if values.get(k)] + (["alpn"] if values.get("alpn") else [])
+    if check and values.get("password_file"):
+        read_secret(values["password_file"], error=error)
+    if not parse_url(url).tls:
+        if tls_set:
+            raise error(f"--{tls_set[0].replace('_', '-')} needs an mqtts:// broker URL "
+                        f"(got {parse_url(url)})")
+        return None
+    opts = TLSOptions(values.get("ca_file"), values.get("cert_file"), values.get("key_file"),
+                      values.get("tls_server_name"), tuple(values.get("alpn") or ()))
+    if check:
+        opts.context(error)
+    return opts

@@ -23,10 +23,11 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edge._tls import TLSOptions, explain, read_secret
 from edge.errors import ConfigError, ConnectError, ConnectionLost, ProtocolError
 
 __all__ = ["BrokerURL", "Message", "MQTTClient", "Will", "parse_url"]
@@ -61,26 +62,36 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def _redact(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for error messages and logs)."""
+    head, at, rest = url.rpartition("@")
+    scheme, sep, userinfo = head.rpartition("//")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{rest}"
+
+
 def parse_url(url: str) -> BrokerURL:
     """Parse a broker URL, raising :class:`ConfigError` with one clear line if it is bad."""
+    shown = _redact(url) if isinstance(url, str) else url
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"broker URL {url!r} is not of the form mqtt://HOST:PORT")
+        raise ConfigError(f"broker URL {shown!r} is not of the form mqtt://HOST:PORT")
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-        raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        raise ConfigError(f"broker URL {shown!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} has no host")
+        raise ConfigError(f"broker URL {shown!r} has no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"broker URL {url!r} must not have a path or query")
+        raise ConfigError(f"broker URL {shown!r} must not have a path or query")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"broker URL {url!r} has an invalid port") from None
+        raise ConfigError(f"broker URL {shown!r} has an invalid port") from None
     tls = parts.scheme == "mqtts"
     if port is None:
         port = 8883 if tls else 1883
     if not 0 < port < 65536:
-        raise ConfigError(f"broker URL {url!r} has an invalid port")
+        raise ConfigError(f"broker URL {shown!r} has an invalid port")
     return BrokerURL(
         parts.hostname,
         port,
@@ -191,8 +202,12 @@ class MQTTClient:
         max_inflight: int = 64,
         max_packet_bytes: int = 16 * 1024 * 1024,
         connect_timeout: float = 10.0,
+        tls: TLSOptions | None = None,
+        password_file: str | None = None,
     ) -> None:
         self.url = url if isinstance(url, BrokerURL) else parse_url(url)
+        self.tls = tls  # for mqtts://: files read again at every connect (edge/_tls.py)
+        self.password_file = password_file  # read again at every connect, too
         self.client_id = client_id
         self.clean_session = clean_session
         self.keepalive = max(1, int(keepalive))
@@ -251,15 +266,15 @@ class MQTTClient:
         self._closed = loop.create_future()
         self._connack = loop.create_future()
         self._window = asyncio.Semaphore(self.max_inflight)
-        ssl_ctx = None
-        if self.url.tls:
-            import ssl  # only when asked for: it costs memory
-
-            ssl_ctx = ssl.create_default_context()
+        tls = (self.tls or TLSOptions()) if self.url.tls else None
+        if self.password_file:
+            self.url = replace(self.url, password=read_secret(self.password_file))
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(
-                    lambda: _Protocol(self), self.url.host, self.url.port, ssl=ssl_ctx
+                    lambda: _Protocol(self), self.url.host, self.url.port,
+                    ssl=tls.context() if tls else None,
+                    server_hostname=tls.server_name if tls and tls.server_name else None,
                 )
                 self._write(self._connect_packet())
                 present, code = await self._connack
@@ -268,10 +283,10 @@ class MQTTClient:
             raise ConnectError(f"{self.url}: no CONNACK within {self.connect_timeout:g} s") from None
         except OSError as e:
             self._abort()
-            raise ConnectError(f"{self.url}: {e.strerror or e}") from None
+            raise ConnectError(f"{self.url}: {explain(e.strerror or e)[1] if tls else e.strerror or e}") from None
         except ConnectionLost as e:
             self._abort()
-            raise ConnectError(f"{self.url}: {e}") from None
+            raise ConnectError(f"{self.url}: {explain(e)[1] if tls else e}") from None
         if code:
             self._abort()
             reason = _CONNACK_CODES.get(code, f"code {code}")

@@ -71,6 +71,8 @@ def gateway_status(
     out = Console()
     out.print(f"node [bold]{st.get('node_id')}[/bold]  epoch {st.get('epoch')}  store {st.get('store')}")
     out.print(f"running: {st.get('running')}  cloud link: {st['link']['cloud']}  local link: {st['link']['local']}")
+    if st.get("cloud_error"):
+        out.print(f"cloud link {st.get('cloud_state')}: {st['cloud_error']}", highlight=False)
     if st.get("offline_for_s"):
         out.print(f"offline for {st['offline_for_s']:.1f} s")
     t = Table("lane", "records", "bytes", "oldest age (s)")

@@ -110,6 +110,10 @@ def render_metrics(st: dict[str, Any]) -> str:
     metric("edgeferry_dropped_total", "counter", "Records dropped, by reason (persisted across restarts).", drops)
     metric("edgeferry_link_up", "gauge", "1 when the link to the broker is up.",
            [({"link": k}, 1 if v == "up" else 0) for k, v in st["link"].items()])
+    if "cloud_state" in st:
+        metric("edgeferry_link_state", "gauge", "The cloud link's state: up, or why it is down "
+               "(tls_unknown_ca, tls_expired, tls_hostname, tls_cert_refused, refused, unreachable, "
+               "lost, ...).", [({"link": "cloud", "state": st["cloud_state"]}, 1)])
     metric("edgeferry_offline_seconds", "gauge", "Seconds since the cloud link went down (0 when up).",
            [({}, st["offline_for_s"])])
     for key, v in st["counters"].items():

@@ -98,9 +98,11 @@ class Ingest:
             self._batch = []
             self._paused = False
             self._client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
-                                      keepalive=self.s.keepalive, on_message=self._on_message)
+                                      keepalive=self.s.keepalive, on_message=self._on_message,
+                                      tls=tls, password_file=self.s.password_file)
             return self._client
 
+        tls = self.s.tls
         while not self._stop.is_set():
             client = await connect_retrying(make, backoff, self._stop, "cloud broker", log)
             if client is None:
@@ -113,7 +115,7 @@ class Ingest:
                 # gateways resend what we have not confirmed when our queue was lost
                 hello = {"client_id": self.s.client_id, "session_present": client.session_present}
                 await client.publish(INGEST_HELLO, json.dumps(hello).encode(), 1)
-                log.info("ingest connected to %s, consuming %s", self.s.cloud, self.s.filter)
+                log.info("ingest connected to %s, consuming %s", client.url, self.s.filter)
                 await client.closed
             except ConnectionLost as e:
                 if not self._stop.is_set():

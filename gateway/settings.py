@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from edge.config import Option, load_settings, parse_duration
+from edge._tls import TLSOptions
+from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
 from gateway.store import LaneSpec
 
@@ -124,11 +125,30 @@ GATEWAY_OPTIONS = [
     Option("metrics_port", "int", 0, "serve Prometheus metrics on this port (0: off)", metavar="PORT"),
     Option("metrics_host", "str", "127.0.0.1", "address for the metrics endpoint", metavar="HOST"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+    *TLS_OPTIONS,
 ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Identity:
+    """TLS files and the password file for the cloud broker (``--ca-file`` ...)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_server_name: str | None = None
+    alpn: list[str] = field(default_factory=list)
+    password_file: str | None = None
+
+    @property
+    def tls(self) -> TLSOptions | None:
+        """The TLS options for the cloud URL (None for mqtt://); the files are read at
+        each connect."""
+        return tls_from_settings(self.__dict__, self.__dict__["cloud"], check=False)
+
+
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(_Identity):
     local: str
     cloud: str
     store: str
@@ -183,6 +203,7 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
                "--node-id pi-01 --uplink 'dt/#' --uplink 'evt/#'",
         environ=environ,
     )
+    tls_from_settings(values, values["cloud"])  # the files are usable now (ConfigError)
     lanes = values.pop("lanes")
     if not lanes:
         lanes = list(DEFAULT_LANES)
@@ -198,11 +219,12 @@ INGEST_OPTIONS = [
     Option("backoff_max", "duration", 5.0, "cap of the reconnect backoff", metavar="DURATION"),
     Option("fsync", "bool", False, "fsync the sink before acknowledging each batch", metavar="BOOL"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+    *TLS_OPTIONS,
 ]
 
 
 @dataclass(frozen=True)
-class IngestSettings:
+class IngestSettings(_Identity):
     cloud: str
     sink: str
     client_id: str = "edgeferry-ingest"
@@ -227,4 +249,5 @@ def ingest_settings(argv: list[str], environ: dict[str, str] | None = None) -> I
         epilog="example:\n  edgeferry ingest run --cloud mqtt://127.0.0.1:1883 --sink jsonl:events.jsonl",
         environ=environ,
     )
+    tls_from_settings(values, values["cloud"])
     return IngestSettings(**values)

@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from edge._tls import explain
 from edge.backoff import Backoff, connect_retrying, sleep_unless
-from edge.errors import ConnectionLost
+from edge.errors import ConnectError, ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.settings import GatewaySettings
@@ -100,6 +101,7 @@ class Gateway:
         self._rewind: dict[str, int] = {}
         self._deleted: dict[str, int] = {}
         self._cloud_up = False
+        self._cloud_error: tuple[str, str] | None = None  # (kind, line) of the last failure
         self._local_up = False
         self._offline_since: float | None = time.time()
         # counters (also persisted drops live in store.drops)
@@ -224,7 +226,7 @@ class Gateway:
                              "(acknowledged, not stored again)", dups)
                 self._confirmed_seq = max(self._confirmed_seq, before)
                 self._local_up = True
-                log.info("local broker %s connected (session %s)", self.s.local,
+                log.info("local broker %s connected (session %s)", client.url,
                          "resumed" if present else "new")
                 await client.closed
             except ConnectionLost as e:
@@ -468,19 +470,23 @@ class Gateway:
         def make() -> MQTTClient:
             self._cloud = MQTTClient(self.s.cloud, self.s.gateway_client_id, clean_session=False,
                                      keepalive=self.s.keepalive, max_inflight=self.s.window,
-                                     on_message=self._on_cloud)
+                                     on_message=self._on_cloud, tls=tls,
+                                     password_file=self.s.password_file)
             return self._cloud
 
+        tls = self.s.tls
         while not self._stop.is_set():
-            client = await connect_retrying(make, backoff, self._stop, "cloud broker", log)
+            client = await connect_retrying(make, backoff, self._stop, "cloud broker", log,
+                                            on_error=self._cloud_failed)
             if client is None:
                 break
             self.counters["cloud_connects"] += 1
             self._cloud_up = True
+            self._cloud_error = None
             down_for = time.time() - self._offline_since if self._offline_since else 0.0
             self._offline_since = None
             log.info("cloud broker %s connected after %.1f s offline; draining %d records",
-                     self.s.cloud, down_for, sum(ln.count for ln in self.store.lanes.values()))
+                     client.url, down_for, sum(ln.count for ln in self.store.lanes.values()))
             client.closed.add_done_callback(lambda _: self._uplink_wake.set())
             try:
                 if self.s.confirm == "ingest":
@@ -490,6 +496,7 @@ class Gateway:
             except ConnectionLost as e:
                 why = client.closed.exception() if client.closed.done() else None
                 log.warning("cloud link lost: %s", why or e)
+                self._cloud_error = ("lost", str(why or e))
             finally:
                 self._cloud_up = False
                 self._offline_since = time.time()
@@ -558,6 +565,9 @@ class Gateway:
                     await self._uplink_wake.wait()
             except TimeoutError:
                 pass
+
+    def _cloud_failed(self, e: ConnectError) -> None:
+        self._cloud_error = (explain(e)[0], str(e))  # the client's line names the kind already
 
     def _delivered(self, lane: str) -> int:
         """Highest seq of a lane that may leave the store."""
@@ -629,6 +639,10 @@ class Gateway:
             "store": str(self.store.path),
             "running": True,
             "link": {"cloud": "up" if self._cloud_up else "down", "local": "up" if self._local_up else "down"},
+            # why the cloud link is down: kind (tls_unknown_ca, tls_expired, tls_hostname,
+            # tls_cert_refused, refused, unreachable, lost, ...) and the logged line
+            "cloud_state": "up" if self._cloud_up else (self._cloud_error or ("down", ""))[0],
+            "cloud_error": None if self._cloud_up or not self._cloud_error else self._cloud_error[1],
             "offline_since": self._offline_since,
             "offline_for_s": round(now - self._offline_since, 3) if self._offline_since else 0.0,
             "lanes": lanes,
