@@ -130,6 +130,50 @@ def chaos(
         pass
 
 
+@app.command("provision")
+def provision(
+    node_id: str = typer.Option(..., "--node-id", help="the node's id: the CN of its certificate"),
+    ca_dir: Path = typer.Option(..., "--ca-dir", help="the fleet CA's directory (created on first use; "
+                                "keep it off the devices)"),
+    out: Path = typer.Option(..., "--out", help="directory for the node's files"),
+    rotate: bool = typer.Option(False, "--rotate", help="renew the node's key and certificate"),
+    service: list[str] = typer.Option(None, "--service", help="a service (MODULE:ATTR) that gets a broker "
+                                      "user and ACL from its catalog entry (repeatable; default: the "
+                                      "'services' of --config, else the built-in ones)"),
+    config: str = typer.Option(None, "--config", help="YAML whose 'services' list names the services"),
+    device: list[str] = typer.Option(None, "--device", help="a device that gets its own broker user, "
+                                     "limited to dt/<device>/# and its state, cmd and shadow topics "
+                                     "(repeatable)"),
+    device_class: list[str] = typer.Option(None, "--device-class", help="a credential shared by a class "
+                                           "of devices (e.g. sim): dt/+/#, state/+, cmd/+/#, shadow/+/#"),
+    cloud: str = typer.Option(None, "--cloud", help="the cloud broker URL written into node.yaml"),
+    days: int = typer.Option(365, "--days", help="validity of the node certificate in days"),
+) -> None:
+    """Create a node's identity (key, certificate signed by the fleet CA) and its local
+    broker's password file and ACL.
+
+    Example: edgeferry provision --node-id pi-01 --ca-dir ~/fleet-ca --out ./pi-01
+    --device-class sim --cloud mqtts://cloud.example:8883
+    """
+    from edge.errors import EdgeError
+    from edgeferry.catalog import services_from_config
+    from edgeferry.provision import provision as run_provision
+
+    try:
+        specs = list(service or []) or services_from_config(config) or None
+        result = run_provision(node_id, ca_dir, out, rotate=rotate, services=specs, devices=list(device or []),
+                               device_classes=list(device_class or []), cloud=cloud, days=days)
+    except EdgeError as e:
+        _fail(str(e))
+        return
+    if result.ca_created:
+        err.print(f"created the fleet CA in {ca_dir} (keep ca.key safe and off the devices)", highlight=False)
+    what = "issued" if result.cert_issued else "kept"
+    err.print(f"{what} the certificate of {node_id} (valid until {result.not_after:%Y-%m-%d}); "
+              f"broker users: {', '.join(u.name for u in result.users)}", highlight=False)
+    err.print(f"wrote {result.out} (secrets are mode 0600; never print or commit them)", highlight=False)
+
+
 @app.command("demo")
 def demo(
     messages: int = typer.Option(2000, "--messages", help="messages the publisher sends"),
