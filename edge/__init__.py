@@ -17,6 +17,7 @@ from edge.errors import (
     ProtocolError,
     Reject,
     ServiceError,
+    SubscriptionRefused,
 )
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will, parse_url
 
@@ -40,6 +41,7 @@ __all__ = [
     "Reject",
     "Service",
     "ServiceError",
+    "SubscriptionRefused",
     "Will",
     "current_event",
     "parse_url",

@@ -8,10 +8,17 @@ Handlers publish while the session client may have stopped reading (``max_pendin
 messages in hand): on one connection their PUBACKs would queue behind the deliveries it
 is not reading, and a backlog larger than ``max_pending`` would never move again.
 
-Each client connects with capped, jittered backoff; the session client is made current
-*before* subscribing (a persistent session's messages may arrive before the SUBACK); on a
-drop, each starts over at once. :meth:`Link.send` publishes through drops: it waits for
-the next publisher connection and sends again (the same bytes, so the same event id).
+Each client has one :class:`~edge.backoff.Backoff` for the life of the link (capped
+exponential, full jitter; see edge/backoff.py): after a drop it waits ``next()`` before
+connecting again, failed connects wait longer each time, and only a connection that
+stayed up ``stable`` seconds (10 s) starts the next outage from the short delays again.
+Two services started with one client id therefore do not knock each other off at
+round-trip speed. The session client is made current *before* subscribing (a persistent
+session's messages may arrive before the SUBACK). A subscription the broker refuses
+(SUBACK 0x80, e.g. denied by its ACL) raises :class:`SubscriptionRefused`: the service
+stops, and ``edgeferry service run`` exits with status 1 and one line naming the filter.
+:meth:`Link.send` publishes through drops: it waits for the next publisher connection and
+sends again (the same bytes, so the same event id).
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge.backoff import Backoff
-from edge.errors import ConnectError, ConnectionLost, ServiceError
+from edge.errors import ConnectError, ConnectionLost, ServiceError, SubscriptionRefused
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will
 
 __all__ = ["Link"]
 
 log = logging.getLogger("edge.service")
+
+BACKOFF_INITIAL = 0.2  # seconds: the first delay's ceiling
+BACKOFF_CAP = 5.0  # seconds: the largest delay (stable after 2 * cap = 10 s)
 
 
 class Link:
@@ -67,6 +77,8 @@ class Link:
         self.pub_ready = asyncio.Event()
         self.closing = False
         self.state_topic = f"state/{name}"
+        # one backoff per client for the life of the link: kept across drops and failures
+        self.backoff = {p: Backoff(BACKOFF_INITIAL, BACKOFF_CAP) for p in (False, True)}
 
     @property
     def label(self) -> str:
@@ -93,11 +105,12 @@ class Link:
         return client
 
     async def _connect(self, publisher: bool, deadline: float | None) -> Any:
-        backoff = Backoff(0.2, 5.0)
+        backoff = self.backoff[publisher]
         while True:
             client = self._make_client(publisher)
             try:
                 await client.connect()
+                backoff.connected()
                 return client
             except ConnectError as e:
                 if self.closing or (deadline is not None and time.monotonic() >= deadline):
@@ -119,7 +132,10 @@ class Link:
         client = await self._connect(False, deadline)
         self.client = client
         self.on_new_client(client)
-        await client.subscribe([(f, 1) for f in self.filters])
+        granted = await client.subscribe([(f, 1) for f in self.filters])
+        for f, code in zip(self.filters, granted, strict=False):
+            if code == 0x80:
+                raise SubscriptionRefused(f, f"service {self.name!r}: ")
         await client.publish(self.state_topic, b"online", 1, True)
         self.connected.set()
         self.on_online()
@@ -131,9 +147,10 @@ class Link:
     async def supervise(self) -> None:
         """Reconnect either client whenever its connection drops, until :meth:`close`."""
         await asyncio.gather(
-            self._keep_up("", lambda: self.client, self._session_dropped, self._open_session),
-            self._keep_up("publisher ", lambda: self.pub, self.pub_ready.clear,
-                          self._open_publisher),
+            self._keep_up("", self.backoff[False], lambda: self.client,
+                          self._session_dropped, self._open_session),
+            self._keep_up("publisher ", self.backoff[True], lambda: self.pub,
+                          self.pub_ready.clear, self._open_publisher),
         )
 
     def _session_dropped(self) -> None:
@@ -143,6 +160,7 @@ class Link:
     async def _keep_up(
         self,
         label: str,
+        backoff: Backoff,
         current: Callable[[], Any],
         dropped: Callable[[], None],
         reopen: Callable[[float | None], Awaitable[None]],
@@ -154,14 +172,19 @@ class Link:
                 if self.closing:
                     return
                 dropped()
-                log.warning("service %s: %s%s; reconnecting", self.name, label, e)
+                # never at once: the drop may be another client taking over our client id
+                delay = backoff.next()
+                log.warning(
+                    "service %s: %s%s; reconnecting in %.1f s", self.name, label, e, delay
+                )
+                await asyncio.sleep(delay)
             if self.closing:
                 return
             try:
                 await reopen(None)
             except (ConnectionLost, ConnectError) as e:
+                # the client it made is closed: the next turn counts the drop and waits
                 log.warning("service %s: %sreconnect failed: %s", self.name, label, e)
-                await asyncio.sleep(Backoff(0.2, 5.0).next())
 
     async def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Publish on the publisher connection and wait for the acknowledgement; through a

@@ -1,10 +1,21 @@
-"""Capped, jittered exponential backoff, and the reconnect loop built on it."""
+"""Capped, fully jittered exponential backoff, and the reconnect loop built on it.
+
+One :class:`Backoff` lives as long as the thing that reconnects (a service's session, the
+gateway's cloud link): it is *not* made afresh per attempt or per drop. After a drop the
+caller sleeps :meth:`Backoff.next` before connecting again, and the delays keep growing
+across failed connects and across connections that did not last. Only a connection that
+stayed up for ``stable`` seconds (default: 10 s, or twice the cap if that is longer)
+starts the next outage from the first, short delay again. So two processes that use one
+client id, and knock each other off the broker with every connect, slow down to about one
+connect per ``cap / 2`` seconds each instead of reconnecting at round-trip speed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from edge.errors import ConnectError
@@ -14,25 +25,48 @@ __all__ = ["Backoff", "connect_retrying", "sleep_unless"]
 
 
 class Backoff:
-    """``next()`` returns the delay before the next attempt: uniformly random between half
-    and all of ``min(cap, initial * 2**attempt)`` ("equal jitter"), so a fleet that lost
-    its link at the same moment does not reconnect in lockstep. ``reset()`` after success."""
+    """``next()`` returns the delay before the next attempt, uniformly random between 0 and
+    ``min(cap, initial * 2**attempt)`` ("full jitter"), so a fleet that lost its link at the
+    same moment does not reconnect in lockstep.
 
-    def __init__(self, initial: float = 0.2, cap: float = 5.0, rng: random.Random | None = None):
+    Call :meth:`connected` when a connection is up. The next call of :meth:`next` (after
+    that connection dropped) starts over from ``attempt`` 0 only if the connection had
+    stayed up for at least ``stable`` seconds; otherwise the delays keep growing.
+    :meth:`reset` starts over at once.
+    """
+
+    def __init__(self, initial: float = 0.2, cap: float = 5.0, rng: random.Random | None = None,
+                 *, stable: float | None = None, clock: Callable[[], float] = time.monotonic):
         if initial <= 0 or cap < initial:
             raise ValueError("backoff needs 0 < initial <= cap")
         self.initial = initial
         self.cap = cap
+        self.stable = max(10.0, 2 * cap) if stable is None else stable
         self.attempt = 0
         self._rng = rng or random.Random()
+        self._clock = clock
+        self._up_since: float | None = None
+
+    def ceiling(self) -> float:
+        """The largest delay :meth:`next` may return now."""
+        return min(self.cap, self.initial * (2 ** min(self.attempt, 30)))
 
     def next(self) -> float:
-        ceiling = min(self.cap, self.initial * (2 ** min(self.attempt, 30)))
+        if self._up_since is not None:
+            if self._clock() - self._up_since >= self.stable:
+                self.attempt = 0
+            self._up_since = None
+        ceiling = self.ceiling()
         self.attempt += 1
-        return ceiling / 2 + self._rng.random() * ceiling / 2
+        return self._rng.random() * ceiling
+
+    def connected(self) -> None:
+        """A connection is up: if it stays up ``stable`` seconds, the backoff starts over."""
+        self._up_since = self._clock()
 
     def reset(self) -> None:
         self.attempt = 0
+        self._up_since = None
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -49,9 +83,12 @@ async def connect_retrying(
     log: logging.Logger, on_error: Callable[[ConnectError], None] | None = None,
 ) -> MQTTClient | None:
     """Connect a fresh client from ``make()``, retrying with ``backoff`` (logged as
-    ``<what>: <error>; retrying in N s``) until it connects (then the backoff is reset
-    and the client returned) or ``stop`` is set (then None). ``on_error`` sees each
-    failed attempt (the gateway shows it as the link's state)."""
+    ``<what>: <error>; retrying in N s``) until it connects (then ``backoff.connected()``
+    is called and the client returned) or ``stop`` is set (then None). ``on_error`` sees
+    each failed attempt (the gateway shows it as the link's state).
+
+    The first attempt is made at once: after a drop, the caller sleeps ``backoff.next()``
+    before calling this again, with the same ``backoff``."""
     while not stop.is_set():
         client = make()
         try:
@@ -63,6 +100,6 @@ async def connect_retrying(
             log.warning("%s: %s; retrying in %.1f s", what, e, delay)
             await sleep_unless(stop, delay)
             continue
-        backoff.reset()
+        backoff.connected()
         return client
     return None

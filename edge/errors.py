@@ -11,6 +11,7 @@
     └── MQTTError
         ├── ProtocolError (ValueError)      the peer sent something MQTT 3.1.1 forbids
         ├── ConnectError (ConnectionError)  TCP connect failed or CONNACK refused
+        ├── SubscriptionRefused             the broker answered a filter with SUBACK 0x80
         └── ConnectionLost (ConnectionError) the connection ended (EOF, reset, keepalive)
 """
 
@@ -70,6 +71,18 @@ class ConnectError(MQTTError, ConnectionError):
     def __init__(self, message: str, return_code: int | None = None) -> None:
         super().__init__(message)
         self.return_code = return_code
+
+
+class SubscriptionRefused(MQTTError):
+    """The broker refused a subscription (SUBACK return code 0x80): its ACL denies the
+    filter, or it does not accept it. ``filter`` is the refused topic filter."""
+
+    def __init__(self, topic_filter: str, prefix: str = "") -> None:
+        super().__init__(
+            f"{prefix}the broker refused the subscription to {topic_filter!r} "
+            "(SUBACK 0x80: denied by its ACL or not accepted)"
+        )
+        self.filter = topic_filter
 
 
 class ConnectionLost(MQTTError, ConnectionError):
