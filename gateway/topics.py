@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "nack_topic", "INGEST_HELLO"]
+__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "nack_topic", "INGEST_HELLO",
+           "SYNC_HELLO", "down_topic", "cmd_topic", "desired_topic"]
 
 INGEST_HELLO = "ef/_ingest/hello"
 """Ingest announces here, after subscribing, whether its session was resumed."""
+
+SYNC_HELLO = "ef/_sync/hello"
+"""Ingest's downlink sync announces here when it (re)connects: gateways send their hello."""
 
 
 def matches(filt: str, topic: str) -> bool:
@@ -66,3 +70,18 @@ def ack_topic(node: str) -> str:
 def nack_topic(node: str) -> str:
     """Cloud topic where ingest asks a node to resend a lane."""
     return f"ef/{node}/nack"
+
+
+def down_topic(node: str, what: str) -> str:
+    """Downlink control topics of a node: ``hello``, ``state``, ``synced``."""
+    return f"ef/{node}/down/{what}"
+
+
+def cmd_topic(node: str, cid: str) -> str:
+    """Cloud topic of one command for a node."""
+    return f"ef/{node}/cmd/{cid}"
+
+
+def desired_topic(node: str, thing: str) -> str:
+    """Cloud topic of a thing's full desired document."""
+    return f"ef/{node}/shadow/{thing}/desired"
