@@ -193,7 +193,7 @@ def _register_areas() -> None:
     """Each area adds its commands from its own module (edgeferry/cli_<area>.py)."""
     import importlib
 
-    for name in ("edgeferry.cli_service", "edgeferry.cli_sim"):
+    for name in ("edgeferry.cli_service", "edgeferry.cli_sim", "edgeferry.cli_downlink"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

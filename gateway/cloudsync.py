@@ -95,9 +95,10 @@ class CloudSync:
             self._pool.shutdown(wait=True)
 
     async def _until(self, client: MQTTClient, stop: asyncio.Event) -> None:
-        waiter = asyncio.ensure_future(stop.wait())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        closed: asyncio.Future[Any] = client.closed
         try:
-            await asyncio.wait([waiter, client.closed], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if client.closed.done():
@@ -174,12 +175,12 @@ class CloudSync:
 
 
 async def publish_once(cloud: str, client_id: str, messages: list[tuple[str, bytes]],
-                       timeout: float = 5.0) -> None:
+                       limit: float = 5.0) -> None:
     """Connect, publish QoS 1 messages, wait for their acknowledgements, disconnect (CLI)."""
-    client = MQTTClient(cloud, client_id, clean_session=True, connect_timeout=timeout)
+    client = MQTTClient(cloud, client_id, clean_session=True, connect_timeout=limit)
     await client.connect()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             for topic, payload in messages:
                 await client.publish(topic, payload, 1)
     finally:

@@ -48,11 +48,11 @@ HELLO_RETRY = 5.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-async def _first(fut: asyncio.Future[Any], ev: asyncio.Event, timeout: float | None = None) -> None:
-    """Wait until ``fut`` is done, ``ev`` is set, or ``timeout`` passed."""
+async def _first(fut: asyncio.Future[Any], ev: asyncio.Event, within: float | None = None) -> None:
+    """Wait until ``fut`` is done, ``ev`` is set, or ``within`` seconds passed."""
     waiter = asyncio.ensure_future(ev.wait())
     try:
-        await asyncio.wait([fut, waiter], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([fut, waiter], timeout=within, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
 
@@ -107,9 +107,11 @@ class Downlink:
                 for t in tasks:
                     t.cancel()
         finally:
-            await self._goodbye()
-            await self._db(self.store.close)
-            self._pool.shutdown(wait=True)
+            try:
+                await self._goodbye()
+            finally:
+                self._pool.shutdown(wait=True)  # the commit in flight ends first
+                self.store.close()
 
     async def _goodbye(self) -> None:
         cloud, local = self._cloud, self._local
@@ -256,6 +258,7 @@ class Downlink:
             if client is None:
                 return
             self._last_pub.clear()  # a new connection: publish at once what is not accepted
+            self._republish_all = True  # and the retained state (the broker may have lost it)
             try:
                 await client.subscribe([("evt/cmd/+", 1), ("shadow/+/reported", 1)])
                 self.local_up = True

@@ -19,6 +19,8 @@ from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
+from gateway.cloudstate import CloudState, state_path
+from gateway.cloudsync import CloudSync
 from gateway.errors import FrameError
 from gateway.settings import IngestSettings
 from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
@@ -50,7 +52,9 @@ class Ingest:
         self._entered = False
         self._nacked: dict[tuple[str, int, str], tuple[int, float]] = {}
         self._paused = False
-        self.counters = {"frames": 0, "records": 0, "written": 0, "duplicates": 0,
+        self.state: CloudState | None = None  # commands and shadows (docs/commands.md)
+        self.sync: CloudSync | None = None
+        self.counters = {"downlink_applied": 0, "frames": 0, "records": 0, "written": 0, "duplicates": 0,
                          "bad_frames": 0, "gap_frames": 0, "connects": 0}
 
     async def __aenter__(self) -> Ingest:
@@ -59,12 +63,19 @@ class Ingest:
         self._entered = True
         loop = asyncio.get_running_loop()
         self.sink = await loop.run_in_executor(self._pool, open_sink, self.s.sink, self.s.fsync)
+        if self.s.downlink:
+            path = str(state_path(self.s.sink))
+            self.state = await loop.run_in_executor(self._pool, CloudState, path)
+            self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
+                                  keepalive=self.s.keepalive, backoff_max=self.s.backoff_max)
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tasks = [
             self._tg.create_task(self._connection_loop(), name="ingest-connection"),
             self._tg.create_task(self._writer(), name="ingest-writer"),
         ]
+        if self.sync is not None:
+            self._tasks.append(self._tg.create_task(self.sync.run(self._stop), name="ingest-sync"))
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -82,6 +93,8 @@ class Ingest:
             log.error("ingest task failed at shutdown: %r", eg.exceptions)
         if self.sink is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool, self.sink.close)
+        if self.state is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.state.close)
         self._pool.shutdown(wait=True)
 
     async def wait(self) -> None:
@@ -201,6 +214,11 @@ class Ingest:
                          for seq, ts, topic, payload in f.records])
         written, dups = self.sink.write(rows)
         high.update(moved)
+        if self.state is not None:
+            # command statuses and reported state ride the events lane (docs/commands.md)
+            down = [(r[0], r[5], r[6]) for r in rows if r[5].startswith(("evt/cmd/", "evt/shadow/"))]
+            if down:
+                counters["downlink_applied"] += self.state.apply_records(down)
         return written, dups, moved, gaps
 
     async def _confirm(self, client: MQTTClient, nodes: set[tuple[str, int]]) -> None:

@@ -124,6 +124,10 @@ GATEWAY_OPTIONS = [
            metavar="ID"),
     Option("metrics_port", "int", 0, "serve Prometheus metrics on this port (0: off)", metavar="PORT"),
     Option("metrics_host", "str", "127.0.0.1", "address for the metrics endpoint", metavar="HOST"),
+    Option("downlink", "bool", True, "bring commands and desired state down from the cloud "
+           "(docs/commands.md)", metavar="BOOL"),
+    Option("redeliver", "duration", 5.0, "publish a command again to its target after this long "
+           "until it says accepted", metavar="DURATION"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     *TLS_OPTIONS,
 ]
@@ -172,6 +176,8 @@ class GatewaySettings(_Identity):
     client_id: str = ""
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    downlink: bool = True
+    redeliver: float = 5.0
     log_level: str = "info"
     config: str | None = None
 
@@ -218,6 +224,8 @@ INGEST_OPTIONS = [
     Option("keepalive", "duration", 10.0, "keepalive", metavar="DURATION"),
     Option("backoff_max", "duration", 5.0, "cap of the reconnect backoff", metavar="DURATION"),
     Option("fsync", "bool", False, "fsync the sink before acknowledging each batch", metavar="BOOL"),
+    Option("downlink", "bool", True, "answer gateways' hellos with their pending commands and desired "
+           "state, and apply statuses and reports (docs/commands.md)", metavar="BOOL"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     *TLS_OPTIONS,
 ]
@@ -232,6 +240,7 @@ class IngestSettings(_Identity):
     keepalive: float = 10.0
     backoff_max: float = 5.0
     fsync: bool = False
+    downlink: bool = True
     log_level: str = "info"
     config: str | None = None
 

@@ -32,6 +32,7 @@ from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectError, ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
+from gateway.downlink import Downlink
 from gateway.settings import GatewaySettings
 from gateway.store import RECORD_OVERHEAD, Store
 from gateway.topics import INGEST_HELLO, LaneRouter, ack_topic, nack_topic, uplink_topic
@@ -111,6 +112,7 @@ class Gateway:
             "cloud_connects": 0, "local_connects": 0,
         }
         self.rejected: dict[str, int] = {}
+        self.downlink = Downlink(settings) if settings.downlink else None
         # failpoint for tests: EDGEFERRY_FAILPOINT=crash_after_commit:N kills the process
         # (SIGKILL) right after the Nth commit, before the local acknowledgement
         fp = os.environ.get("EDGEFERRY_FAILPOINT", "")
@@ -140,6 +142,8 @@ class Gateway:
             self._tg.create_task(self._cloud_loop(), name="uplink"),
             self._tg.create_task(self._housekeeping(), name="housekeeping"),
         ]
+        if self.downlink is not None:
+            self._tasks.append(self._tg.create_task(self.downlink.run(self._stop), name="downlink"))
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -653,6 +657,7 @@ class Gateway:
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
             "next_seq": self.store.next_seq,
+            "downlink": self.downlink.status() if self.downlink is not None else None,
         }
 
     async def _sleep(self, seconds: float) -> None:
