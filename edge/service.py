@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge._commands import Commands
 from edge._dedup import DedupTable
 from edge._dlq import DeadLetterLog, dead_letter, one_line
 from edge._link import Link
@@ -164,6 +165,7 @@ class Service:
         self._on_stop: list[Callable[[], Awaitable[Any]]] = []
         self._every: list[tuple[float, Callable[[], Awaitable[Any]]]] = []
         self._entered = False
+        self._commands = Commands(self)
         self._reset()
 
     def _reset(self) -> None:
@@ -228,6 +230,26 @@ class Service:
             return fn
 
         return deco
+
+    def command(self, name: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register an async handler for the command ``name`` (``cmd/<service>/<name>``).
+        Its parameters are the command's arguments (plain types, or one pydantic model);
+        its return value is the reply; an exception is the failure. Run at most once per
+        command id, never after its time to live (docs/commands.md)."""
+        return self._commands.command(name)
+
+    def on_desired(self, thing: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register ``async def fn(doc: dict)`` for each newer desired document of ``thing``."""
+        return self._commands.on_desired(thing)
+
+    def desired(self, thing: str) -> dict[str, Any] | None:
+        """The newest desired document of ``thing`` seen so far (docs/shadow.md); call it
+        before the service starts to subscribe."""
+        return self._commands.desired(thing)
+
+    async def report(self, thing: str, doc: dict[str, Any]) -> None:
+        """Publish ``thing``'s whole reported document (``shadow/<thing>/reported``)."""
+        await self._commands.report(thing, doc)
 
     def publishes(self, pattern: str, model: Any = None, description: str = "") -> None:
         """Declare a topic this service publishes (for ``edgeferry catalog``)."""
@@ -513,6 +535,7 @@ class Service:
         self._bg.clear()
         if self._dedup is not None:
             self._dedup.close()
+        self._commands.close()
 
     def stop(self) -> None:
         """Ask :meth:`serve` to drain and return (safe from a signal handler)."""

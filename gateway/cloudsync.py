@@ -41,7 +41,10 @@ class CloudSync:
     """``await CloudSync(cloud_url, state_path, client_id).run(stop)``."""
 
     def __init__(self, cloud: str, state_path: str, client_id: str, *, keepalive: float = 10.0,
-                 backoff_max: float = 5.0, reoffer: float = REOFFER) -> None:
+                 backoff_max: float = 5.0, reoffer: float = REOFFER, tls: Any = None,
+                 password_file: str | None = None) -> None:
+        self.tls = tls
+        self.password_file = password_file
         self.cloud = cloud
         self.state_path = state_path
         self.client_id = client_id
@@ -65,7 +68,8 @@ class CloudSync:
 
             def make() -> MQTTClient:
                 self._client = MQTTClient(self.cloud, self.client_id, clean_session=True,
-                                          keepalive=self.keepalive, on_message=self._on_message)
+                                          keepalive=self.keepalive, on_message=self._on_message,
+                                          tls=self.tls, password_file=self.password_file)
                 return self._client
 
             while not stop.is_set():

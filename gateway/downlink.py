@@ -130,10 +130,12 @@ class Downlink:
     async def _cloud_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff(0.2, self.s.backoff_max)
         will = Will(down_topic(self.node, "state"), b"offline", 1, True)
+        tls = getattr(self.s, "tls", None)
 
         def make() -> MQTTClient:
             self._cloud = MQTTClient(self.s.cloud, self.client_id, clean_session=True,
-                                     keepalive=self.s.keepalive, will=will, on_message=self._on_cloud)
+                                     keepalive=self.s.keepalive, will=will, on_message=self._on_cloud,
+                                     tls=tls, password_file=getattr(self.s, "password_file", None))
             return self._cloud
 
         while not stop.is_set():

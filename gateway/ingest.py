@@ -67,7 +67,8 @@ class Ingest:
             path = str(state_path(self.s.sink))
             self.state = await loop.run_in_executor(self._pool, CloudState, path)
             self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
-                                  keepalive=self.s.keepalive, backoff_max=self.s.backoff_max)
+                                  keepalive=self.s.keepalive, backoff_max=self.s.backoff_max,
+                                  tls=self.s.tls, password_file=self.s.password_file)
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tasks = [
