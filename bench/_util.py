@@ -1,5 +1,6 @@
-"""Bench plumbing: brokers from the repo configs on free ports, child processes, /proc
-readers, and a sink-file tail that counts lines incrementally.
+"""Bench plumbing: a work directory whose brokers and processes are those of
+:mod:`edgeferry.procs` (the tests' harness, the same broker configs), /proc readers, the
+load generator as a child, and a sink-file tail that counts lines incrementally.
 
 Nothing here asserts a time: the bench measures and reports.
 """
@@ -10,51 +11,25 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
-from edgeferry.procs import free_port  # below the ephemeral range, never 1883
+from edgeferry.procs import CLOUD_CONF, EDGE_CONF, MOSQUITTO, REPO, Broker, Proc, wait_until
 
 __all__ = [
-    "REPO", "PY", "Broker", "Proc", "SinkTail", "Workdir", "count_run", "cpu_seconds",
-    "Loadgen", "free_port", "io_write_bytes", "machine_info", "mem_kb", "payload_bytes",
-    "run_loadgen",
-    "wait_for",
+    "PY", "REPO", "Loadgen", "SinkTail", "Workdir", "count_run", "cpu_seconds",
+    "io_write_bytes", "machine_info", "mem_kb", "payload_bytes", "run_loadgen",
+    "terminate_timed", "wait_line", "wait_until",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+CONFS = {"edge": EDGE_CONF, "cloud": CLOUD_CONF}
 _CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL me when the bench process dies, however it
-    dies, so that no broker, gateway or sink outlives a killed bench."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setsid()
-
-
-def wait_for(pred, timeout: float, interval: float = 0.02, what: str = "condition"):
-    """Poll ``pred`` until it returns something truthy; raise TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------ /proc readers
@@ -119,16 +94,31 @@ def machine_info() -> dict[str, str]:
 # ------------------------------------------------------------------ temp dirs and processes
 
 class Workdir:
-    """A temp dir that knows every process started in it and cleans up after itself."""
+    """A temp dir that knows every broker and process started in it and cleans up after
+    itself. Brokers and processes are those of :mod:`edgeferry.procs`, as in the tests,
+    started so that the kernel kills them if the bench dies (``die_with_parent``)."""
 
     def __init__(self, prefix: str = "efbench-") -> None:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
-        # mosquitto started as root drops to its own user: let it reach its directory
         self.path.chmod(0o755)
-        self.procs: list[Proc] = []
+        self._started: list[Broker | Proc] = []
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    def broker(self, kind: str, name: str, extra: Iterable[str] = ()) -> Broker:
+        """Mosquitto from the project's ``kind`` config ("edge" or "cloud"), exactly as
+        the tests start it (edgeferry.procs.Broker), in ``<workdir>/<name>/``; not started."""
+        b = Broker(CONFS[kind], self.path / name, name=name, extra=extra, die_with_parent=True)
+        self._started.append(b)
+        return b
+
+    def proc(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        """A child process logging to ``<workdir>/<name>.log``; not started. A process is
+        started once: to restart one, make a new one with the same name (same log)."""
+        p = Proc(args, name, self.path, env=env, die_with_parent=True)
+        self._started.append(p)
+        return p
 
     def keep_logs(self, dest: Path) -> Path:
         """Copy the logs and configs (not stores or sinks) to ``dest``, for a post-mortem."""
@@ -139,148 +129,27 @@ class Workdir:
         return dest
 
     def cleanup(self) -> None:
-        for p in reversed(self.procs):
-            p.kill()
-        self.procs.clear()
+        for x in reversed(self._started):
+            if isinstance(x, Broker):
+                x.kill()
+            elif x.running:
+                x.kill9()
+        self._started.clear()
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class Proc:
-    """A child process with stdout and stderr in one log file."""
-
-    def __init__(self, wd: Workdir, name: str, args: list[str], env: dict[str, str] | None = None):
-        self.wd = wd
-        self.name = name
-        self.args = args
-        self.env = env
-        self.log = wd / f"{name}.log"
-        self.p: subprocess.Popen[bytes] | None = None
-        self._log_pos = 0
-        wd.procs.append(self)
-
-    def start(self) -> Proc:
-        logf = open(self.log, "ab")
-        self._log_pos = self.log.stat().st_size
-        env = dict(os.environ, **(self.env or {}))
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self.p = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                  cwd=str(REPO), preexec_fn=_die_with_parent)
-        logf.close()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.p is not None
-        return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p is not None and self.p.poll() is None
-
-    def log_text(self, since_start: bool = True) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                if since_start:
-                    f.seek(self._log_pos)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_log(self, needle: str, timeout: float = 20.0) -> None:
-        def seen() -> bool:
-            if needle in self.log_text():
-                return True
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.p.returncode if self.p else '?'}) "
-                                   f"before {needle!r}:\n{self.log_text()[-2000:]}")
-            return False
-        wait_for(seen, timeout, what=f"{self.name}: {needle!r}")
-
-    def terminate(self, timeout: float = 10.0) -> float | None:
-        """SIGTERM and wait; return the seconds it took to exit, or None when it did not
-        exit within ``timeout`` (it is then killed with SIGKILL)."""
-        if self.p is None or self.p.poll() is not None:
-            return 0.0
-        t0 = time.monotonic()
-        self.p.send_signal(signal.SIGTERM)
-        try:
-            self.p.wait(timeout)
-            return time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        """SIGKILL this process (by its pid) and reap it."""
-        if self.p is not None and self.p.poll() is None:
-            try:
-                os.kill(self.p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+def wait_line(proc: Proc, text: str, timeout: float = 20.0) -> None:
+    """Wait for an output line of ``proc`` containing ``text`` (its output ending first,
+    or ``timeout``, raises AssertionError with the last lines)."""
+    proc.wait_for_line(re.escape(text), timeout)
 
 
-class Broker:
-    """Mosquitto from deploy/mosquitto/<kind>.conf: only the ``listener`` and
-    ``persistence_location`` lines are replaced; ``extra`` lines are appended (a bridge)."""
-
-    def __init__(self, wd: Workdir, kind: str, name: str, extra: list[str] | None = None) -> None:
-        self.wd = wd
-        self.kind = kind
-        self.name = name
-        self.port = free_port()
-        self.dir = wd / name
-        self.dir.mkdir()
-        if os.geteuid() == 0:
-            # as root, mosquitto runs as the "mosquitto" user: give it its persistence dir
-            import pwd
-
-            try:
-                pw = pwd.getpwnam("mosquitto")
-                os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            except KeyError:
-                pass
-        lines = []
-        for line in (REPO / "deploy" / "mosquitto" / f"{kind}.conf").read_text().splitlines():
-            if line.startswith("listener "):
-                line = f"listener {self.port} 127.0.0.1"
-            elif line.startswith("persistence_location "):
-                line = f"persistence_location {self.dir}/"
-            lines.append(line)
-        lines += extra or []
-        self.conf = wd / f"{name}.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc = Proc(wd, name, [MOSQUITTO, "-c", str(self.conf)])
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def start(self, timeout: float = 10.0) -> Broker:
-        self.proc.start()
-
-        def listening() -> bool:
-            if not self.proc.alive():
-                raise RuntimeError(f"mosquitto {self.name} exited:\n{self.proc.log_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2):
-                    return True
-            except OSError:
-                return False
-        wait_for(listening, timeout, what=f"mosquitto {self.name} on port {self.port}")
-        return self
-
-    def stop(self) -> None:
-        self.proc.terminate()
-
-    def kill(self) -> None:
-        self.proc.kill()
+def terminate_timed(proc: Proc, timeout: float = 10.0) -> float | None:
+    """SIGTERM and wait: the seconds it took to exit, or None when it did not exit
+    within ``timeout`` and was killed."""
+    t0 = time.monotonic()
+    rc = proc.terminate(timeout)
+    return None if rc == -signal.SIGKILL else time.monotonic() - t0
 
 
 # ------------------------------------------------------------------ sink files
@@ -409,8 +278,10 @@ class Loadgen:
 
     def start(self) -> Loadgen:
         self.t_start = time.monotonic()
+        # a one-shot child that ends by itself (a bounded count), or when its broker, which
+        # dies with the bench, goes away
         self.p = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, cwd=str(REPO), preexec_fn=_die_with_parent)
+                                  text=True, cwd=str(REPO), start_new_session=True)
         return self
 
     def result(self, timeout: float | None = None) -> dict[str, float]:

@@ -129,55 +129,45 @@ def _publish(url: str, n: int) -> float:
 
 
 def _result(proc: Any, timeout: float) -> dict[str, Any]:
-    from bench._util import wait_for
-
-    def done() -> Any:
-        for line in proc.log_text().splitlines():
-            if line.startswith("BENCH "):
-                return json.loads(line[6:])
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.log_text()[-2000:]}")
-        return None
-
-    return wait_for(done, timeout, what=f"{proc.name} to receive everything")
+    """The ``BENCH {json}`` line the child prints once it received everything."""
+    m = proc.wait_for_line(r"^BENCH (\{.*\})$", timeout)
+    result: dict[str, Any] = json.loads(m.group(1))
+    return result
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from bench._util import PY, Broker, Proc, Workdir, machine_info, mem_kb
+    from bench._util import PY, Workdir, machine_info, mem_kb, wait_line
 
     n = 20_000 if quick else 100_000
     wd = Workdir("efbench-service-")
-    broker = Broker(wd, "edge", "edge").start()
+    broker = wd.broker("edge", "edge").start()
     out: dict[str, Any] = {"messages": n, "devices": 10, "machine": machine_info()}
     env = {"BENCH_N": str(n)}
     try:
         # bare aiomqtt loop
-        prime = Proc(
-            wd,
+        prime = wd.proc(
             "bare-prime",
             [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "1"],
             env=env,
         ).start()
-        prime.wait_log("READY")
+        wait_line(prime, "READY")
         prime.terminate()
         out["publish_seconds_bare"] = round(_publish(broker.url, n), 3)
-        bare = Proc(
-            wd,
+        bare = wd.proc(
             "bare",
             [PY, "-m", "bench.bench_service", "--child-bare", broker.url, str(n), "0"],
             env=env,
         ).start()
         r = _result(bare, 600)
         out["bare_msgs_per_s"] = round(r["count"] / r["seconds"])
-        out["bare_peak_rss_kb"] = mem_kb(bare.pid).get("VmHWM", 0) if bare.alive() else None
+        out["bare_peak_rss_kb"] = mem_kb(bare.pid).get("VmHWM", 0) if bare.running else None
         bare.terminate()
 
         for variant, target in (("typed", "bench.svc_typed:typed"),
                                 ("plain", "bench.svc_plain:plain")):
             out[variant] = _service(broker.url, wd, target, n, env)
         for variant in ("typed", "plain"):
-            floor = Proc(
-                wd,
+            floor = wd.proc(
                 f"floor-{variant}",
                 [PY, "-m", "bench.bench_service", "--child-floor", broker.url, variant],
             ).start()
@@ -196,7 +186,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def _service(url: str, wd: Any, target: str, n: int, env: dict[str, str]) -> dict[str, Any]:
     """Idle and burst figures of ``edgeferry service run TARGET``."""
-    from bench._util import PY, Proc, mem_kb
+    from bench._util import PY, mem_kb
 
     name = target.rsplit(":", 1)[1]
     argv = [
@@ -215,12 +205,12 @@ def _service(url: str, wd: Any, target: str, n: int, env: dict[str, str]) -> dic
         *os.environ.get("EFBENCH_SERVICE_ARGS", "").split(),
     ]
     out: dict[str, Any] = {"command": " ".join(["edgeferry", *argv[3:6]])}
-    first = Proc(wd, f"{name}-prime", argv, env={**env, "BENCH_N": "0"}).start()
+    first = wd.proc(f"{name}-prime", argv, env={**env, "BENCH_N": "0"}).start()
     _wait_state(url, f"state/bench{name}", b"online")
     out["idle_rss_kb"] = mem_kb(first.pid).get("VmHWM")
     first.terminate()
     out["publish_seconds"] = round(_publish(url, n), 3)
-    svc = Proc(wd, name, argv, env=env).start()
+    svc = wd.proc(name, argv, env=env).start()
     r = _result(svc, 600)
     out["msgs_per_s"] = round(r["count"] / r["seconds"])
     out["peak_rss_kb"] = mem_kb(svc.pid).get("VmHWM")

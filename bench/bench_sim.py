@@ -1,6 +1,7 @@
 """How large a simulated fleet one process sustains at one message per second per device.
 
-For each fleet size, a fresh Mosquitto (deploy/mosquitto/edge.conf, free port) and one
+For each fleet size, a fresh Mosquitto (deploy/mosquitto/edge.conf, free port, started
+as the tests start it) and one
 ``edgeferry sim run`` process (``--sensors temperature --interval 1``: one QoS 1 message
 per device per second, each device on its own connection). The fleet prints a ``stats``
 line every second; after a warm-up the bench measures, over the steady window:
@@ -29,7 +30,8 @@ import sys
 import time
 from typing import Any
 
-from bench._util import PY, Broker, Proc, Workdir, cpu_seconds, machine_info, mem_kb
+from bench._util import PY, Workdir, cpu_seconds, machine_info, mem_kb
+from edgeferry.procs import Broker, Proc
 
 TARGET_RSS_MB_AT_1000 = 100
 TARGET_SIZE = 5000
@@ -65,11 +67,11 @@ def _measure(
     broker: Broker,
 ) -> dict[str, Any]:
     """Run one fleet process; sample its /proc figures at each stats line."""
-    proc = Proc(wd, label, argv).start()
+    proc = wd.proc(label, argv).start()
     samples: list[dict[str, Any]] = []
     seen = 0
     deadline = time.monotonic() + duration + 60
-    while proc.alive() and time.monotonic() < deadline:
+    while proc.running and time.monotonic() < deadline:
         lines = _stats_lines(proc)
         for s in lines[seen:]:
             try:
@@ -132,7 +134,7 @@ def _measure(
 def _one(kind: str, devices: int, duration: float, warmup: float) -> dict[str, Any]:
     wd = Workdir("efbench-sim-")
     try:
-        broker = Broker(wd, "edge", f"edge-{kind}-{devices}").start()
+        broker = wd.broker("edge", f"edge-{kind}-{devices}").start()
         if kind == "sim":
             argv = [
                 PY,

@@ -1,8 +1,9 @@
 """Uplink benchmark (issue 2): the edgeferry gateway + ingest against Mosquitto's own bridge.
 
 Both pipelines run on this machine in the same run, from the same broker configs
-(deploy/mosquitto/edge.conf and cloud.conf; only listener and persistence_location are
-replaced), with the same TCP proxy on the cloud link:
+(deploy/mosquitto/edge.conf and cloud.conf, started by edgeferry.procs.Broker exactly as
+the tests start them), with the same TCP proxy on the cloud link (the tests' chaos
+proxy, firmware_sim.chaos.ThreadedChaosProxy):
 
     edgeferry: loadgen -> edge mosquitto -> gateway (SQLite) -> proxy -> cloud mosquitto
                -> edgeferry ingest -> JSONL
@@ -24,12 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._proxy import make_proxy
 from bench._util import (
     PY,
-    Broker,
     Loadgen,
-    Proc,
     SinkTail,
     Workdir,
     count_run,
@@ -38,14 +36,24 @@ from bench._util import (
     mem_kb,
     payload_bytes,
     run_loadgen,
-    wait_for,
+    terminate_timed,
+    wait_line,
+    wait_until,
 )
+from edgeferry.procs import Broker, Proc
+from firmware_sim.chaos import ThreadedChaosProxy
 
 NAME = "uplink"
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
 BACKOFF = "1s"          # gateway --backoff-max
 RESTART_TIMEOUT = "1 1"  # bridge restart_timeout: base 1 s, cap 1 s (see _bridge_lines)
 BRIDGE_ID = "bench-bridge"
+PROXY = "firmware_sim.chaos.ThreadedChaosProxy"
+
+
+def _bridge_connects(cloud: Broker) -> int:
+    """How many times the bridge connected to the cloud broker (its log says so)."""
+    return cloud.log_text().count(f" as {BRIDGE_ID} ")
 
 
 def _log(msg: str) -> None:
@@ -75,18 +83,21 @@ class Pipeline:
         self.wd = Workdir(f"efbench-{self.kind}-{tag}-")
         self.sink = self.wd / "sink.jsonl"
         self.tail = SinkTail(self.sink)
-        self.proxy = None
-        self.cloud = Broker(self.wd, "cloud", "cloud")
+        self.proxy: ThreadedChaosProxy | None = None
+        self.cloud = self.wd.broker("cloud", "cloud")
         self.edge: Broker
 
     @property
     def proxy_url(self) -> str:
+        assert self.proxy is not None
         return f"mqtt://127.0.0.1:{self.proxy.port}"
 
     def cut(self) -> None:
+        assert self.proxy is not None
         self.proxy.cut()
 
     def up(self) -> None:
+        assert self.proxy is not None
         self.proxy.up()
 
     def forwarder_pid(self) -> int:
@@ -119,8 +130,7 @@ class Pipeline:
 
     def _start_common(self) -> None:
         self.cloud.start()
-        self.proxy, self.proxy_impl = make_proxy("127.0.0.1", self.cloud.port)
-        self.proxy.start()
+        self.proxy = ThreadedChaosProxy(self.cloud.host, self.cloud.port).start()
 
     def close(self) -> None:
         # every run's logs and configs are kept (small); anomalies are said out loud
@@ -151,21 +161,24 @@ class Edgeferry(Pipeline):
         self._start_common()
         self.sync = sync
         self.store = self.wd / "store.db"
-        self.edge = Broker(self.wd, "edge", "edge").start()
-        self.ingest = Proc(self.wd, "ingest", [
+        self.edge = self.wd.broker("edge", "edge").start()
+        self.ingest = self.wd.proc("ingest", [
             PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
-            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"])
-        self.ingest.start().wait_log("ingest ready")
-        self.gateway = Proc(self.wd, "gateway", [
+            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"]).start()
+        wait_line(self.ingest, "ingest ready")
+        self.gateway_argv = [
             PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
             "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
             "--uplink", "dt/#", "--backoff-max", BACKOFF, "--keepalive", "10s", "--sync", sync,
-            *extra])
+            *extra]
         self.start_gateway()
         self.wait_links(local=True, cloud=True)
 
-    def start_gateway(self) -> None:
-        self.gateway.start().wait_log("gateway ready", timeout=30)
+    def start_gateway(self, *, wait: bool = True) -> None:
+        """Start the gateway (a new process each time, on the same store and log)."""
+        self.gateway: Proc = self.wd.proc("gateway", self.gateway_argv).start()
+        if wait:
+            wait_line(self.gateway, "gateway ready", timeout=30)
 
     def status(self) -> dict[str, Any] | None:
         from gateway.health import query_status
@@ -181,7 +194,7 @@ class Edgeferry(Pipeline):
             link = st["link"]
             return ((local is None or (link["local"] == "up") == local)
                     and (cloud is None or (link["cloud"] == "up") == cloud))
-        wait_for(ok, timeout, 0.02, f"gateway links local={local} cloud={cloud}")
+        wait_until(ok, timeout, f"gateway links local={local} cloud={cloud}")
 
     def store_files(self) -> dict[str, int]:
         """Sizes of the store file and its WAL (a shrunk WAL means a checkpoint ran)."""
@@ -236,7 +249,7 @@ class Edgeferry(Pipeline):
             k = st["counters"]
             records = sum(ln["records"] for ln in st["lanes"].values())
             return records >= n and k["received"] == k["acked_local"]
-        wait_for(held, timeout, 0.02, f"{n} records committed in the gateway store")
+        wait_until(held, timeout, f"{n} records committed in the gateway store")
         return time.monotonic() - t0
 
     def forwarder_pid(self) -> int:
@@ -261,19 +274,19 @@ class Bridge(Pipeline):
 
     def _start(self) -> None:
         self._start_common()
-        self.sinkp = Proc(self.wd, "bridge_sink", [
+        self.sinkp = self.wd.proc("bridge_sink", [
             PY, "-m", "bench.bridge_sink", "--cloud", self.cloud.url, "--sink", str(self.sink),
-            "--client-id", "bench-bridge-sink", "--filter", "dt/#"])
-        self.sinkp.start().wait_log("sink ready")
-        self.edge = Broker(self.wd, "edge", "edge", extra=_bridge_lines(self.proxy.port))
+            "--client-id", "bench-bridge-sink", "--filter", "dt/#"]).start()
+        wait_line(self.sinkp, "sink ready")
+        assert self.proxy is not None
+        self.edge = self.wd.broker("edge", "edge", extra=_bridge_lines(self.proxy.port))
         self.start_edge()
 
     def start_edge(self, *, wait_bridge: bool = True) -> None:
-        mark = self.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+        mark = self.cloud.mark()
         self.edge.start()
         if wait_bridge:
-            wait_for(lambda: self.cloud.proc.log_text().count(f" as {BRIDGE_ID} ") > mark, 30, 0.02,
-                     "the bridge to connect to the cloud broker")
+            self.cloud.wait_for_log(f" as {BRIDGE_ID} ", 30, since=mark)
 
     def forwarder_pid(self) -> int:
         return self.edge.pid
@@ -308,7 +321,7 @@ def live(n: int, ceiling_n: int, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {"messages": n, "size": 100, "devices": 10}
     wd = Workdir("efbench-ceiling-")
     try:
-        b = Broker(wd, "edge", "edge").start()
+        b = wd.broker("edge", "edge").start()
         ceil = []
         for i in range(reps):
             r = run_loadgen(b.url, ceiling_n, f"ceil{i}")
@@ -407,10 +420,10 @@ def cold_start(n: int) -> dict[str, Any]:
     p = Edgeferry("cold")
     try:
         run = "cold"
-        stopped = p.gateway.terminate()  # None: it did not exit on SIGTERM and was killed
+        stopped = terminate_timed(p.gateway)  # None: it did not exit on SIGTERM and was killed
         lg = run_loadgen(p.edge.url, n, run)
         t0 = time.monotonic()
-        p.gateway.start()
+        p.start_gateway(wait=False)
         # how far ahead of the gateway's acknowledgements the broker ran (its window is
         # max_inflight_messages): the largest received - acked_local seen
         ahead = [0]
@@ -507,7 +520,7 @@ def kill9(n: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]
             run_loadgen(p.edge.url, n, run)
             p.wait_backlog(n)
             if isinstance(p, Edgeferry):
-                p.gateway.kill()
+                p.gateway.kill9()
                 p.edge.kill()
                 p.edge.start()
                 p.start_gateway()
@@ -515,7 +528,7 @@ def kill9(n: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]
                 assert isinstance(p, Bridge)
                 p.edge.kill()
                 p.start_edge(wait_bridge=False)
-            mark = p.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+            mark = _bridge_connects(p.cloud)
             t_up = time.monotonic()
             p.up()
             w = p.tail.wait(n, timeout=300, quiet=8, busy_pids=p.sink_pids())
@@ -523,7 +536,7 @@ def kill9(n: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]
             row = {**c, "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None}
             if isinstance(p, Bridge):
                 # evidence that a zero is a loss, not a bridge that never came back
-                connects = p.cloud.proc.log_text().count(f" as {BRIDGE_ID} ")
+                connects = _bridge_connects(p.cloud)
                 row["bridge_reconnected"] = connects > mark
             out[kind] = row
             _log(f"kill -9 {kind}: {row}")
@@ -548,7 +561,7 @@ def flash(rate: int, seconds: int, variants: tuple[str, ...] = tuple(VARIANTS)) 
             io0, k0 = io_write_bytes(gw), p.commits()
             run_loadgen(p.edge.url, n, run, rate=rate)
             p.tail.wait(n, timeout=120, quiet=10, busy_pids=p.sink_pids())
-            wait_for(lambda p=p: p.backlog() == 0, 30, 0.05, "the store to empty")
+            wait_until(lambda p=p: p.backlog() == 0, 30, "the store to empty", 0.05)
             time.sleep(1.2)  # the next commit carries the last deletes
             io1, k1 = io_write_bytes(gw), p.commits()
             c = _count(p, run, n)
@@ -586,7 +599,7 @@ def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {
         "quick": quick,
         "config": {"gateway": f"--backoff-max {BACKOFF} --keepalive 10s (defaults otherwise)",
-                   "bridge": _bridge_lines(0)[2:], "proxy": make_proxy("127.0.0.1", 1)[1]},
+                   "bridge": _bridge_lines(0)[2:], "proxy": PROXY},
     }
     scenarios = [
         ("live", lambda: live(n, n, reps)),

@@ -106,6 +106,29 @@ def free_port() -> int:
             return port
 
 
+_PRCTL: Callable[..., int] | None = None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGKILL the child when its parent thread ends
+    (prctl PR_SET_PDEATHSIG), or None where there is no prctl. prctl is looked up here,
+    in the parent: between fork and exec the child calls it and nothing else."""
+    global _PRCTL
+    if _PRCTL is None:
+        try:
+            import ctypes
+
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+    prctl = _PRCTL
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+
+    return preexec
+
+
 # ---------------------------------------------------------------------------- broker
 
 
@@ -119,11 +142,15 @@ class Broker:
     with ``log_type information`` added, since that is the level of the "running" line
     that tells us it is listening. ``extra`` lines are appended; a key they set replaces
     every line of the original with that key (``extra=["max_queued_messages 10"]``).
+
+    ``die_with_parent=True`` has the kernel SIGKILL the broker when the thread that
+    started it ends, however it ends (the benchmarks: no broker outlives a killed run).
+    Start it from a thread that lives as long as the broker should.
     """
 
     def __init__(self, conf: Path | str = EDGE_CONF, workdir: Path | str | None = None, *,
                  port: int | None = None, extra: Iterable[str] = (), name: str | None = None,
-                 binary: str = MOSQUITTO) -> None:
+                 binary: str = MOSQUITTO, die_with_parent: bool = False) -> None:
         self.source_conf = Path(conf)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(
@@ -131,6 +158,7 @@ class Broker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name or self.source_conf.stem
         self.binary = binary
+        self._preexec = _die_with_parent() if die_with_parent else None
         self.extra = [line.strip() for line in extra if line.strip()]
         self.host = "127.0.0.1"
         self._fixed_port = port is not None
@@ -201,7 +229,8 @@ class Broker:
             since = len(self._out.lines)
             self._popen = subprocess.Popen(
                 [self.binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir)
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir,
+                preexec_fn=self._preexec)
             self.starts += 1
             assert self._popen.stdout is not None
             self._out.attach(self._popen.stdout, f"mosquitto-{self.port}",
@@ -294,11 +323,13 @@ class Proc:
     ``env`` entries are added to (and override) the current environment; ``cwd`` is
     the checkout when running from one, else the current directory, unless given;
     ``PYTHONUNBUFFERED=1`` is set unless given. The process gets its own session, so
-    :meth:`kill9` and teardown also reach any children it started.
+    :meth:`kill9` and teardown also reach any children it started. ``die_with_parent``:
+    see :class:`Broker`.
     """
 
     def __init__(self, args: list[str], name: str, logdir: Path | str,
-                 env: Mapping[str, str] | None = None, cwd: Path | str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | str | None = None, *,
+                 die_with_parent: bool = False) -> None:
         self.args = [str(a) for a in args]
         self.name = name
         self.logdir = Path(logdir)
@@ -308,6 +339,7 @@ class Proc:
         self.cwd = Path(cwd) if cwd is not None else _CHECKOUT  # None: the current directory
         self._out = Output(self.log_path)
         self._popen: subprocess.Popen[bytes] | None = None
+        self._preexec = _die_with_parent() if die_with_parent else None
 
     def start(self) -> Proc:
         if self._popen is not None:
@@ -317,7 +349,8 @@ class Proc:
         env.update(self.env)
         self._popen = subprocess.Popen(
             self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True)
+            stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True,
+            preexec_fn=self._preexec)
         assert self._popen.stdout is not None
         self._out.attach(self._popen.stdout, self.name)
         return self
