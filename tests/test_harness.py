@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import sys
@@ -525,3 +526,35 @@ def test_wait_until():
     assert len(calls) == 3
     with pytest.raises(AssertionError, match="timed out waiting for the impossible"):
         wait_until(lambda: False, 0.1, "the impossible")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_die_with_parent_leaves_no_broker_or_child_behind(proc_factory, tmp_path):
+    """die_with_parent (the benchmarks use it): when the process that started a broker and
+    a child is killed with SIGKILL (only it, not its process group), both go too."""
+    code = ("import threading\n"
+            "from edgeferry.procs import Broker, Proc, python_argv\n"
+            f"b = Broker(workdir={str(tmp_path / 'b')!r}, die_with_parent=True).start()\n"
+            "p = Proc(python_argv('-c', 'import threading; threading.Event().wait(120)'),\n"
+            f"         'child', {str(tmp_path)!r}, die_with_parent=True).start()\n"
+            "print('PIDS', b.pid, p.pid, flush=True)\n"
+            "threading.Event().wait(120)\n")
+    parent = proc_factory([PY, "-c", code], "parent")
+    pids = [int(x) for x in parent.wait_for_line(r"PIDS (\d+) (\d+)", 20).groups()]
+    try:
+        assert all(_alive(pid) for pid in pids)
+        parent.signal(9)
+        assert parent.wait(10) == -9
+        wait_until(lambda: not any(_alive(pid) for pid in pids), 10,
+                   "the broker and the child to die with their parent")
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
