@@ -1,0 +1,66 @@
+#!/bin/sh
+# Start one edgeferry process on balena. EDGEFERRY_ROLE (set per service in
+# docker-compose.yml) says which credentials it takes:
+#   gateway  EDGEFERRY_LOCAL from EDGEFERRY_GATEWAY_PASSWORD; TLS files from
+#            EDGEFERRY_TLS_{CERT,KEY,CA}_B64 or a volume mounted at /identity
+#   NAME     EDGEFERRY_USERNAME=NAME, EDGEFERRY_PASSWORD from EDGEFERRY_<NAME>_PASSWORD
+#   sim      exits 0 at once unless EDGEFERRY_SIM_DEVICES is a positive number
+# Secrets are written 0600 under $HOME/.identity and never echoed.
+set -eu
+umask 077
+role=${EDGEFERRY_ROLE:-}
+broker_host=${EDGEFERRY_BROKER_HOST:-mosquitto}
+ident="${HOME:-/data}/.identity"
+
+decode() {  # decode VAR FILE: write base64 variable VAR into FILE if it is set
+    eval "value=\${$1:-}"
+    if [ -n "$value" ]; then
+        mkdir -p "$ident"
+        printf '%s' "$value" | base64 -d > "$2.tmp" && mv "$2.tmp" "$2"
+        unset "$1"
+        return 0
+    fi
+    return 1
+}
+
+case "$role" in
+    gateway)
+        if [ -z "${EDGEFERRY_LOCAL:-}" ] && [ -n "${EDGEFERRY_GATEWAY_PASSWORD:-}" ]; then
+            EDGEFERRY_LOCAL="mqtt://gateway:${EDGEFERRY_GATEWAY_PASSWORD}@${broker_host}:1883"
+            export EDGEFERRY_LOCAL
+        fi
+        unset EDGEFERRY_GATEWAY_PASSWORD
+        for kind in CERT KEY CA; do
+            lower=$(echo "$kind" | tr 'A-Z' 'a-z')
+            if decode "EDGEFERRY_TLS_${kind}_B64" "$ident/node.$lower"; then
+                eval "export EDGEFERRY_${kind}_FILE=$ident/node.$lower"
+            elif [ -f "/identity/node.$lower" ]; then
+                eval "export EDGEFERRY_${kind}_FILE=/identity/node.$lower"
+            fi
+        done
+        ;;
+    sim)
+        case "${EDGEFERRY_SIM_DEVICES:-0}" in
+            ''|0|*[!0-9]*) echo "simulated fleet off (set EDGEFERRY_SIM_DEVICES to a number of devices)"; exit 0 ;;
+        esac
+        pw=${EDGEFERRY_SIM_PASSWORD:-}
+        unset EDGEFERRY_SIM_PASSWORD
+        if [ -z "$pw" ]; then
+            echo "error: EDGEFERRY_SIM_PASSWORD is not set (edgeferry provision --device-class sim)" >&2
+            exit 1
+        fi
+        # the password travels in the URL (sim run has no password file yet); it is
+        # redacted wherever edgeferry prints the URL
+        set -- sim run --broker "mqtt://sim:${pw}@${broker_host}:1883" --devices "$EDGEFERRY_SIM_DEVICES" \
+            --no-progress "$@"
+        ;;
+esac
+if [ -n "$role" ] && [ "$role" != gateway ] && [ "$role" != sim ]; then
+    var=$(echo "EDGEFERRY_${role}_PASSWORD" | tr 'a-z.-' 'A-Z__')
+    eval "pw=\${$var:-}"
+    if [ -z "${EDGEFERRY_PASSWORD:-}" ] && [ -n "$pw" ]; then
+        export EDGEFERRY_USERNAME="${EDGEFERRY_USERNAME:-$role}" EDGEFERRY_PASSWORD="$pw"
+    fi
+    unset "$var"
+fi
+exec edgeferry "$@"
