@@ -1,9 +1,11 @@
 """Running a service as a process: shared settings, logging, uvloop, signals.
 
-Used by ``Service.run()`` and ``edgeferry service run MODULE:ATTR``. The settings are
-declared once (:data:`OPTIONS`) and read, like the gateway's, from flags, then
-``EDGEFERRY_*`` variables, then the ``service:`` section of the YAML file, then its top
-level. A service's own settings are the YAML section named after it (``rules:``).
+Used by ``Service.run()`` and ``edgeferry service run MODULE:ATTR`` (edge/_launch.py,
+which finds the service to run). It does not import :mod:`edge.service`: the service
+imports it. The settings are declared once (:data:`OPTIONS`) and read, like the
+gateway's, from flags, then ``EDGEFERRY_*`` variables, then the ``service:`` section of
+the YAML file, then its top level. A service's own settings are the YAML section named
+after it (``rules:``).
 
 This path imports neither typer nor rich; pydantic only as far as the service needs it.
 """
@@ -18,10 +20,10 @@ import sys
 from typing import Any
 
 from edge.config import Option, load_settings, read_yaml
-from edge.errors import ConfigError, EdgeError, ServiceError
+from edge.errors import ConfigError, EdgeError
 from edge.mqtt import BrokerURL, parse_url
 
-__all__ = ["OPTIONS", "apply_settings", "load_target", "run_service", "service_config_section"]
+__all__ = ["OPTIONS", "apply_settings", "run_service", "service_config_section"]
 
 
 def _default_state_dir() -> str:
@@ -99,51 +101,6 @@ _ATTRS = (
 )
 
 
-def load_target(spec: str) -> Any:
-    """Import ``MODULE:ATTR`` (MODULE importable from the current directory) and return the
-    :class:`edge.Service` it names; a callable ATTR is called with no arguments."""
-    from edge.service import Service
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ServiceError(f"{spec!r} is not MODULE:ATTR (e.g. myservice:svc)")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise ServiceError(
-                f"cannot import {module_name!r}: no such module (looked in {os.getcwd()})"
-            ) from None
-        raise ServiceError(f"importing {module_name!r} failed: {e}") from e
-    except EdgeError:
-        raise
-    except Exception as e:  # a bug in the service module: one line, with where it is
-        where = ""
-        tb = e.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename.endswith(module_name.replace(".", "/") + ".py"):
-                where = f" (line {tb.tb_lineno})"
-            tb = tb.tb_next
-        raise ServiceError(
-            f"importing {module_name!r} failed{where}: {type(e).__name__}: {e}"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ServiceError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Service) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Service):
-        raise ServiceError(f"{spec} is a {type(obj).__name__}, not an edge.Service")
-    return obj
-
-
 def service_config_section(config_path: str | None, name: str) -> dict[str, Any] | None:
     """The YAML section named after the service, or None."""
     if not config_path:
@@ -198,18 +155,23 @@ def _run(main: Any) -> None:
 
 
 async def _serve(svc: Any) -> None:
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    svc._stop_requested = stop
-    async with svc:
-        await stop.wait()
+
+    def stop() -> None:
         logging.getLogger("edge.service").info("service %s: stop requested, draining", svc.name)
+        svc.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    await svc.serve()
 
 
 def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | None = None) -> int:
-    """Resolve settings and run ``svc`` until SIGTERM/SIGINT; return the exit code."""
+    """Resolve settings and run ``svc`` until SIGTERM/SIGINT; return the exit code.
+
+    An EdgeError or OSError, at start or from a task of the running service, is one line
+    on stderr and exit code 1; any other exception a task raises ends the process with
+    that exception and its traceback."""
     try:
         settings = load_settings(
             OPTIONS,
@@ -239,28 +201,3 @@ def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | No
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     return 0
-
-
-def main(argv: list[str]) -> int:
-    """``edgeferry service run MODULE:ATTR [flags]`` (fast path, no typer)."""
-    if not argv or argv[0] in ("-h", "--help"):
-        from edge.config import build_parser
-
-        p = build_parser(
-            "edgeferry service run MODULE:ATTR", "Run a service.", OPTIONS, epilog=_EPILOG
-        )
-        p.print_help()
-        return 0 if argv else 2
-    spec, rest = argv[0], argv[1:]
-    try:
-        svc = load_target(spec)
-    except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return run_service(svc, rest, prog=f"edgeferry service run {spec}")
-
-
-_EPILOG = """example:
-  edgeferry service run myservice:svc --broker mqtt://127.0.0.1:1883
-  edgeferry service run edge.services.rules:service --config /etc/edgeferry/rules.yaml
-"""

@@ -33,23 +33,22 @@ How a message goes through (docs/services.md has the long version):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge._client import Client, ClientFactory
 from edge._commands import Commands
 from edge._dedup import DedupTable
-from edge._dlq import DeadLetterLog, dead_letter, one_line
+from edge._lifecycle import Lifespan, first_error
 from edge._link import Link
+from edge._receive import Receiver, current_context
 from edge._routing import Route, make_route
-from edge.backoff import Backoff
-from edge.errors import ConfigError, EnvelopeError, Reject, ServiceError
-from edge.events import Event, decode, derived_id, encode, envelope, new_id
-from edge.mqtt import Message
+from edge.errors import ConfigError, ServiceError
+from edge.events import Event, derived_id, encode, envelope, new_id
+from edge.mqtt import BrokerURL
 
 __all__ = ["Service", "current_event"]
 
@@ -58,42 +57,10 @@ log = logging.getLogger("edge.service")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class _Context:
-    """What a running handler knows: the trigger, for correlation and derived ids."""
-
-    __slots__ = ("service", "event", "key", "n", "correlationid")
-
-    def __init__(self, service: Service, event: Event, key: str) -> None:
-        self.service = service
-        self.event = event
-        self.key = key
-        self.n = 0
-        self.correlationid = event.correlationid or event.id or new_id()
-
-
-_current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
-    "edge_handler", default=None
-)
-
-
 def current_event() -> Event | None:
     """The event the running handler was called for (None outside a handler)."""
-    ctx = _current.get()
+    ctx = current_context()
     return None if ctx is None else ctx.event
-
-
-class _Work:
-    __slots__ = ("msg", "route", "params", "key", "acks", "event_id")
-
-    def __init__(
-        self, msg: Message, route: Route | None, params: dict[str, str], key: str, client: Any
-    ) -> None:
-        self.msg = msg
-        self.route = route
-        self.params = params
-        self.key = key
-        self.acks: list[tuple[Any, int]] = [(client, msg.pid)] if msg.qos else []
-        self.event_id: str | None = None
 
 
 class Service:
@@ -110,7 +77,7 @@ class Service:
         self,
         name: str,
         *,
-        broker: Any = None,
+        broker: str | BrokerURL | ClientFactory | None = None,
         description: str = "",
         version: str = "0.1.0",
         node_id: str | None = None,
@@ -166,6 +133,9 @@ class Service:
         self._every: list[tuple[float, Callable[[], Awaitable[Any]]]] = []
         self._entered = False
         self._commands = Commands(self)
+        # called with the number of ids after each dedup commit, before their messages
+        # are acknowledged (tests crash the process at that instant)
+        self.after_commit: Callable[[int], None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -173,29 +143,14 @@ class Service:
             ("received", "handled", "failed", "retried", "duplicates", "reconnects"), 0
         )
         self.dead_lettered: dict[str, int] = {}
-        self._lanes: dict[str, deque[_Work]] = {}
-        self._pending = 0  # received, not finished yet (bounded by max_pending)
-        self._paused: Any = None  # the client whose reading is paused
-        self._inflight: dict[str, _Work] = {}
-        self._acks: list[tuple[Any, int]] = []
-        self._flush_scheduled = False
         self._link: Link | None = None
-        self._stopping = False
+        self._rx: Receiver | None = None
+        self._bg: list[asyncio.Task[None]] = []
         self._started = 0.0
         self._dedup: DedupTable | None = None
-        self._tg: asyncio.TaskGroup | None = None
-        self._bg: list[asyncio.Task[Any]] = []
-        self._lane_tasks: set[asyncio.Task[Any]] = set()
-        self._dlq_log = DeadLetterLog(self.name)
+        self._stop_requested = asyncio.Event()
+        self._lifespan: Lifespan | None = None
         self._progress: asyncio.Event | None = None  # set whenever a message is finished
-        # failpoint for tests: EDGEFERRY_FAILPOINT=service_crash_after_commit:N kills the
-        # process (SIGKILL) right after the Nth dedup commit, before acknowledging
-        import os
-
-        fp = os.environ.get("EDGEFERRY_FAILPOINT", "")
-        self._crash_after = (
-            int(fp.split(":")[1]) if fp.startswith("service_crash_after_commit:") else None
-        )
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {len(self.routes)} handlers)"
@@ -318,8 +273,8 @@ class Service:
             payload = data if isinstance(data, bytes) else encode(_jsonable(data))
             await self._send(topic, payload, qos, retain)
             return None
-        ctx = _current.get()
-        if ctx is not None and ctx.service is self:
+        ctx = current_context()
+        if ctx is not None and ctx.owner is self:
             eid = derived_id(ctx.event.id, self.name, ctx.n)
             ctx.n += 1
             corr: str | None = ctx.correlationid
@@ -345,19 +300,19 @@ class Service:
         await self._link.send(topic, payload, qos, retain)
 
     @property
-    def _client(self) -> Any:
-        """The current MQTT client (one per connection), or None."""
+    def _client(self) -> Client | None:
+        """The current session client (one per connection), or None."""
         return self._link.client if self._link is not None else None
 
     # ------------------------------------------------------------------ running
 
-    def running(self, broker: Any = None) -> Service:
+    def running(self, broker: str | BrokerURL | ClientFactory | None = None) -> Service:
         """``async with svc.running(broker):`` — set the broker and enter."""
         if broker is not None:
             self.broker = broker
         return self
 
-    async def __aenter__(self) -> Service:
+    def _enter(self) -> None:
         if self._entered:
             raise ServiceError(
                 f"service {self.name!r} is already running; it cannot be entered twice"
@@ -366,25 +321,59 @@ class Service:
             raise ServiceError(f"service {self.name!r} has no handlers")
         self._entered = True
         self._reset()
+
+    async def serve(self, *, ready: asyncio.Event | None = None) -> None:
+        """Run until :meth:`stop` (SIGTERM/SIGINT under :meth:`run`), then drain and return.
+
+        ``ready`` is set once the service is connected, subscribed and its ``on_start``
+        hooks ran. If one of the service's tasks fails, the others are cancelled and its
+        exception comes out of here as itself."""
+        self._enter()
+        await self._serve(ready)
+
+    async def __aenter__(self) -> Service:
+        """Serve in a task while the ``async with`` block runs (embedding, tests). A task
+        of the service that fails cancels the block and comes out of it as itself."""
+        self._enter()
+        lifespan = self._lifespan = Lifespan(self._serve, self.name)
         try:
-            await self._start()
+            await lifespan.__aenter__()
         except BaseException:
-            await self._teardown()
             self._entered = False
             raise
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Drain (as on SIGTERM) and stop."""
+        lifespan, self._lifespan = self._lifespan, None
+        if lifespan is None:
+            return
+        self.stop()
+        await lifespan.__aexit__(et, exc, tb)
+
+    async def _serve(self, ready: asyncio.Event | None) -> None:
         try:
-            await self._stop()
+            async with asyncio.TaskGroup() as tg:
+                await self._start(tg)
+                if ready is not None:
+                    ready.set()
+                await self._stop_requested.wait()
+                await self._stop()
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
         finally:
+            link = self._link
+            if link is not None and not link.closing:  # a failure or a cancellation
+                await link.close(offline=True)
+            if self._dedup is not None:
+                self._dedup.close()
+            self._commands.close()
             self._entered = False
 
-    async def _start(self) -> None:
+    async def _start(self, tg: asyncio.TaskGroup) -> None:
         self._started = time.monotonic()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._sem = asyncio.Semaphore(self.concurrency)
         path = None
         if self.dedup and self.state_dir:
             import os
@@ -393,8 +382,25 @@ class Service:
         self._dedup = (
             DedupTable(path, ttl=self.dedup_ttl, max_entries=self.dedup_max) if self.dedup else None
         )
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        rx = self._rx = Receiver(
+            owner=self,
+            name=self.name,
+            source=self.source,
+            routes=self.routes,
+            concurrency=self.concurrency,
+            retries=self.retries,
+            retry_initial=self.retry_initial,
+            retry_cap=self.retry_cap,
+            max_payload_bytes=self.max_payload_bytes,
+            max_pending=self.max_pending,
+            dedup=self._dedup,
+            counters=self.counters,
+            dead_lettered=self.dead_lettered,
+            send=self._send,
+            tg=tg,
+            progress=self._progress,
+            after_commit=self.after_commit,
+        )
         self._link = Link(
             name=self.name,
             broker=self.broker,
@@ -403,16 +409,15 @@ class Service:
             max_inflight=self.max_inflight,
             connect_timeout=self.connect_timeout,
             filters=[r.filter for r in self.routes],
-            on_message=self._on_message,
-            on_new_client=self._on_new_client,
+            on_message=rx.on_message,
+            on_new_client=rx.on_new_client,
             on_online=self._poke,
             counters=self.counters,
         )
         await self._link.open(self.connect_timeout)
         for fn in self._on_start:
             await fn()
-        tg = self._tg
-        self._bg.append(tg.create_task(self._link.supervise(), name=f"{self.name}:link"))
+        self._bg = [tg.create_task(self._link.supervise(), name=f"{self.name}:link")]
         if self.heartbeat > 0:
             self._bg.append(tg.create_task(self._heartbeat_loop(), name=f"{self.name}:heartbeat"))
         for i, (every, fn) in enumerate(self._every):
@@ -428,11 +433,42 @@ class Service:
             loop_kind,
         )
 
-    def _on_new_client(self, client: Any) -> None:
-        # a paused older connection is gone; but the new one may already be paused: a
-        # persistent session's backlog can arrive with the CONNACK, before we get here
-        if self._paused is not client:
-            self._paused = None
+    async def _stop(self) -> None:
+        """Drain the handlers, acknowledge, run the on_stop hooks, go offline."""
+        rx, link = self._rx, self._link
+        assert rx is not None and link is not None
+        await rx.drain(self.drain_timeout)
+        rx.flush()
+        for fn in self._on_stop:
+            try:
+                await fn()
+            except Exception:
+                log.exception("service %s: on_stop hook failed", self.name)
+        for t in self._bg:
+            t.cancel()
+        await link.close(offline=True)
+        log.info("service %s stopped: %s", self.name, self.stats())
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` (or the ``async with`` block's service) to drain and return
+        (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    def run(
+        self,
+        broker: str | BrokerURL | ClientFactory | None = None,
+        *,
+        argv: list[str] | None = None,
+    ) -> None:
+        """Run until SIGTERM or SIGINT (uvloop when installed). Settings come from
+        ``argv`` (default: the command line), ``EDGEFERRY_*`` and ``--config FILE``."""
+        import sys
+
+        from edge._runner import run_service
+
+        code = run_service(self, list(sys.argv[1:] if argv is None else argv), broker=broker)
+        if code:
+            raise SystemExit(code)
 
     def _poke(self) -> None:
         if self._progress is not None:
@@ -441,7 +477,13 @@ class Service:
     @property
     def online(self) -> bool:
         """Connected, subscribed and announced ``online``."""
-        return self._link is not None and self._link.connected.is_set() and self._client.connected
+        link = self._link
+        return (
+            link is not None
+            and link.connected.is_set()
+            and link.client is not None
+            and link.client.connected
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -480,6 +522,8 @@ class Service:
         Raises TimeoutError."""
         if self._progress is None:
             self._progress = asyncio.Event()
+            if self._rx is not None:
+                self._rx.progress = self._progress
         async with asyncio.timeout(timeout):
             while not predicate(self):
                 self._progress.clear()
@@ -489,304 +533,9 @@ class Service:
         """The counters the heartbeat publishes."""
         out: dict[str, Any] = dict(self.counters)
         out["dead_lettered"] = dict(self.dead_lettered)
-        out["in_flight"] = self._pending
+        out["in_flight"] = self._rx.pending if self._rx is not None else 0
         out["uptime_s"] = round(time.monotonic() - self._started, 3) if self._started else 0.0
         return out
-
-    async def _stop(self) -> None:
-        self._stopping = True
-        if self._tg is None:
-            return
-        try:
-            async with asyncio.timeout(self.drain_timeout):
-                while self._lanes:
-                    self._idle.clear()
-                    await self._idle.wait()
-        except TimeoutError:
-            log.warning(
-                "service %s: %d handler(s) still running after %.1f s; cancelling them "
-                "(their messages stay unacknowledged and come back)",
-                self.name,
-                len(self._lanes),
-                self.drain_timeout,
-            )
-            for t in list(self._lane_tasks):
-                t.cancel()
-        self._flush()
-        for fn in self._on_stop:
-            try:
-                await fn()
-            except Exception:
-                log.exception("service %s: on_stop hook failed", self.name)
-        await self._teardown()
-        log.info("service %s stopped: %s", self.name, self.stats())
-
-    async def _teardown(self) -> None:
-        self._stopping = True
-        if self._link is not None:
-            await self._link.close(offline=True)
-        for t in self._bg:
-            t.cancel()
-        for t in list(self._lane_tasks):
-            t.cancel()
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            await tg.__aexit__(None, None, None)
-        self._bg.clear()
-        if self._dedup is not None:
-            self._dedup.close()
-        self._commands.close()
-
-    def stop(self) -> None:
-        """Ask :meth:`serve` to drain and return (safe from a signal handler)."""
-        ev = getattr(self, "_stop_requested", None)
-        if ev is not None:
-            ev.set()
-
-    async def serve(self) -> None:
-        """Run until :meth:`stop` (or SIGTERM/SIGINT under :meth:`run`)."""
-        self._stop_requested = asyncio.Event()
-        async with self:
-            await self._stop_requested.wait()
-
-    def run(self, broker: Any = None, *, argv: list[str] | None = None) -> None:
-        """Run until SIGTERM or SIGINT (uvloop when installed). Settings come from
-        ``argv`` (default: the command line), ``EDGEFERRY_*`` and ``--config FILE``."""
-        import sys
-
-        from edge._runner import run_service
-
-        code = run_service(self, list(sys.argv[1:] if argv is None else argv), broker=broker)
-        if code:
-            raise SystemExit(code)
-
-    # ------------------------------------------------------------------ receiving
-
-    def _on_message(self, client: Any, msg: Message) -> None:
-        self.counters["received"] += 1
-        if self._progress is not None:
-            self._progress.set()
-        if self._stopping:
-            return  # left unacknowledged: the broker sends it again next session
-        topic = msg.topic
-        route = None
-        params: dict[str, str] = {}
-        for r in self.routes:
-            p = r.match(topic)
-            if p is not None:
-                route, params = r, p
-                break
-        key = route.key(topic, params) if route is not None else topic
-        work = _Work(msg, route, params, key, client)
-        self._pending += 1
-        if self._pending >= self.max_pending and self._paused is None:
-            # enough in hand: let TCP hold the rest at the broker (memory stays flat)
-            self._paused = client
-            client.pause_reading()
-        lane = self._lanes.get(key)
-        if lane is not None:
-            lane.append(work)
-            return
-        lane = self._lanes[key] = deque((work,))
-        self._idle.clear()
-        assert self._tg is not None
-        t = self._tg.create_task(self._run_lane(key, lane), name=f"{self.name}:lane")
-        self._lane_tasks.add(t)
-        t.add_done_callback(self._lane_tasks.discard)
-
-    async def _run_lane(self, key: str, lane: deque[_Work]) -> None:
-        sem = self._sem
-        try:
-            while lane and not self._stopping:
-                work = lane[0]
-                async with sem:
-                    try:
-                        await self._process(work)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as e:  # a bug of ours: never lose the message silently
-                        log.exception("service %s: internal error on %s", self.name, work.msg.topic)
-                        await self._dead(work, "handler_error", f"internal error: {e!r}", 0)
-                lane.popleft()
-                self._pending -= 1
-                if self._paused is not None and self._pending <= self.max_pending // 2:
-                    self._paused.resume_reading()
-                    self._paused = None
-        finally:
-            if self._lanes.get(key) is lane:
-                del self._lanes[key]
-                self._pending -= len(lane)  # abandoned at stop: the broker sends them again
-            if not self._lanes:
-                self._idle.set()
-
-    async def _process(self, work: _Work) -> None:
-        msg = work.msg
-        route = work.route
-        payload = msg.payload
-        if len(payload) > self.max_payload_bytes:
-            return await self._dead(
-                work, "oversize", f"{len(payload)} bytes > {self.max_payload_bytes}", 0
-            )
-        if route is None:
-            return await self._dead(
-                work, "no_route", f"no handler of {self.name} matches the topic", 0
-            )
-        if route.wants_bytes:
-            event = Event(data=None, raw=True)
-            value: Any = payload
-        else:
-            try:
-                event = decode(payload)
-            except EnvelopeError as e:
-                return await self._dead(work, e.reason, str(e), 0)
-            eid = event.id
-            if eid is not None and self._dedup is not None:
-                if eid in self._dedup:
-                    self.counters["duplicates"] += 1
-                    return self._ack_later(work)
-                first = self._inflight.get(eid)
-                if first is not None:  # the same event on another key, still running
-                    self.counters["duplicates"] += 1
-                    first.acks.extend(work.acks)
-                    return
-                work.event_id = eid
-            try:
-                value = route.validate(event.data)
-            except Exception as e:  # pydantic ValidationError
-                return await self._dead(work, "schema", one_line(e), 0, event)
-        kwargs: dict[str, Any] = {}
-        try:
-            for name, conv in route.converters.items():
-                kwargs[name] = conv(work.params[name])
-        except ValueError as e:
-            return await self._dead(work, "schema", f"topic level: {e}", 0, event)
-        if route.payload_param is not None:
-            kwargs[route.payload_param] = value
-        if route.event_param is not None:
-            kwargs[route.event_param] = event
-        if route.topic_param is not None:
-            kwargs[route.topic_param] = msg.topic
-        await self._call(work, route, kwargs, event)
-
-    async def _call(self, work: _Work, route: Route, kwargs: dict[str, Any], event: Event) -> None:
-        ctx = _Context(self, event, work.key)
-        token = _current.set(ctx)
-        eid = work.event_id
-        if eid is not None:
-            self._inflight[eid] = work
-        attempts = 0
-        backoff: Backoff | None = None
-        try:
-            while True:
-                attempts += 1
-                try:
-                    await route.handler(**kwargs)
-                    break
-                except Reject as e:
-                    return await self._dead(
-                        work, e.reason, str(e) or "rejected by the handler", attempts, event
-                    )
-                except Exception as e:
-                    self.counters["failed"] += 1
-                    if attempts > self.retries:
-                        log.warning(
-                            "service %s: handler %s failed %d time(s) on %s: %r; dead-lettered",
-                            self.name,
-                            route.name,
-                            attempts,
-                            work.msg.topic,
-                            e,
-                        )
-                        return await self._dead(work, "handler_error", one_line(e), attempts, event)
-                    if backoff is None:
-                        backoff = Backoff(
-                            self.retry_initial, max(self.retry_cap, self.retry_initial)
-                        )
-                    delay = backoff.next()
-                    log.info(
-                        "service %s: handler %s failed on %s (%r); retry %d of %d in %.2f s",
-                        self.name,
-                        route.name,
-                        work.msg.topic,
-                        e,
-                        attempts,
-                        self.retries,
-                        delay,
-                    )
-                    self.counters["retried"] += 1
-                    ctx.n = 0  # a retry publishes the same ids as the failed attempt
-                    await asyncio.sleep(delay)
-        finally:
-            _current.reset(token)
-            if eid is not None:
-                self._inflight.pop(eid, None)
-        self.counters["handled"] += 1
-        self._ack_later(work)
-
-    async def _dead(
-        self, work: _Work, reason: str, error: str, attempts: int, event: Event | None = None
-    ) -> None:
-        msg = work.msg
-        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
-        self._dlq_log(reason, msg.topic, error)
-        body = dead_letter(
-            service=self.name,
-            source=self.source,
-            reason=reason,
-            error=error,
-            msg=msg,
-            subject=work.key if work.route is not None else None,
-            attempts=attempts,
-            event=event,
-        )
-        await self._send(f"dlq/{self.name}", body, 1, False)
-        self._ack_later(work)
-
-    def _ack_later(self, work: _Work) -> None:
-        if self._progress is not None:
-            self._progress.set()
-        if work.event_id is not None and self._dedup is not None:
-            self._dedup.add(work.event_id)
-        if work.acks:
-            self._acks.extend(work.acks)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Commit the dedup marks of this loop turn, then acknowledge their messages."""
-        self._flush_scheduled = False
-        if self._dedup is not None:
-            marks = len(self._dedup._pending)
-            try:
-                self._dedup.commit()
-            except Exception:
-                log.exception(
-                    "service %s: dedup commit failed; messages stay unacknowledged", self.name
-                )
-                self._acks.clear()
-                return
-            if self._crash_after is not None and marks:
-                self._crash_after -= 1
-                if self._crash_after <= 0:
-                    import os
-                    import signal
-
-                    log.warning(
-                        "failpoint service_crash_after_commit: killing myself before acknowledging"
-                    )
-                    os.kill(os.getpid(), signal.SIGKILL)
-        acks, self._acks = self._acks, []
-        if not acks:
-            return
-        # acks for a connection that is gone are void: the broker sends those messages
-        # again on the next session, and the dedup table answers them
-        by_client: dict[Any, list[int]] = {}
-        for c, pid in acks:
-            by_client.setdefault(c, []).append(pid)
-        for c, pids in by_client.items():
-            if c.connected:
-                c.ack_many(pids)
 
 
 def _event_type(data: Any, topic: str) -> str:

@@ -104,7 +104,7 @@ def _filter(pattern: str) -> str:
 
 
 def build_catalog(specs: list[str]) -> Catalog:
-    from edge._runner import load_target
+    from edge._launch import load_target
 
     out = []
     for spec in specs:

@@ -17,7 +17,7 @@ __all__ = ["register", "run_service"]
 
 def run_service(argv: list[str]) -> int:
     """Fast path for ``edgeferry service run MODULE:ATTR [flags]``."""
-    from edge._runner import main
+    from edge._launch import main
 
     return main(argv)
 

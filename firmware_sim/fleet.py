@@ -15,6 +15,7 @@ seconds to empty, counts what is left as dropped (reason ``shutdown``), publishe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from edge._lifecycle import Lifespan, first_error
 from edge.mqtt import BrokerURL, parse_url
 from firmware_sim._rng import mix
 from firmware_sim.device import Device
@@ -92,7 +94,9 @@ class Fleet:
         self.chaos: Any = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
+        self._stop = asyncio.Event()  # run() returns
+        self._leave = asyncio.Event()  # the async with block ends: drain and stop
+        self._lifespan: Lifespan | None = None
         self.connection_changed = asyncio.Event()  # set whenever a device goes on- or offline
         self._undrained: set[str] = set()
         self._drained = asyncio.Event()
@@ -102,50 +106,66 @@ class Fleet:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Fleet:
+        """Start the devices; return once they all run (connecting is theirs to do). A
+        device task that fails cancels the ``async with`` block and comes out of it as
+        itself."""
         if self._entered:
             raise RuntimeError("a Fleet runs once; make a new one")
         self._entered = True
         p = self.profile
         raise_open_file_limit(p.devices * (3 if p.chaos else 1) + 256)
-        loop = asyncio.get_running_loop()
-        if p.chaos is not None:
-            await self._start_chaos()
-        self.started_at = loop.time()
-        self.wall_start = time.time()
-        for i, name in enumerate(p.device_names()):
-            d = Device(self, i, name, self.plan.get(name, NO_FAULTS))
-            self.devices.append(d)
-            self.by_name[name] = d
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        t0 = self.started_at
-        for i, d in enumerate(self.devices):
-            d.start(t0)
-            self._tasks.append(self._tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name))
-        self._tasks.append(self._tg.create_task(self._lag_monitor(), name="lag-monitor"))
-        log.info(
-            "fleet %s: %d devices, %g s interval, seed %d, broker %s",
-            self.run_id,
-            p.devices,
-            p.interval,
-            p.seed,
-            self.url,
-        )
+        self._lifespan = Lifespan(self._main, f"fleet {self.run_id}")
+        await self._lifespan.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            await self._shutdown()
-        finally:
-            tg, self._tg = self._tg, None
-            if tg is not None:
-                for t in self._tasks:
-                    t.cancel()
-                await tg.__aexit__(None, None, None)
-            if self.chaos is not None:
-                await self.chaos.__aexit__(None, None, None)
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Drain the outboxes (``drain_timeout``), go offline, disconnect."""
+        self._leave.set()
+        if self._lifespan is not None:
+            await self._lifespan.__aexit__(et, exc, tb)
 
-    async def _start_chaos(self) -> None:
+    async def _main(self, ready: asyncio.Event) -> None:
+        """The fleet's life: its devices' tasks in one task group, until leaving."""
+        p = self.profile
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if p.chaos is not None:
+                    await self._start_chaos(stack)
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self.started_at = t0 = asyncio.get_running_loop().time()
+                    self.wall_start = time.time()
+                    for i, name in enumerate(p.device_names()):
+                        d = Device(self, i, name, self.plan.get(name, NO_FAULTS))
+                        self.devices.append(d)
+                        self.by_name[name] = d
+                    for i, d in enumerate(self.devices):
+                        d.start(t0)
+                        self._tasks.append(
+                            tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name)
+                        )
+                    self._tasks.append(tg.create_task(self._lag_monitor(), name="lag-monitor"))
+                    log.info(
+                        "fleet %s: %d devices, %g s interval, seed %d, broker %s",
+                        self.run_id,
+                        p.devices,
+                        p.interval,
+                        p.seed,
+                        self.url,
+                    )
+                    ready.set()
+                    await self._leave.wait()
+                    await self._shutdown()
+                    for t in self._tasks:
+                        t.cancel()
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+        finally:
+            self._tg = None
+
+    async def _start_chaos(self, stack: contextlib.AsyncExitStack) -> None:
         """Put a chaos proxy between every device and the broker (site-wide outages)."""
         from firmware_sim.chaos import ChaosProxy
 
@@ -157,8 +177,7 @@ class Fleet:
             seed=self.profile.seed,
             on_change=lambda what: log.info("fleet link: %s", what),
         )
-        await proxy.__aenter__()
-        self.chaos = proxy
+        self.chaos = await stack.enter_async_context(proxy)
         self.url = BrokerURL(
             "127.0.0.1", proxy.port, self.url.tls, self.url.username, self.url.password
         )

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import sys
 import textwrap
+from pathlib import Path
 
 from edge import Event, Service
 from edge.testing import TestClient
@@ -35,14 +36,15 @@ SERVICE = textwrap.dedent("""
 """)
 
 
-def start_worker(proc_factory, tmp_path, broker, name, **env):
+def start_worker(proc_factory, tmp_path, broker, name, crash_after_commit=None, **env):
     (tmp_path / "worker_mod.py").write_text(SERVICE)
+    if crash_after_commit is None:
+        launcher = ["-m", "edgeferry", "service", "run"]
+    else:  # the same, with a crash passed in as the service's after_commit hook
+        launcher = [str(Path(__file__).with_name("failpoint_service.py")), str(crash_after_commit)]
     argv = [
         sys.executable,
-        "-m",
-        "edgeferry",
-        "service",
-        "run",
+        *launcher,
         "worker_mod:svc",
         "--broker",
         broker.url,
@@ -121,7 +123,7 @@ async def test_crash_after_dedup_commit_before_ack_is_suppressed(
             tmp_path,
             edge_broker,
             "worker1",
-            EDGEFERRY_FAILPOINT="service_crash_after_commit:1",
+            crash_after_commit=1,
         )
         await tc.publish_event("dt/a/x", {"n": 1})
         await asyncio.to_thread(w1.wait_for_line, r"failpoint service_crash_after_commit", 20)

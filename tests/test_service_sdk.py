@@ -393,10 +393,10 @@ async def test_backlog_is_held_at_the_broker_not_in_memory(broker):
         for n in range(400):
             await tc.publish(f"dt/d{n % 4}/x", {"n": n, "pad": pad})
         await tc.settle()
-        await svc.wait_until(lambda s: s._pending >= 20, 10)
+        await svc.wait_until(lambda s: s.stats()["in_flight"] >= 20, 10)
         for _ in range(20):  # give it every chance to read more than it should
             await asyncio.sleep(0.005)
-        in_hand = svc._pending
+        in_hand = svc.stats()["in_flight"]
         gate.set()
         await svc.wait_until(lambda s: len(handled) >= 400, 20)
     print(f"\nin hand while stuck: {in_hand} of 400 (max_pending 20)")

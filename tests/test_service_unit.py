@@ -11,8 +11,9 @@ from pydantic import BaseModel
 
 from edge import Event, HandlerSignatureError, Service, ServiceError
 from edge._dedup import COMPACT_FACTOR, MAGIC, DedupTable, _record
+from edge._launch import load_target
 from edge._routing import compile_pattern, make_route, match_specs
-from edge._runner import OPTIONS, apply_settings, load_target
+from edge._runner import OPTIONS, apply_settings
 from edge.config import load_settings
 from edge.errors import ConfigError
 from edge.testing import topic_matches
