@@ -23,12 +23,21 @@ __all__ = ["Lifespan", "first_error"]
 
 
 def first_error(eg: BaseExceptionGroup[Any]) -> BaseException:
-    """The first leaf of an exception group (a TaskGroup's, possibly nested), to be raised
-    as itself. Its context (the group) is not printed; its own cause is kept."""
+    """The first leaf of an exception group (a TaskGroup's, possibly nested). Raise it
+    *after* the ``except`` block, so that its own context and cause are kept::
+
+        error = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ...
+        except BaseExceptionGroup as eg:
+            error = first_error(eg)
+        if error is not None:
+            raise error
+    """
     exc: BaseException = eg
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    exc.__suppress_context__ = True
     return exc
 
 
@@ -89,5 +98,6 @@ class Lifespan:
         except BaseException as e:
             if self._cancelled_host and self._host is not None:
                 self._host.uncancel()
-            e.__suppress_context__ = True
+                # raised here, its context is the cancellation of the block: not printed
+                e.__suppress_context__ = True
             raise

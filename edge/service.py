@@ -17,17 +17,9 @@
     if __name__ == "__main__":
         svc.run()
 
-How a message goes through (docs/services.md has the long version):
-
-1. The broker delivers it on the service's persistent QoS 1 session; it is routed to the
-   first handler whose pattern matches, and queued behind earlier messages of its *key*
-   (the ``device`` placeholder by default). Keys run concurrently, up to ``concurrency``.
-2. It is decoded (CloudEvents envelope or raw JSON), checked against the dedup table,
-   validated against the handler's payload model, and the handler runs; a handler that
-   raises runs again after a backoff, up to ``retries`` more times.
-3. Bad input and handlers that keep failing go to ``dlq/<service>`` with the reason.
-4. Its id is marked in the dedup table, the marks of one loop turn are committed, and
-   only then is the message acknowledged to the broker.
+Here: declaring and the lifecycle. How a message goes through (routing, per-key order,
+retries, dead letters, dedup, acknowledgements): edge/_receive.py; connections:
+edge/_link.py; what a handler publishes: edge/_publish.py; a process: edge/_runner.py.
 """
 
 from __future__ import annotations
@@ -44,10 +36,11 @@ from edge._commands import Commands
 from edge._dedup import DedupTable
 from edge._lifecycle import Lifespan, first_error
 from edge._link import Link
+from edge._publish import event_payload, raw_payload
 from edge._receive import Receiver, current_context
 from edge._routing import Route, make_route
 from edge.errors import ConfigError, ServiceError
-from edge.events import Event, derived_id, encode, envelope, new_id
+from edge.events import Event, encode, envelope
 from edge.mqtt import BrokerURL
 
 __all__ = ["Service", "current_event"]
@@ -270,28 +263,12 @@ class Service:
         if not topic or "+" in topic or "#" in topic or "\x00" in topic:
             raise ServiceError(f"cannot publish to {topic!r}: not a topic name")
         if raw:
-            payload = data if isinstance(data, bytes) else encode(_jsonable(data))
-            await self._send(topic, payload, qos, retain)
+            await self._send(topic, raw_payload(data), qos, retain)
             return None
-        ctx = current_context()
-        if ctx is not None and ctx.owner is self:
-            eid = derived_id(ctx.event.id, self.name, ctx.n)
-            ctx.n += 1
-            corr: str | None = ctx.correlationid
-            if subject is None:
-                subject = ctx.event.subject if ctx.event.subject is not None else ctx.key
-        else:
-            eid = new_id()
-            corr = None
-        body = envelope(
-            source=self.source,
-            type=type or _event_type(data, topic),
-            data=_jsonable(data),
-            id=eid,
-            subject=subject,
-            correlationid=corr,
+        payload, eid = event_payload(
+            self, self.name, self.source, topic, data, type=type, subject=subject
         )
-        await self._send(topic, encode(body), qos, retain)
+        await self._send(topic, payload, qos, retain)
         return eid
 
     async def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
@@ -354,15 +331,19 @@ class Service:
         await lifespan.__aexit__(et, exc, tb)
 
     async def _serve(self, ready: asyncio.Event | None) -> None:
+        error = None
         try:
-            async with asyncio.TaskGroup() as tg:
-                await self._start(tg)
-                if ready is not None:
-                    ready.set()
-                await self._stop_requested.wait()
-                await self._stop()
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    await self._start(tg)
+                    if ready is not None:
+                        ready.set()
+                    await self._stop_requested.wait()
+                    await self._stop()
+            except BaseExceptionGroup as eg:
+                error = first_error(eg)
+            if error is not None:
+                raise error  # as itself, with its own context (see first_error)
         finally:
             link = self._link
             if link is not None and not link.closing:  # a failure or a cancellation
@@ -477,13 +458,8 @@ class Service:
     @property
     def online(self) -> bool:
         """Connected, subscribed and announced ``online``."""
-        link = self._link
-        return (
-            link is not None
-            and link.connected.is_set()
-            and link.client is not None
-            and link.client.connected
-        )
+        link, client = self._link, self._client
+        return link is not None and link.connected.is_set() and bool(client and client.connected)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -536,25 +512,6 @@ class Service:
         out["in_flight"] = self._rx.pending if self._rx is not None else 0
         out["uptime_s"] = round(time.monotonic() - self._started, 3) if self._started else 0.0
         return out
-
-
-def _event_type(data: Any, topic: str) -> str:
-    t = getattr(type(data), "event_type", None)
-    if isinstance(t, str):
-        return t
-    name = type(data).__name__
-    if hasattr(data, "model_dump"):
-        return "io.edgeferry." + re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-    parts = topic.split("/")
-    if len(parts) >= 2 and parts[0] == "evt":
-        return "io.edgeferry." + parts[1]
-    return "io.edgeferry.event"
-
-
-def _jsonable(data: Any) -> Any:
-    if hasattr(data, "model_dump"):
-        return data.model_dump(mode="json")
-    return data
 
 
 def _hostname() -> str:

@@ -129,6 +129,7 @@ class Fleet:
     async def _main(self, ready: asyncio.Event) -> None:
         """The fleet's life: its devices' tasks in one task group, until leaving."""
         p = self.profile
+        error = None
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if p.chaos is not None:
@@ -161,9 +162,11 @@ class Fleet:
                     for t in self._tasks:
                         t.cancel()
         except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+            error = first_error(eg)
         finally:
             self._tg = None
+        if error is not None:
+            raise error  # as itself, with its own context (see first_error)
 
     async def _start_chaos(self, stack: contextlib.AsyncExitStack) -> None:
         """Put a chaos proxy between every device and the broker (site-wide outages)."""
