@@ -187,17 +187,6 @@ def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | No
     except (EdgeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ExceptionGroup as eg:
-        # a background task of the service failed (e.g. a subscription refused when it
-        # reconnected): the same one line as at start
-        errors, others = eg.split((EdgeError, OSError))
-        if errors is None or others is not None:
-            raise
-        first: BaseException = errors.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        print(f"error: {first}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     return 0

@@ -19,7 +19,11 @@
 
 Here: declaring and the lifecycle. How a message goes through (routing, per-key order,
 retries, dead letters, dedup, acknowledgements): edge/_receive.py; connections:
-edge/_link.py; what a handler publishes: edge/_publish.py; a process: edge/_runner.py.
+edge/_link.py; what a handler publishes: edge/_publish.py; commands and desired state:
+edge/_commands.py; a process: edge/_runner.py.
+
+Size: the whole public surface of a service is this one class (declaring handlers,
+timers, hooks, commands; publishing; running); the work behind it is in those modules.
 """
 
 from __future__ import annotations
