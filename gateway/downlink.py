@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import signal
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +86,7 @@ class Downlink:
         self._republish_all = True
         self.cloud_up = False
         self.local_up = False
+        self._crash_after_receive = os.environ.get("EDGEFERRY_FAILPOINT") == "downlink_crash_after_receive"
         self.counters = {"commands_received": 0, "commands_published": 0, "commands_expired": 0,
                          "desired_received": 0, "desired_stale": 0, "reports": 0, "hellos": 0,
                          "rejected": 0}
@@ -236,6 +239,11 @@ class Downlink:
             cmds = [b for _, _, k, b in batch if k == "cmd"]
             desired = [b for _, _, k, b in batch if k == "desired"]
             new, applied = await self._db(self.store.receive, cmds, desired)
+            if new and self._crash_after_receive:
+                # failpoint (tests): killed after storing a command, before acknowledging
+                # it to the cloud and before delivering it
+                log.warning("failpoint downlink_crash_after_receive: SIGKILL")
+                os.kill(os.getpid(), signal.SIGKILL)
             self.counters["commands_received"] += new
             self.counters["desired_received"] += applied
             self.counters["desired_stale"] += len(desired) - applied

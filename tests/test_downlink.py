@@ -5,6 +5,7 @@ counted: sent, executed, and the final states."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,12 +22,18 @@ pytestmark = pytest.mark.timeout(120)
 PY = sys.executable
 
 TARGET = textwrap.dedent("""
+    import json
     import os
     import signal
     from edge import Service
 
     svc = Service("target", heartbeat=0)
     RUNS = os.environ["RUNS_FILE"]
+
+    @svc.on_desired("target")
+    async def on_desired(doc: dict) -> None:
+        print(f"desired {json.dumps(doc)}", flush=True)
+        await svc.report("target", {"interval": doc.get("interval")})
 
     @svc.command("set_interval")
     async def set_interval(interval: float, die: bool = False) -> dict:
@@ -132,3 +139,112 @@ def test_ttl_shorter_than_outage_expires_never_runs(pipe, proc_factory):
     report("ttl-expired", 1, runs(pipe), [row["state"]])
     assert row["state"] == "expired"
     assert runs(pipe) == []
+
+
+def shadow(pipe: Pipeline) -> dict[str, Any] | None:
+    st = CloudState(pipe.sink_path)
+    try:
+        return st.shadow(pipe.node, "target")
+    finally:
+        st.close()
+
+
+def set_desired(pipe: Pipeline, doc: dict[str, Any], version: int | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+    extra = [] if version is None else ["--version", str(version)]
+    return cli("shadow", "set", "--cloud", pipe.cloud.url, "--sink", pipe.sink, "--node", pipe.node,
+               "--thing", "target", "--desired", json.dumps(doc), *extra, check=check)
+
+
+def watch_desired(pipe: Pipeline, proc_factory: Any, name: str, count: int = 0) -> Any:
+    args = ["mosquitto_sub", "-h", pipe.edge.host, "-p", str(pipe.edge.port), "-q", "1",
+            "-t", "shadow/target/desired", "-F", "%r %p"]
+    if count:
+        args += ["-C", str(count)]
+    return proc_factory(args, name)
+
+
+def versions_seen(watcher: Any) -> list[int]:
+    out = []
+    for line in watcher.lines:
+        _, _, payload = line.partition(" ")
+        try:
+            out.append(json.loads(payload)["version"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def test_gateway_kill9_between_receiving_and_delivering_runs_once(pipe, proc_factory):
+    pipe.start_ingest()
+    pipe.start_gateway(env={"EDGEFERRY_FAILPOINT": "downlink_crash_after_receive"})
+    start_target(pipe, proc_factory)
+    pipe.gateway.wait_for_line(r"cloud broker .* connected", 20)
+    cid = send(pipe, {"interval": 3})
+    pipe.gateway.wait_for_line(r"failpoint downlink_crash_after_receive", 20)
+    assert pipe.gateway.wait(10) == -9
+    assert runs(pipe) == []
+    pipe.start_gateway()
+    row = wait_state(pipe, cid, "succeeded")
+    report("gateway kill -9 after receive", 1, runs(pipe), [row["state"]])
+    assert runs(pipe) == ["3.0"]
+
+
+def test_target_killed_after_executing_is_not_run_again(pipe, proc_factory):
+    pipe.start()
+    target = start_target(pipe, proc_factory)
+    cid = send(pipe, {"interval": 4, "die": True})
+    target.wait_for_line(r"ran set_interval 4", 20)
+    assert target.wait(10) == -9
+    start_target(pipe, proc_factory, "target2")  # the gateway delivers it again
+    row = wait_state(pipe, cid, "failed")
+    report("target kill -9 after executing", 1, runs(pipe), [row["state"]])
+    assert runs(pipe) == ["4.0"]
+    assert "interrupted" in row["error"]
+
+
+def test_cloud_broker_restarted_without_persistence_while_site_away(pipe, proc_factory):
+    pipe.start()
+    start_target(pipe, proc_factory)
+    pipe.proxy.cut()
+    pipe.gateway.wait_for_line(r"cloud link \(downlink\) lost", 20)
+    cid = send(pipe, {"interval": 6})
+    assert set_desired(pipe, {"interval": 6}).stdout.strip() == "1"
+    pipe.cloud.kill()
+    shutil.rmtree(pipe.cloud.data_dir)  # sessions, queues and retained messages are gone
+    pipe.cloud.data_dir.mkdir()
+    pipe.cloud.start()
+    pipe.proxy.up()
+    row = wait_state(pipe, cid, "succeeded")
+    wait_until(lambda: (shadow(pipe) or {}).get("reported") == {"interval": 6}, 30, "reported interval 6")
+    sh = shadow(pipe)
+    report("cloud broker wiped", 1, runs(pipe), [row["state"], f"reported_v{sh['reported_version']}"])
+    assert runs(pipe) == ["6.0"]
+    assert sh["desired_version"] == 1
+
+
+def test_desired_changed_three_times_offline_ends_at_the_last(pipe, proc_factory):
+    pipe.start()
+    target = start_target(pipe, proc_factory)
+    watcher = watch_desired(pipe, proc_factory, "watch")
+    assert set_desired(pipe, {"interval": 1}).stdout.strip() == "1"
+    target.wait_for_line(r'desired \{"interval": 1\}', 20)
+    pipe.proxy.cut()
+    pipe.gateway.wait_for_line(r"cloud link \(downlink\) lost", 20)
+    for v, interval in ((2, 10), (3, 20), (4, 30)):
+        assert set_desired(pipe, {"interval": interval}, version=v - 1).stdout.strip() == str(v)
+    # a stale set is refused like AWS's 409
+    stale = set_desired(pipe, {"interval": 99}, version=2, check=False)
+    assert stale.returncode == 3 and "version conflict" in stale.stderr
+    # a device rebooted during the outage gets the desired state from the local broker
+    rebooted = watch_desired(pipe, proc_factory, "rebooted", count=1)
+    rebooted.wait(10)
+    assert versions_seen(rebooted) == [1]
+    pipe.proxy.up()
+    target.wait_for_line(r'desired \{"interval": 30\}', 30)
+    wait_until(lambda: (shadow(pipe) or {}).get("reported") == {"interval": 30}, 30, "reported interval 30")
+    seen = versions_seen(watcher)
+    print(f"[desired x3 offline] set=4 seen_by_device={seen} refused_stale=1", flush=True)
+    assert seen[-1] == 4 and seen == sorted(seen)
+    sh = shadow(pipe)
+    assert sh["desired"] == {"interval": 30} and sh["desired_version"] == 4
