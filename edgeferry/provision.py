@@ -87,8 +87,14 @@ def service_user(entry: Any) -> BrokerUser:
     """A service may read what its handlers consume and write what it declares (from the
     catalog: its routes' and declared publications, state/NAME, its heartbeat, dlq/NAME)."""
     read = tuple(dict.fromkeys(ch.filter for _, ch in entry.consumes))
-    write = tuple(dict.fromkeys(ch.filter for ch in entry.publishes))
-    return BrokerUser(entry.name, "service", read=read, write=write)
+    write = list(dict.fromkeys(ch.filter for ch in entry.publishes))
+    # what edge._commands publishes for a service with commands or desired-state handlers
+    # (statuses and replies, reported documents), which the catalog does not list
+    if f"cmd/{entry.name}/+" in read:
+        write.append(f"evt/cmd/{entry.name}")
+    if "shadow/+/desired" in read:
+        write.append("shadow/+/reported")
+    return BrokerUser(entry.name, "service", read=read, write=tuple(dict.fromkeys(write)))
 
 
 def device_user(name: str) -> BrokerUser:

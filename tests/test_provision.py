@@ -218,3 +218,24 @@ def test_gateway_path_does_not_import_cryptography() -> None:
     code = ("import sys, gateway.main, gateway.settings, gateway.uplink, edge.service, edge._runner\n"
             "assert 'cryptography' not in sys.modules, 'cryptography on the gateway path'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_service_with_commands_may_publish_their_statuses(tmp_path: Path) -> None:
+    mod = tmp_path / "svc_with_commands.py"
+    mod.write_text(
+        "from edge import Service\n"
+        "service = Service('valve')\n"
+        "@service.command('open')\n"
+        "async def open_(seconds: int = 1) -> str:\n"
+        "    return 'ok'\n"
+        "@service.on_desired('valve')\n"
+        "async def desired(doc: dict) -> None:\n"
+        "    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        r = provision("pi-09", tmp_path / "ca", tmp_path / "out", services=["svc_with_commands:service"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    (valve,) = [u for u in r.users if u.name == "valve"]
+    assert "cmd/valve/+" in valve.read and "shadow/+/desired" in valve.read
+    assert "evt/cmd/valve" in valve.write and "shadow/+/reported" in valve.write
