@@ -31,7 +31,7 @@ case "$role" in
         fi
         unset EDGEFERRY_GATEWAY_PASSWORD
         for kind in CERT KEY CA; do
-            lower=$(echo "$kind" | tr 'A-Z' 'a-z')
+            lower=$(echo "$kind" | tr '[:upper:]' '[:lower:]')
             if decode "EDGEFERRY_TLS_${kind}_B64" "$ident/node.$lower"; then
                 eval "export EDGEFERRY_${kind}_FILE=$ident/node.$lower"
             elif [ -f "/identity/node.$lower" ]; then
@@ -56,7 +56,7 @@ case "$role" in
         ;;
 esac
 if [ -n "$role" ] && [ "$role" != gateway ] && [ "$role" != sim ]; then
-    var=$(echo "EDGEFERRY_${role}_PASSWORD" | tr 'a-z.-' 'A-Z__')
+    var=$(echo "EDGEFERRY_${role}_PASSWORD" | tr '.-' '__' | tr '[:lower:]' '[:upper:]')
     eval "pw=\${$var:-}"
     if [ -z "${EDGEFERRY_PASSWORD:-}" ] && [ -n "$pw" ]; then
         export EDGEFERRY_USERNAME="${EDGEFERRY_USERNAME:-$role}" EDGEFERRY_PASSWORD="$pw"
