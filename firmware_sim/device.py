@@ -15,10 +15,9 @@ A device is a state machine driven by loop timers plus one task (its link):
   power loss (abort, outbox lost, boots again later), storms; per-reading garbage and
   duplicates; clock skew and newer-firmware payloads.
 
-Commands (``cmd/<device>/<name>``, JSON: an event envelope whose ``id`` is the command
-id and whose ``data`` holds the arguments, or plain ``{"id": ..., ...}``) are answered on
-``evt/reply/<device>`` with ``data.command_id``; an id seen before is answered with
-``status: "duplicate"`` and not applied again.
+Commands (``cmd/<device>/<name>``) and desired state (``shadow/<device>/desired``)
+follow the contract of SDK services (firmware_sim/commands.py, docs/commands.md):
+statuses on ``evt/cmd/<device>``; an id seen before is not applied again.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost
 from edge.events import new_id, rfc3339_ms
 from edge.mqtt import Message, MQTTClient, Will
+from firmware_sim import commands
 from firmware_sim._rng import uniform
 from firmware_sim.faults import DeviceFaults, garbage_payload
 from firmware_sim.outbox import Entry, Outbox
@@ -49,7 +49,6 @@ __all__ = ["Device"]
 log = logging.getLogger("edgeferry.sim")
 
 _P_JITTER, _P_DUP, _P_GARBAGE, _P_PHASE = 201, 202, 203, 204
-_SEEN_COMMANDS = 256  # command ids remembered (in "flash": they survive reboots)
 _OFFLINE = b"offline"
 
 
@@ -85,6 +84,7 @@ class Device:
         "timers",
         "storm_until",
         "seen",
+        "desired_version",
         "counters",
         "state_topic",
         "source",
@@ -123,7 +123,9 @@ class Device:
         self.timer: asyncio.TimerHandle | None = None
         self.timers: list[asyncio.TimerHandle] = []
         self.storm_until = 0.0
-        self.seen: OrderedDict[str, str] = OrderedDict()
+        # command id -> (status, reply, error), in "flash": it survives reboots
+        self.seen: OrderedDict[str, tuple[str, Any, str | None]] = OrderedDict()
+        self.desired_version = 0  # in RAM: a reboot applies the retained desired state again
         self.counters = {
             "garbage_sent": 0,
             "duplicates_sent": 0,
@@ -136,6 +138,7 @@ class Device:
             "commands_applied": 0,
             "commands_duplicate": 0,
             "commands_rejected": 0,
+            "desired_applied": 0,
         }
         self.state_topic = f"state/{name}"
         self.source = f"/{p.site}/devices/{name}"
@@ -329,6 +332,7 @@ class Device:
             return
         self.alive = True
         self.boot += 1
+        self.desired_version = 0
         self.fleet.boots += 1
         self.anchor = self._now()
         self.anchor_k = self.k
@@ -398,7 +402,7 @@ class Device:
             self.client = client
             client.closed.add_done_callback(lambda _f: self.wake.set())
             try:
-                await client.subscribe([(f"cmd/{self.name}/+", 1)])
+                await client.subscribe([(f"cmd/{self.name}/+", 1), (f"shadow/{self.name}/desired", 1)])
                 await client.publish(self.state_topic, self._birth(), 1, retain=True)
                 backoff.reset()
                 self._announced = True
@@ -504,92 +508,13 @@ class Device:
     # ------------------------------------------------------------------ commands
 
     def _on_message(self, msg: Message) -> None:
+        """Commands and desired state (firmware_sim/commands.py), then the PUBACK."""
         c = self.client
         try:
-            self._command(msg)
+            commands.on_message(self, msg)
         finally:
             if msg.qos and c is not None:
                 c.ack(msg.pid)
-
-    def _command(self, msg: Message) -> None:
-        name = msg.topic.rsplit("/", 1)[-1]
-        try:
-            body = orjson.loads(msg.payload)
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            self.counters["commands_rejected"] += 1
-            log.warning("%s: command %s is not a JSON object", self.name, name)
-            return
-        cid = body.get("id")
-        args = body.get("data") if "specversion" in body else body
-        if not isinstance(args, dict):
-            args = {}
-        if not isinstance(cid, str) or not cid:
-            self.counters["commands_rejected"] += 1
-            self._reply(name, "", "error", {"detail": "a command needs a string id"})
-            return
-        if cid in self.seen:
-            self.counters["commands_duplicate"] += 1
-            self._reply(name, cid, "duplicate", {"first_status": self.seen[cid]})
-            return
-        status, detail = self._apply(name, cid, args)
-        self.seen[cid] = status
-        while len(self.seen) > _SEEN_COMMANDS:
-            self.seen.popitem(last=False)
-        if status in ("ok", "accepted"):
-            self.counters["commands_applied"] += 1
-        else:
-            self.counters["commands_rejected"] += 1
-        self._reply(name, cid, status, detail)
-
-    def _reply(self, name: str, cid: str, status: str, detail: dict[str, Any]) -> None:
-        data = {
-            "command": name,
-            "command_id": cid,
-            "status": status,
-            "boot": self.boot,
-            "firmware": self.firmware,
-            **detail,
-        }
-        self._event(f"evt/reply/{self.name}", "io.edgeferry.command.reply", data, cid or new_id())
-
-    def _apply(self, name: str, cid: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        if name == "set_interval":
-            value = args.get("interval", args.get("seconds"))
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 < value <= 86400
-            ):
-                return "error", {"detail": "set_interval needs data.interval in (0, 86400] seconds"}
-            self.interval = float(value)
-            if not self.storm_until and self.alive:
-                self._rebase(self.interval)
-            return "ok", {"interval": self.interval}
-        if name == "reboot":
-            if self._busy:
-                return "error", {"detail": "busy (reboot or update in progress)"}
-            self._busy = True
-            self.fleet.spawn(self._reboot(None, cid), f"{self.name}-reboot")
-            return "ok", {}
-        if name == "ota":
-            version = args.get("version")
-            duration = args.get("duration", 2.0)
-            if not isinstance(version, str) or not version:
-                return "error", {"detail": "ota needs data.version"}
-            if (
-                isinstance(duration, bool)
-                or not isinstance(duration, int | float)
-                or not 0 <= duration <= 3600
-            ):
-                return "error", {"detail": "ota data.duration must be 0..3600 seconds"}
-            if self._busy:
-                return "error", {"detail": "busy (reboot or update in progress)"}
-            self._busy = True
-            self.fleet.spawn(self._ota(version, float(duration), cid), f"{self.name}-ota")
-            return "accepted", {"version": version}
-        return "unknown_command", {"detail": f"no command {name!r} (set_interval, reboot, ota)"}
 
     async def _reboot(self, firmware: str | None, cid: str) -> None:
         try:
@@ -619,6 +544,7 @@ class Device:
                     {"command_id": cid, "version": version, "from": self.firmware, "progress": pct},
                     cid,
                 )
+            commands.ota_done(self, cid, version)
             await self._reboot(version, cid)
         finally:
             self._busy = False

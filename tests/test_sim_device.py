@@ -183,17 +183,17 @@ class Commander:
 
 
 def _replies(col: Collector) -> list[dict[str, Any]]:
-    return [g.json() for g in col.on("evt/reply/dev-0000")]
+    return [g.json() for g in col.on("evt/cmd/dev-0000")]
 
 
 def _reply(col: Collector, cid: str) -> list[dict[str, Any]]:
-    return [r for r in _replies(col) if r["data"]["command_id"] == cid]
+    return [r for r in _replies(col) if r["data"]["id"] == cid]
 
 
 async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> None:
     p = profile(devices=1, interval=0.05, sensors="temperature", seed=2, reboot_time=0.2)
     url = edge_broker.url
-    async with Collector(url, ["evt/#", "state/#", "dt/#"]) as col, Commander(url) as cmd:
+    async with Collector(url, ["evt/#", "state/#", "dt/#", "shadow/#"]) as col, Commander(url) as cmd:
         async with Fleet(url, p) as fleet:
             dev = fleet.device("dev-0000")
             await col.wait(lambda: col.on("state/dev-0000"), 5, "birth")
@@ -201,15 +201,16 @@ async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> No
             await cmd.send("dev-0000", "set_interval", {"id": "c1", "interval": 0.4})
             await col.wait(lambda: _reply(col, "c1"), 5, "reply to c1")
             r = _reply(col, "c1")[0]
-            assert r["data"]["status"] == "ok" and r["data"]["interval"] == 0.4
-            assert r["correlationid"] == "c1" and r["type"] == "io.edgeferry.command.reply"
+            assert r["data"]["status"] == "succeeded" and r["data"]["reply"] == {"interval": 0.4}
+            assert r["correlationid"] == "c1" and r["type"] == "io.edgeferry.command.status"
             n = len(col.seqs("dev-0000", "temperature"))
             await col.wait(
                 lambda: len(col.seqs("dev-0000", "temperature")) >= n + 3, 5, "3 slow readings"
             )
             slow = [g.at for g in col.on("dt/dev-0000/temperature")][-3:]
             assert min(b - a for a, b in zip(slow, slow[1:], strict=False)) > 0.25
-            # reboot (as an event envelope), then the same command id again
+            # reboot (the gateway's form: an envelope with name, args and a time to live),
+            # then the same command id again
             await cmd.send(
                 "dev-0000",
                 "reboot",
@@ -218,16 +219,16 @@ async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> No
                     "id": "c2",
                     "source": "/t",
                     "type": "io.edgeferry.command",
-                    "data": {},
+                    "data": {"name": "reboot", "args": {}, "ttl_ms": 60000},
                 },
             )
             await col.wait(lambda: len(col.on("state/dev-0000")) >= 3, 5, "offline and a new birth")
             states = col.on("state/dev-0000")
             assert states[1].payload == b"offline" and states[2].json()["boot"] == 2
-            assert _reply(col, "c2")[0]["data"]["status"] == "ok"
+            assert _reply(col, "c2")[0]["data"]["status"] == "succeeded"
             await cmd.send("dev-0000", "reboot", {"id": "c2"})
             await col.wait(lambda: len(_reply(col, "c2")) == 2, 5, "reply to the repeated c2")
-            assert _reply(col, "c2")[1]["data"]["status"] == "duplicate"
+            assert _reply(col, "c2")[1]["data"]["status"] == "succeeded"  # its first status again
             # an update: progress events, then a reboot into the new firmware
             await cmd.send("dev-0000", "ota", {"id": "c3", "version": "2.1.0", "duration": 0.3})
             await col.wait(lambda: len(col.on("state/dev-0000")) >= 5, 5, "birth after the update")
@@ -238,18 +239,30 @@ async def test_commands_are_applied_once_and_answered(edge_broker: Broker) -> No
                 5,
                 "telemetry from the new firmware",
             )
-            # unknown commands and commands without an id are answered, not applied
+            # unknown commands, commands without an id and expired ones are answered, not applied
             await cmd.send("dev-0000", "self_destruct", {"id": "c4"})
             await cmd.send("dev-0000", "reboot", {"no": "id"})
             await cmd.send("dev-0000", "ota", {"id": "c5"})
-            await col.wait(lambda: len(_replies(col)) >= 7, 5, "three more replies")
-            assert dev.boot == 3, "the repeated reboot was not applied"
-    assert _reply(col, "c3")[0]["data"]["status"] == "accepted"
+            await cmd.send("dev-0000", "reboot", {
+                "specversion": "1.0", "id": "c6", "source": "/t", "type": "io.edgeferry.command",
+                "data": {"name": "reboot", "args": {}, "ttl_ms": 0}})
+            await col.wait(lambda: len(_replies(col)) >= 9, 5, "four more replies")
+            assert dev.boot == 3, "the repeated and the expired reboot were not applied"
+            # desired state: a newer version's interval is applied and reported
+            await cmd.client.publish("shadow/dev-0000/desired",  # type: ignore[union-attr]
+                                     orjson.dumps({"version": 2, "desired": {"interval": 0.3}}), 1)
+            await cmd.client.publish("shadow/dev-0000/desired",  # type: ignore[union-attr]
+                                     orjson.dumps({"version": 1, "desired": {"interval": 9}}), 1)
+            await col.wait(lambda: col.on("shadow/dev-0000/reported"), 5, "a report")
+            assert col.on("shadow/dev-0000/reported")[-1].json() == {"interval": 0.3}
+            assert dev.interval == 0.3, "an older desired version is not applied after a newer one"
     progress = [g.json()["data"] for g in col.on("evt/ota/dev-0000")]
     assert [e["progress"] for e in progress] == [0, 25, 50, 75, 100]
     assert all(e["command_id"] == "c3" and e["version"] == "2.1.0" for e in progress)
-    statuses = {r["data"]["command_id"]: r["data"]["status"] for r in _replies(col)[-3:]}
-    assert statuses == {"c4": "unknown_command", "": "error", "c5": "error"}
+    c3 = [r["data"]["status"] for r in _reply(col, "c3")]
+    assert c3 == ["accepted", "succeeded"]
+    statuses = {r["data"]["id"]: r["data"]["status"] for r in _replies(col)[-4:]}
+    assert statuses == {"c4": "rejected", "": "rejected", "c5": "rejected", "c6": "expired"}
     seqs = col.seqs("dev-0000", "temperature")
     assert seqs == sorted(set(seqs)), "sequence numbers keep rising across reboots"
     c = fleet.manifest()["devices"]["dev-0000"]

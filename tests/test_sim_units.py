@@ -238,7 +238,7 @@ def test_verify_counts_sent_delivered_dropped_lost_duplicated() -> None:
     rows.append({"topic": "dt/dev-a/t", "payload": "/w==", "encoding": "base64"})  # garbage too
     rows += [_row("dev-b", "t", n) for n in (1, 2, 5)]  # 3 and 4 lost
     rows.append(_row("dev-b", "t", 3, run="other"))  # another run: not ours
-    rows.append({"topic": "evt/reply/dev-a", "payload": "{}"})
+    rows.append({"topic": "evt/cmd/dev-a", "payload": "{}"})
     r = compare(_manifest(), rows)
     a, b = r.devices
     assert (
