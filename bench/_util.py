@@ -18,13 +18,14 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 from edgeferry.procs import CLOUD_CONF, EDGE_CONF, MOSQUITTO, REPO, Broker, Proc, wait_until
 
 __all__ = [
     "PY", "REPO", "Loadgen", "SinkTail", "Workdir", "count_run", "cpu_seconds",
     "io_write_bytes", "machine_info", "mem_kb", "payload_bytes", "run_loadgen",
-    "terminate_timed", "wait_line", "wait_until",
+    "pid_of", "terminate_timed", "wait_line", "wait_until",
 ]
 
 PY = sys.executable
@@ -138,6 +139,14 @@ class Workdir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def pid_of(broker: Broker) -> int:
+    """The pid of a running broker (for /proc readers)."""
+    pid = broker.pid
+    if pid is None:
+        raise RuntimeError(f"broker {broker.name} is not running")
+    return pid
+
+
 def wait_line(proc: Proc, text: str, timeout: float = 20.0) -> None:
     """Wait for an output line of ``proc`` containing ``text`` (its output ending first,
     or ``timeout``, raises AssertionError with the last lines)."""
@@ -160,7 +169,7 @@ class SinkTail:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lines = 0
-        self._f = None
+        self._f: IO[bytes] | None = None
 
     def poll(self) -> int:
         if self._f is None:

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from bench._util import PY, Workdir, cpu_seconds, machine_info, mem_kb
+from bench._util import PY, Workdir, cpu_seconds, machine_info, mem_kb, pid_of
 from edgeferry.procs import Broker, Proc
 
 TARGET_RSS_MB_AT_1000 = 100
@@ -78,7 +78,7 @@ def _measure(
                 s["rss_kb"] = mem_kb(proc.pid).get("VmRSS", 0)
                 s["hwm_kb"] = mem_kb(proc.pid).get("VmHWM", 0)
                 s["cpu_s"] = cpu_seconds(proc.pid)
-                s["broker_cpu_s"] = cpu_seconds(broker.pid)
+                s["broker_cpu_s"] = cpu_seconds(pid_of(broker))
                 s["wall"] = time.monotonic()
             except (OSError, ValueError):
                 continue
@@ -187,7 +187,7 @@ def run(
     duration = duration or (20.0 if quick else 30.0)
     warmup = 3.0
     sizes = sizes or ([1000, 2000] if quick else [1000, 2000, 5000, 10000])
-    fleets = []
+    fleets: list[dict[str, Any]] = []
     for n in sizes:
         if n + 256 > limit:
             fleets.append({"devices": n, "error": f"open-file hard limit {limit} is too low"})

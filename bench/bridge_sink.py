@@ -18,6 +18,7 @@ import asyncio
 import signal
 import sys
 import time
+from typing import Any
 
 from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost
@@ -31,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover
     import json
 
-    def _dumps(obj):  # type: ignore[no-untyped-def]
+    def _dumps(obj: Any) -> bytes:  # type: ignore[misc]
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 

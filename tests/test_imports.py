@@ -47,7 +47,6 @@ KNOWN_LONG: set[str] = {
     "gateway/store.py",  # house-gw
     "firmware_sim/device.py",  # house-edge: device context object
     "firmware_sim/chaos.py",  # house-edge
-    "bench/bench_uplink.py",  # house-rules: onto edgeferry.procs
 }
 
 
