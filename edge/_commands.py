@@ -106,7 +106,7 @@ class Commands:
         self._desired: dict[str, tuple[int, dict[str, Any]]] = {}
         self._desired_handlers: dict[str, list[Handler]] = {}
         self._routed = False
-        self._shadow_routed = False
+        self._shadow_routed: set[str] = set()
         self.counters = {"commands_run": 0, "commands_interrupted": 0, "commands_expired": 0,
                          "commands_rejected": 0, "commands_duplicate": 0, "desired_stale": 0}
 
@@ -131,20 +131,21 @@ class Commands:
     def on_desired(self, thing: str) -> Callable[[Handler], Handler]:
         def deco(fn: Handler) -> Handler:
             self._desired_handlers.setdefault(thing, []).append(fn)
-            self._route_shadow()
+            self._route_shadow(thing)
             return fn
 
         return deco
 
-    def _route_shadow(self) -> None:
-        if self._shadow_routed:
+    def _route_shadow(self, thing: str) -> None:
+        """Subscribe to this thing's desired document (one route per thing)."""
+        if thing in self._shadow_routed:
             return
-        self._shadow_routed = True
+        self._shadow_routed.add(thing)
 
-        async def on_desired_doc(thing: str, body: dict[str, Any]) -> None:
+        async def on_desired_doc(body: dict[str, Any]) -> None:
             await self._desired_in(thing, body)
 
-        self.svc.on("shadow/{thing}/desired", key="thing")(on_desired_doc)
+        self.svc.on(f"shadow/{thing}/desired")(on_desired_doc)
 
     # ------------------------------------------------------------ running a command
 
@@ -225,7 +226,7 @@ class Commands:
 
     def desired(self, thing: str) -> dict[str, Any] | None:
         """The newest desired document seen for ``thing`` (None before the first)."""
-        self._route_shadow()
+        self._route_shadow(thing)
         held = self._desired.get(thing)
         return None if held is None else held[1]
 

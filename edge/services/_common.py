@@ -1,7 +1,10 @@
-"""What the built-in services share: the telemetry sample shape and durations in YAML."""
+"""What the built-in services share: the telemetry sample shape, durations in YAML, and
+the commands every built-in service answers (docs/commands.md)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, StrictFloat, StrictInt
@@ -10,7 +13,7 @@ from typing_extensions import TypeAliasType
 from edge.config import parse_duration
 from edge.errors import Reject
 
-__all__ = ["Duration", "Sample", "sample_value"]
+__all__ = ["Duration", "Sample", "sample_value", "lifecycle_commands"]
 
 
 def _duration(v: Any) -> float:
@@ -43,3 +46,36 @@ def sample_value(s: float | int | dict[str, Any], field: str = "value") -> float
     if isinstance(v, int | float):
         return float(v)
     raise Reject(f"field {field!r} is {v!r}, not a number", reason="schema")
+
+
+def lifecycle_commands(service: Any, set_interval: Callable[[float], Awaitable[dict[str, Any]]] | None = None,
+                       ) -> None:
+    """Give a built-in service the commands of the downlink contract: ``reboot`` (reply,
+    then stop; the supervisor starts it again), and ``set_interval`` plus a desired
+    ``interval`` (reported back on ``shadow/<service>/reported``) when ``set_interval`` is
+    given. ``ota`` is not one of them: a service is updated by its deployment, so the SDK
+    answers it ``rejected`` (unknown command)."""
+
+    @service.command("reboot")
+    async def reboot() -> dict[str, Any]:
+        asyncio.get_running_loop().call_later(0.2, service.stop)
+        return {"restarting": True}
+
+    if set_interval is None:
+        return
+
+    async def apply(interval: float) -> dict[str, Any]:
+        if isinstance(interval, bool) or not 0 < float(interval) <= 86400:
+            raise ValueError("interval must be in (0, 86400] seconds")
+        out = await set_interval(float(interval))
+        await service.report(service.name, {"interval": float(interval)})
+        return out
+
+    @service.command("set_interval")
+    async def set_interval_cmd(interval: float) -> dict[str, Any]:
+        return await apply(interval)
+
+    @service.on_desired(service.name)
+    async def desired(doc: dict[str, Any]) -> None:
+        if "interval" in doc:
+            await apply(doc["interval"])

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from edge.events import Event
 from edge.service import Service
-from edge.services._common import Duration, Sample, sample_value
+from edge.services._common import Duration, Sample, lifecycle_commands, sample_value
 
 __all__ = ["Aggregate", "AggregatorConfig", "service"]
 
@@ -170,3 +170,14 @@ async def _flush_open_windows() -> None:
             f"evt/aggregate/{device}", _aggregate(device, stream, w, partial=True), subject=device
         )
     _windows.clear()
+
+
+async def _set_window(seconds: float) -> dict[str, float]:
+    """Command ``set_interval`` / desired ``interval``: the window length. Open windows
+    are published first (partial), so no window mixes two lengths."""
+    await _flush_open_windows()
+    service.config.window = seconds
+    return {"window": seconds}
+
+
+lifecycle_commands(service, _set_window)

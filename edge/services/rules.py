@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from edge.events import Event
 from edge.service import Service
-from edge.services._common import Duration, Sample, sample_value
+from edge.services._common import Duration, Sample, lifecycle_commands, sample_value
 
 __all__ = ["Alert", "Rule", "RulesConfig", "service"]
 
@@ -117,6 +117,7 @@ service = Service(
     description="Threshold and rate-of-change alerts with hysteresis and a minimum interval.",
 )
 service.publishes("evt/alert/{device}", Alert, "alerts firing and clearing")
+lifecycle_commands(service)
 
 _state: dict[tuple[str, str], _State] = {}
 _prev: dict[tuple[str, str, str], tuple[float, float]] = {}
