@@ -143,8 +143,11 @@ if [ -n "$provisioned" ]; then
     put "$provisioned/tls/node.key" "$etc/tls/node.key" 0600 edgeferry:edgeferry
     put "$provisioned/mosquitto/passwd" "$etc/mosquitto/passwd" 0640 root:mosquitto
     put "$provisioned/mosquitto/acl" "$etc/mosquitto/acl" 0640 root:mosquitto
-    for f in "$provisioned"/secrets/*.env; do
-        put "$f" "$etc/secrets/$(basename "$f")" 0600 root:root
+    put "$provisioned/secrets/gateway.env" "$etc/secrets/gateway.env" 0600 root:root
+    for name in $services; do  # each service's password, handed over by systemd (LoadCredential)
+        if [ -f "$provisioned/credentials/$name.password" ]; then
+            put "$provisioned/credentials/$name.password" "$etc/secrets/$name.password" 0600 root:root
+        fi
     done
 fi
 

@@ -18,6 +18,7 @@ from edge.errors import (
     Reject,
     ServiceError,
     SubscriptionRefused,
+    TopicNotAllowed,
 )
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will, parse_url
 
@@ -42,6 +43,7 @@ __all__ = [
     "Service",
     "ServiceError",
     "SubscriptionRefused",
+    "TopicNotAllowed",
     "Will",
     "current_event",
     "parse_url",

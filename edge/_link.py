@@ -32,7 +32,7 @@ from typing import Any
 
 from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost, ServiceError, SubscriptionRefused
-from edge.mqtt import BrokerURL, Message, MQTTClient, Will
+from edge.mqtt import BrokerURL, Message, MQTTClient, Will, _redact
 
 __all__ = ["Link"]
 
@@ -83,7 +83,9 @@ class Link:
     @property
     def label(self) -> str:
         b = self.broker
-        return str(b) if isinstance(b, str | BrokerURL) else type(b).__name__
+        if isinstance(b, str):
+            return _redact(b)  # never a password in a log line
+        return str(b) if isinstance(b, BrokerURL) else type(b).__name__
 
     def _make_client(self, publisher: bool) -> Any:
         kw: dict[str, Any] = dict(

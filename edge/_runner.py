@@ -43,7 +43,17 @@ def _positive_int(v: Any) -> int:
 OPTIONS = [
     Option("broker", "url", None, "local broker URL, mqtt://HOST:PORT", metavar="URL"),
     Option("username", "str", None, "user name for the broker"),
-    Option("password", "str", None, "password for the broker"),
+    Option("password", "str", None, "password for the broker (prefer --password-file: a flag or "
+           "variable is visible to other processes)"),
+    Option("password_file", "str", None, "file whose first line is the broker password (mode 600)",
+           metavar="FILE"),
+    Option(
+        "strict_topics",
+        "bool",
+        None,
+        "refuse (TopicNotAllowed) a publish to a topic the service does not declare; default: on "
+        "when the broker needs a user name, since its ACL would drop such a publish silently",
+    ),
     Option("node_id", "str", None, "this node's id (the event source prefix; default: host name)"),
     Option(
         "state_dir",
@@ -87,6 +97,7 @@ OPTIONS = [
 ]
 
 _ATTRS = (
+    "strict_topics",
     "node_id",
     "state_dir",
     "concurrency",
@@ -123,14 +134,19 @@ def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> No
         svc.broker = settings["broker"]
     if svc.broker is None:
         svc.broker = "mqtt://127.0.0.1:1883"
-    if isinstance(svc.broker, str) and (settings.get("username") or settings.get("password")):
+    password = settings.get("password")
+    if settings.get("password_file"):
+        from edge._tls import read_secret
+
+        password = read_secret(settings["password_file"], error=ConfigError)
+    if isinstance(svc.broker, str) and (settings.get("username") or password):
         u = parse_url(svc.broker)
         svc.broker = BrokerURL(
             u.host,
             u.port,
             u.tls,
             settings.get("username") or u.username,
-            settings.get("password") or u.password,
+            password or u.password,
         )
     if svc.state_dir is None:
         svc.state_dir = _default_state_dir()
@@ -155,15 +171,38 @@ def _run(main: Any) -> None:
 
 
 async def _serve(svc: Any) -> None:
+    """Serve until SIGTERM/SIGINT. Under systemd (``Type=notify``, deploy/systemd/) it
+    sends READY=1 once connected and subscribed, STOPPING=1 on the signal, and WATCHDOG=1
+    from this event loop; elsewhere the notifications are no-ops."""
+    from edge._sdnotify import Notifier
+
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    log = logging.getLogger("edge.service")
 
     def stop() -> None:
-        logging.getLogger("edge.service").info("service %s: stop requested, draining", svc.name)
+        log.info("service %s: stop requested, draining", svc.name)
+        notifier.stopping(f"service {svc.name}: draining")
         svc.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    await svc.serve()
+    ready = asyncio.Event()
+
+    async def announce() -> None:
+        await ready.wait()
+        notifier.ready(f"service {svc.name}: connected to {svc._link.label if svc._link else svc.broker}, "
+                       f"{len(svc.routes)} handler(s) subscribed")
+
+    helpers = [asyncio.create_task(announce(), name=f"{svc.name}:sd-ready"),
+               asyncio.create_task(notifier.run_watchdog(), name=f"{svc.name}:sd-watchdog")]
+    try:
+        await svc.serve(ready=ready)
+    finally:
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        notifier.close()
 
 
 def run_service(svc: Any, argv: list[str], *, broker: Any = None, prog: str | None = None) -> int:

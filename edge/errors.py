@@ -6,7 +6,8 @@
     ├── ConfigError (ValueError)            bad URL, flag or settings value
     ├── EnvelopeError (ValueError)          a payload is not UTF-8, JSON or a valid envelope
     ├── ServiceError                        a Service was declared or used wrongly
-    │   └── HandlerSignatureError (TypeError)  a handler's parameters do not fit its topic
+    │   ├── HandlerSignatureError (TypeError)  a handler's parameters do not fit its topic
+    │   └── TopicNotAllowed (PermissionError)  a publish outside the topics the service declares
     ├── Reject                              raised by a handler: dead-letter now, no retry
     └── MQTTError
         ├── ProtocolError (ValueError)      the peer sent something MQTT 3.1.1 forbids
@@ -43,6 +44,11 @@ class ServiceError(EdgeError):
 
 class HandlerSignatureError(ServiceError, TypeError):
     """A handler's parameters do not fit its topic pattern."""
+
+
+class TopicNotAllowed(ServiceError, PermissionError):
+    """A service published to a topic it does not declare, which the broker's ACL
+    (written by ``edgeferry provision``) would drop without telling an MQTT 3.1.1 client."""
 
 
 class Reject(EdgeError):

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge._acl import allowed_publishes, check_publish
 from edge._client import Client, ClientFactory
 from edge._commands import Commands
 from edge._dedup import DedupTable
@@ -123,6 +124,9 @@ class Service:
         self.client_id = client_id
         self.max_inflight = max_inflight
         self.max_pending = max(1, max_pending)
+        # refuse publishes outside the declared topics (edge/_acl.py); None: when the
+        # broker needs a user name
+        self.strict_topics: bool | None = None
         self.routes: list[Route] = []
         self.publishes_declared: list[tuple[str, Any, str]] = []
         self._on_start: list[Callable[[], Awaitable[Any]]] = []
@@ -141,6 +145,7 @@ class Service:
         )
         self.dead_lettered: dict[str, int] = {}
         self._link: Link | None = None
+        self._allowed: list[str] | None = None
         self._rx: Receiver | None = None
         self._bg: list[asyncio.Task[None]] = []
         self._started = 0.0
@@ -278,6 +283,8 @@ class Service:
     async def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self._link is None:
             raise ServiceError(f"service {self.name!r} is not running")
+        if self._allowed is not None:
+            check_publish(self, topic, self._allowed)
         await self._link.send(topic, payload, qos, retain)
 
     @property
@@ -359,6 +366,7 @@ class Service:
 
     async def _start(self, tg: asyncio.TaskGroup) -> None:
         self._started = time.monotonic()
+        self._allowed = allowed_publishes(self)
         path = None
         if self.dedup and self.state_dir:
             import os

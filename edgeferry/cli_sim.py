@@ -27,6 +27,27 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _with_credentials(broker: str, username: str | None, password_file: Path | None) -> str:
+    """The broker URL with the user name and the password file's first line in it (the
+    URL is redacted wherever edgeferry prints it)."""
+    if username is None and password_file is None:
+        return broker
+    from urllib.parse import quote
+
+    from edge._tls import read_secret
+    from edge.errors import ConfigError
+    from edge.mqtt import parse_url
+
+    url = parse_url(broker)
+    if username is None:
+        raise ConfigError("--password-file needs --username")
+    password = read_secret(str(password_file), error=ConfigError) if password_file is not None else None
+    scheme = "mqtts" if url.tls else "mqtt"
+    auth = quote(username, safe="") + (":" + quote(password, safe="") if password is not None else "")
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{scheme}://{auth}@{host}:{url.port}"
+
+
 @sim_app.command("run")
 def sim_run(
     broker: Annotated[str, Opt("--broker", help="broker URL, mqtt://HOST:PORT")],
@@ -76,6 +97,16 @@ def sim_run(
         float | None, Opt("--stats-every", help="print a JSON 'stats' line on stderr every S s")
     ] = None,
     log_level: Annotated[str, Opt("--log-level", help="debug, info, warning, error")] = "warning",
+    username: Annotated[
+        str | None,
+        Opt("--username", envvar="EDGEFERRY_USERNAME",
+            help="user name on the broker (every device; edgeferry provision --device-class)"),
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        Opt("--password-file", envvar="EDGEFERRY_PASSWORD_FILE",
+            help="file whose first line is the password (mode 600)"),
+    ] = None,
 ) -> None:
     """Run a fleet of simulated devices, each on its own MQTT connection.
 
@@ -93,6 +124,11 @@ def sim_run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        broker = _with_credentials(broker, username, password_file)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        return
     try:
         faults = dict(parse_fault_flag(f) for f in fault or [])
         chaos_spec = None

@@ -9,9 +9,9 @@ What it writes into ``--out`` (ready to copy onto a device with ``deploy/install
     tls/node.key              its private key (0600)
     mosquitto/passwd          the local broker's password file (PBKDF2-SHA512, ``$7$``)
     mosquitto/acl             which topics each user may read and write
-    credentials/USER.password one password per broker user (0600; kept across runs)
+    credentials/USER.password one password per broker user (0600; kept across runs; a
+                              service or the simulator reads it with --password-file)
     secrets/gateway.env       EDGEFERRY_LOCAL with the gateway's credentials (0600)
-    secrets/service-NAME.env  EDGEFERRY_USERNAME / EDGEFERRY_PASSWORD of a service (0600)
     balena.env                the same as balena device variables (0600)
 
 The fleet CA lives in ``--ca-dir`` (created on first use; ``ca.key`` mode 0600), never
@@ -83,18 +83,14 @@ def render_acl(users: list[BrokerUser]) -> str:
     return "\n".join(lines)
 
 
-def service_user(entry: Any) -> BrokerUser:
-    """A service may read what its handlers consume and write what it declares (from the
-    catalog: its routes' and declared publications, state/NAME, its heartbeat, dlq/NAME)."""
-    read = tuple(dict.fromkeys(ch.filter for _, ch in entry.consumes))
-    write = list(dict.fromkeys(ch.filter for ch in entry.publishes))
-    # what edge._commands publishes for a service with commands or desired-state handlers
-    # (statuses and replies, reported documents), which the catalog does not list
-    if f"cmd/{entry.name}/+" in read:
-        write.append(f"evt/cmd/{entry.name}")
-    if "shadow/+/desired" in read:
-        write.append("shadow/+/reported")
-    return BrokerUser(entry.name, "service", read=read, write=tuple(dict.fromkeys(write)))
+def service_user(spec: str) -> BrokerUser:
+    """A service may read what its handlers consume and write what it declares: the same
+    lists the SDK checks its publishes against (edge/_acl.py)."""
+    from edge._acl import read_filters, write_filters
+    from edge._launch import load_target
+
+    svc = load_target(spec)
+    return BrokerUser(svc.name, "service", read=tuple(read_filters(svc)), write=tuple(write_filters(svc)))
 
 
 def device_user(name: str) -> BrokerUser:
@@ -271,10 +267,10 @@ def provision(
     ca_key, ca_cert, ca_created = _ensure_ca(ca_dir, ca_days)
     issued, not_after = _issue(ca_key, ca_cert, node_id, out / "tls", days, rotate)
 
-    from edgeferry.catalog import BUILTINS, build_catalog
+    from edgeferry.catalog import BUILTINS
 
     users = [gateway_user()]
-    users += [service_user(e) for e in build_catalog(list(BUILTINS if services is None else services)).services]
+    users += [service_user(spec) for spec in (BUILTINS if services is None else services)]
     users += [device_user(_check_name(d, "device")) for d in devices]
     users += [device_class_user(_check_name(c, "device class")) for c in device_classes]
     names = [u.name for u in users]
@@ -290,10 +286,6 @@ def provision(
     secrets_dir = out / "secrets"
     _write(secrets_dir / "gateway.env",
            f"EDGEFERRY_LOCAL=mqtt://{GATEWAY_USER}:{passwords[GATEWAY_USER]}@{local}\n", 0o600)
-    for u in users:
-        if u.kind == "service":
-            _write(secrets_dir / f"service-{u.name}.env",
-                   f"EDGEFERRY_USERNAME={u.name}\nEDGEFERRY_PASSWORD={passwords[u.name]}\n", 0o600)
 
     node_yaml = [
         f"# edgeferry settings of node {node_id}, written by `edgeferry provision`.",

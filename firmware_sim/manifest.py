@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge.mqtt import _redact
 from firmware_sim.errors import ManifestError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def build_manifest(fleet: Fleet) -> dict[str, Any]:
         "version": VERSION,
         "run": fleet.run_id,
         "seed": fleet.profile.seed,
-        "broker": fleet.broker_url,
+        "broker": _redact(fleet.broker_url),  # never the password
         "started": _iso(fleet.wall_start),
         "duration_s": round(elapsed, 3) if elapsed is not None else None,
         "complete": fleet.stopping,

