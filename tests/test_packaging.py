@@ -32,7 +32,7 @@ def test_deploy_configs_are_the_package_data():
     one file in two places: change both (cp one over the other)."""
     deploy = REPO / "deploy" / "mosquitto"
     data = REPO / "edgeferry" / "data" / "mosquitto"
-    assert sorted(p.name for p in deploy.glob("*.conf")) == sorted(p.name for p in data.glob("*.conf"))
+    # (deploy/mosquitto/ may hold more, for deployments only)
     assert sorted(p.name for p in data.glob("*.conf")) == sorted(CONFS)
     for name in CONFS:
         assert (deploy / name).read_bytes() == (data / name).read_bytes(), (
