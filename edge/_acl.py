@@ -28,15 +28,15 @@ def write_filters(svc: Any) -> list[str]:
     """The topics the service may publish, as filters: what its handlers and
     ``svc.publishes()`` declare, ``state/NAME`` (online/offline, its last will),
     ``state/NAME/heartbeat``, ``dlq/NAME``; with commands ``evt/cmd/NAME`` (statuses and
-    replies); with desired-state handlers ``shadow/+/reported``."""
+    replies); for each thing whose desired state it follows ``shadow/THING/reported``."""
     patterns = [p for r in svc.routes for p, _ in r.publishes]
     patterns += [p for p, _, _ in svc.publishes_declared]
     patterns += [f"state/{svc.name}", f"state/{svc.name}/heartbeat", f"dlq/{svc.name}"]
     commands = getattr(svc, "_commands", None)
     if commands is not None and commands.commands:
         patterns.append(f"evt/cmd/{svc.name}")
-    if commands is not None and commands._desired_handlers:
-        patterns.append("shadow/+/reported")
+    for thing in sorted(getattr(commands, "_shadow_routed", ())):
+        patterns.append(f"shadow/{thing}/reported")
     return list(dict.fromkeys(compile_pattern(p)[0] for p in patterns))
 
 

@@ -94,17 +94,18 @@ def service_user(spec: str) -> BrokerUser:
 
 
 def device_user(name: str) -> BrokerUser:
-    """One device: its telemetry, its state (retained birth and last will), its commands
-    and its shadow, nothing else."""
-    return BrokerUser(name, "device", write=(f"dt/{name}/#", f"state/{name}"), read=(f"cmd/{name}/#",),
-                      readwrite=(f"shadow/{name}/#",))
+    """One device: its telemetry, its state (retained birth and last will), the statuses
+    and replies of its commands, its OTA events, its commands and its shadow; nothing else."""
+    return BrokerUser(name, "device", write=(f"dt/{name}/#", f"state/{name}", f"evt/cmd/{name}", f"evt/ota/{name}"),
+                      read=(f"cmd/{name}/#",), readwrite=(f"shadow/{name}/#",))
 
 
 def device_class_user(name: str) -> BrokerUser:
     """A credential shared by a class of devices (e.g. a simulated fleet): any device's
-    telemetry, state, commands and shadow; never evt/, cmd/ writes or dlq/."""
-    return BrokerUser(name, "device-class", write=("dt/+/#", "state/+"), read=("cmd/+/#",),
-                      readwrite=("shadow/+/#",))
+    telemetry, state, command statuses, OTA events, commands and shadow; never a
+    service's events (evt/aggregate/, evt/alert/), commands to others, or dlq/."""
+    return BrokerUser(name, "device-class", write=("dt/+/#", "state/+", "evt/cmd/+", "evt/ota/+"),
+                      read=("cmd/+/#",), readwrite=("shadow/+/#",))
 
 
 def gateway_user() -> BrokerUser:

@@ -237,5 +237,5 @@ def test_a_service_with_commands_may_publish_their_statuses(tmp_path: Path) -> N
     finally:
         sys.path.remove(str(tmp_path))
     (valve,) = [u for u in r.users if u.name == "valve"]
-    assert "cmd/valve/+" in valve.read and "shadow/+/desired" in valve.read
-    assert "evt/cmd/valve" in valve.write and "shadow/+/reported" in valve.write
+    assert "cmd/valve/+" in valve.read and "shadow/valve/desired" in valve.read
+    assert "evt/cmd/valve" in valve.write and "shadow/valve/reported" in valve.write
