@@ -1,7 +1,7 @@
 """``edgeferry provision``: one device's identity and its local broker's credentials.
 
 What it writes into ``--out`` (ready to copy onto a device with ``deploy/install.sh
---provisioned DIR``, or to load as balena device variables from ``balena.env``)::
+--provisioned DIR``, or to load as balena service variables from ``balena/``)::
 
     node.yaml                 the gateway's settings for this node (node_id, cloud, TLS files)
     tls/ca.crt                the fleet CA certificate (public)
@@ -12,7 +12,8 @@ What it writes into ``--out`` (ready to copy onto a device with ``deploy/install
     credentials/USER.password one password per broker user (0600; kept across runs; a
                               service or the simulator reads it with --password-file)
     secrets/gateway.env       EDGEFERRY_LOCAL with the gateway's credentials (0600)
-    balena.env                the same as balena device variables (0600)
+    balena/SERVICE.env        the same as balena service variables, one file per
+                              service of docker-compose.yml (0600)
 
 The fleet CA lives in ``--ca-dir`` (created on first use; ``ca.key`` mode 0600), never
 in the output. Running again keeps the node key, the certificate while it is valid for
@@ -307,18 +308,25 @@ def provision(
     def b64(p: Path) -> str:
         return base64.b64encode(p.read_bytes()).decode()
 
-    env = [
-        "# balena device variables for this node: balena env add NAME VALUE --device UUID",
-        "# (docs/deploy.md). Values are secrets: keep this file out of version control.",
-        f"EDGEFERRY_NODE_ID={node_id}",
-        f"EDGEFERRY_TLS_CERT_B64={b64(tls / 'node.crt')}",
-        f"EDGEFERRY_TLS_KEY_B64={b64(tls / 'node.key')}",
-        f"EDGEFERRY_TLS_CA_B64={b64(tls / 'ca.crt')}",
-        f"EDGEFERRY_BROKER_PASSWD_B64={base64.b64encode((out / 'mosquitto' / 'passwd').read_bytes()).decode()}",
-        f"EDGEFERRY_BROKER_ACL_B64={base64.b64encode((out / 'mosquitto' / 'acl').read_bytes()).decode()}",
-        f"EDGEFERRY_GATEWAY_PASSWORD={passwords[GATEWAY_USER]}",
-    ]
-    env += [f"EDGEFERRY_{u.name.upper().replace('-', '_').replace('.', '_')}_PASSWORD={passwords[u.name]}"
-            for u in users if u.kind != "gateway"]
-    _write(out / "balena.env", "\n".join(env) + "\n", 0o600)
+    def var(u: BrokerUser) -> str:
+        return f"EDGEFERRY_{u.name.upper().replace('-', '_').replace('.', '_')}_PASSWORD"
+
+    # balena service variables, one file per service of docker-compose.yml: each container
+    # sees only its own secrets (docs/deploy.md has the loop that sets them)
+    per_service = {
+        "mosquitto": [f"EDGEFERRY_BROKER_PASSWD_B64={b64(out / 'mosquitto' / 'passwd')}",
+                      f"EDGEFERRY_BROKER_ACL_B64={b64(out / 'mosquitto' / 'acl')}"],
+        "gateway": [f"EDGEFERRY_NODE_ID={node_id}",
+                    f"EDGEFERRY_TLS_CERT_B64={b64(tls / 'node.crt')}",
+                    f"EDGEFERRY_TLS_KEY_B64={b64(tls / 'node.key')}",
+                    f"EDGEFERRY_TLS_CA_B64={b64(tls / 'ca.crt')}",
+                    f"EDGEFERRY_GATEWAY_PASSWORD={passwords[GATEWAY_USER]}"],
+    }
+    for u in users:
+        if u.kind in ("service", "device-class"):
+            per_service[u.name] = [f"EDGEFERRY_NODE_ID={node_id}", f"{var(u)}={passwords[u.name]}"]
+    for service, lines in per_service.items():
+        head = [f"# balena service variables of '{service}' on node {node_id}: secrets, keep them out of",
+                f"# version control. balena env set NAME VALUE --device UUID --service {service}"]
+        _write(out / "balena" / f"{service}.env", "\n".join(head + lines) + "\n", 0o600)
     return ProvisionResult(out, ca_created, issued, not_after, users)

@@ -246,11 +246,27 @@ def _fake_edgeferry(tmp_path: Path) -> dict[str, str]:
     return {"PATH": f"{bindir}:{os.environ['PATH']}", "HOME": str(home)}
 
 
+def _balena_env(node: Path, service: str) -> dict[str, str]:
+    text = (node / "balena" / f"{service}.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_provision_writes_variables_for_each_compose_service(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    provision("pi-11", tmp_path / "ca", node, device_classes=["sim"])
+    files = {p.stem for p in (node / "balena").iterdir()}
+    assert files == {"mosquitto", "gateway", "aggregator", "rules", "sim"} == set(COMPOSE["services"])
+    assert "EDGEFERRY_TLS_KEY_B64" not in (node / "balena" / "mosquitto.env").read_text()
+    assert "EDGEFERRY_BROKER_PASSWD_B64" not in (node / "balena" / "gateway.env").read_text()
+    for service in ("aggregator", "rules", "sim"):  # what the entrypoint looks for
+        assert f"EDGEFERRY_{service.upper()}_PASSWORD" in _balena_env(node, service)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (node / "balena").iterdir())
+
+
 def test_gateway_entrypoint_takes_identity_from_variables(tmp_path: Path) -> None:
     node = tmp_path / "node"
     provision("pi-07", tmp_path / "ca", node)
-    balena_env = dict(line.split("=", 1) for line in (node / "balena.env").read_text().splitlines()
-                      if line and not line.startswith("#"))
+    balena_env = _balena_env(node, "gateway")
     env = _fake_edgeferry(tmp_path) | {"EDGEFERRY_ROLE": "gateway"} | {
         k: balena_env[k] for k in ("EDGEFERRY_GATEWAY_PASSWORD", "EDGEFERRY_TLS_CERT_B64",
                                    "EDGEFERRY_TLS_KEY_B64", "EDGEFERRY_TLS_CA_B64")}
@@ -294,8 +310,7 @@ def test_mosquitto_image_config_starts_locked_down(tmp_path: Path, broker_factor
     acl from the variables at start; here the rendered file starts a real Mosquitto."""
     node = tmp_path / "node"
     provision("pi-08", tmp_path / "ca", node, device_classes=["sim"])
-    balena_env = dict(line.split("=", 1) for line in (node / "balena.env").read_text().splitlines()
-                      if line and not line.startswith("#"))
+    balena_env = _balena_env(node, "mosquitto")
     run = tmp_path / "run"
     run.mkdir()
     fake_mosquitto = tmp_path / "exec.sh"

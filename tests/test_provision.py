@@ -60,7 +60,7 @@ def test_identity_chain_cn_key_usage_expiry(tmp_path: Path) -> None:
     key = load_pem_private_key((out / "tls" / "node.key").read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert key.public_key().public_numbers() == node.public_key().public_numbers()  # type: ignore[union-attr]
-    for secret in [out / "tls" / "node.key", out / "balena.env", ca_dir / "ca.key",
+    for secret in [out / "tls" / "node.key", *(out / "balena").iterdir(), ca_dir / "ca.key",
                    *(out / "secrets").iterdir(), *(out / "credentials").iterdir()]:
         assert _mode(secret) == 0o600, secret
 
@@ -76,7 +76,8 @@ def test_ca_key_never_in_the_output(tmp_path: Path) -> None:
             assert ca_key not in data and body not in data.replace(b"\n", b""), path
     import base64
 
-    assert base64.b64encode(ca_key) not in (out / "balena.env").read_bytes()
+    for env in (out / "balena").iterdir():
+        assert base64.b64encode(ca_key) not in env.read_bytes()
     with pytest.raises(ConfigError, match="must not contain one another"):
         provision("pi-02", ca_dir, ca_dir / "out")
     with pytest.raises(ConfigError, match="must not contain one another"):

@@ -6,7 +6,7 @@ run=${EDGEFERRY_MOSQUITTO_RUN:-/mosquitto/run}  # the image renders its config w
 umask 077
 if [ -z "${EDGEFERRY_BROKER_PASSWD_B64:-}" ] || [ -z "${EDGEFERRY_BROKER_ACL_B64:-}" ]; then
     echo "error: EDGEFERRY_BROKER_PASSWD_B64 and EDGEFERRY_BROKER_ACL_B64 are not set: run" \
-         "'edgeferry provision' and set its balena.env as device variables (docs/deploy.md)" >&2
+         "'edgeferry provision' and set its balena/mosquitto.env as service variables (docs/deploy.md)" >&2
     exit 1
 fi
 printf '%s' "$EDGEFERRY_BROKER_PASSWD_B64" | base64 -d > "$run/passwd.tmp"
