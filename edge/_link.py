@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge._client import Client, ClientFactory
 from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost, ServiceError, SubscriptionRefused
 from edge.mqtt import BrokerURL, Message, MQTTClient, Will, _redact
@@ -47,14 +48,14 @@ class Link:
         self,
         *,
         name: str,
-        broker: Any,
+        broker: str | BrokerURL | ClientFactory | None,
         client_id: str,
         keepalive: float,
         max_inflight: int,
         connect_timeout: float,
         filters: list[str],
-        on_message: Callable[[Any, Message], None],
-        on_new_client: Callable[[Any], None],
+        on_message: Callable[[Client, Message], None],
+        on_new_client: Callable[[Client], None],
         on_online: Callable[[], None],
         counters: dict[str, int],
     ) -> None:
@@ -71,8 +72,8 @@ class Link:
         self.on_new_client = on_new_client
         self.on_online = on_online
         self.counters = counters
-        self.client: Any = None  # the session client (receives)
-        self.pub: Any = None  # the publisher client
+        self.client: Client | None = None  # the session client (receives)
+        self.pub: Client | None = None  # the publisher client
         self.connected = asyncio.Event()  # the session is subscribed and online
         self.pub_ready = asyncio.Event()
         self.closing = False
@@ -87,7 +88,7 @@ class Link:
             return _redact(b)  # never a password in a log line
         return str(b) if isinstance(b, BrokerURL) else type(b).__name__
 
-    def _make_client(self, publisher: bool) -> Any:
+    def _make_client(self, publisher: bool) -> Client:
         kw: dict[str, Any] = dict(
             clean_session=publisher,
             keepalive=self.keepalive,
@@ -99,14 +100,14 @@ class Link:
         b = self.broker
         if isinstance(b, str | BrokerURL):
             connect_timeout = min(self.connect_timeout, 10.0)
-            client: Any = MQTTClient(b, client_id, connect_timeout=connect_timeout, **kw)
+            client: Client = MQTTClient(b, client_id, connect_timeout=connect_timeout, **kw)
         else:  # an edge.testing.MemoryBroker, or anything with the same client() factory
             client = b.client(client_id, **kw)
         if not publisher:
             client.on_message = functools.partial(self.on_message, client)
         return client
 
-    async def _connect(self, publisher: bool, deadline: float | None) -> Any:
+    async def _connect(self, publisher: bool, deadline: float | None) -> Client:
         backoff = self.backoff[publisher]
         while True:
             client = self._make_client(publisher)
@@ -163,13 +164,15 @@ class Link:
         self,
         label: str,
         backoff: Backoff,
-        current: Callable[[], Any],
+        current: Callable[[], Client | None],
         dropped: Callable[[], None],
         reopen: Callable[[float | None], Awaitable[None]],
     ) -> None:
         while not self.closing:
+            client = current()
+            assert client is not None  # opened before supervising
             try:
-                await asyncio.shield(current().closed)
+                await asyncio.shield(client.closed)
             except ConnectionLost as e:
                 if self.closing:
                     return

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge.errors import HandlerSignatureError
+from edge.errors import HandlerSignatureError, PayloadTypeError
 from edge.events import Event
 
 __all__ = ["Route", "compile_pattern", "make_route"]
@@ -136,10 +136,6 @@ def _identity(x: Any) -> Any:
 # never imports it (about 12 MiB of resident memory). JSON decoding already produced
 # these types, so the check is the whole of what pydantic would do for them.
 _PLAIN: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
-
-
-class PayloadTypeError(ValueError):
-    """A plain JSON value of the wrong kind (the counterpart of a ValidationError)."""
 
 
 def _validator(t: Any) -> Callable[[Any], Any]:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edge.errors import CommandError
+
 __all__ = [
     "COMMAND_TYPE",
     "STATUS_TYPE",
@@ -37,10 +39,6 @@ FINAL = frozenset({"succeeded", "failed", "rejected", "expired"})
 RANK = {"queued": 0, "delivered": 1, "accepted": 2, "succeeded": 3, "failed": 3, "rejected": 3,
         "expired": 3}
 """States only move forward: a lower rank never replaces a higher one."""
-
-
-class CommandError(ValueError):
-    """A command or status message that does not follow the wire format."""
 
 
 _BOOT: str | None = None

@@ -1,6 +1,12 @@
-"""Exceptions raised by :mod:`edge`.
+"""Exceptions raised by :mod:`edge`, and the root of every edgeferry exception.
 
-::
+Each package has its own root under :class:`EdgeferryError`, and each exception also
+inherits the nearest builtin, so ``except ValueError`` and ``except OSError`` work too::
+
+    EdgeferryError                          anything edgeferry raises on purpose
+    ├── EdgeError                           edge (below)
+    ├── gateway.errors.GatewayError         gateway (its tree: gateway/errors.py)
+    └── firmware_sim.errors.SimError        the simulator (firmware_sim/errors.py)
 
     EdgeError
     ├── ConfigError (ValueError)            bad URL, flag or settings value
@@ -9,6 +15,8 @@
     │   ├── HandlerSignatureError (TypeError)  a handler's parameters do not fit its topic
     │   └── TopicNotAllowed (PermissionError)  a publish outside the topics the service declares
     ├── Reject                              raised by a handler: dead-letter now, no retry
+    ├── PayloadTypeError (ValueError)       a plain JSON payload of the wrong kind
+    ├── CommandError (ValueError)           a command or status breaks the wire format
     └── MQTTError
         ├── ProtocolError (ValueError)      the peer sent something MQTT 3.1.1 forbids
         ├── ConnectError (ConnectionError)  TCP connect failed or CONNACK refused
@@ -19,7 +27,11 @@
 from __future__ import annotations
 
 
-class EdgeError(Exception):
+class EdgeferryError(Exception):
+    """Root of every exception edgeferry raises on purpose (edge, gateway, firmware_sim)."""
+
+
+class EdgeError(EdgeferryError):
     """Root of every exception raised by the edge package."""
 
 
@@ -93,3 +105,12 @@ class SubscriptionRefused(MQTTError):
 
 class ConnectionLost(MQTTError, ConnectionError):
     """The connection ended: EOF, reset, or no answer within the keepalive bound."""
+
+
+class PayloadTypeError(EdgeError, ValueError):
+    """A plain JSON value of the wrong kind for a handler's ``dict``/``list``/``str``
+    annotation (the counterpart of pydantic's ValidationError)."""
+
+
+class CommandError(EdgeError, ValueError):
+    """A command or status message that does not follow the wire format."""

@@ -27,29 +27,15 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edge._client import Client, ClientFactory
 from edge.errors import ConnectError, ConnectionLost
 from edge.events import Event, decode, encode, envelope
 from edge.mqtt import Message, MQTTClient, Will
+from edge.topics import matches
 
-__all__ = ["Collector", "MemoryBroker", "MemoryClient", "TestClient", "topic_matches"]
-
-
-def topic_matches(flt: str, topic: str) -> bool:
-    """MQTT topic filter matching (``+`` one level, ``#`` the rest)."""
-    f = flt.split("/")
-    t = topic.split("/")
-    if topic.startswith("$") and f[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t):
-            return False
-        if level != "+" and level != t[i]:
-            return False
-    return len(f) == len(t)
+__all__ = ["Collector", "MemoryBroker", "MemoryClient", "TestClient"]
 
 
 @dataclass
@@ -174,7 +160,7 @@ class MemoryBroker:
             s.subs[f] = min(q, 1)
         for f, q in filters:
             for topic, payload in list(self.retained.items()):
-                if topic_matches(f, topic):
+                if matches(f, topic):
                     self._send(s, topic, payload, min(q, 1), True)
         return [min(q, 1) for _, q in filters]
 
@@ -199,7 +185,7 @@ class MemoryBroker:
 def _best_qos(subs: dict[str, int], topic: str) -> int | None:
     best = None
     for f, q in subs.items():
-        if topic_matches(f, topic) and (best is None or q > best):
+        if matches(f, topic) and (best is None or q > best):
             best = q
     return best
 
@@ -413,14 +399,14 @@ class TestClient:
         self.broker = broker
         self.client_id = client_id or f"testclient-{id(self):x}-{next(self._ids)}"
         self._collectors: list[Collector] = []
-        self._client: Any = None
+        kw: dict[str, Any] = {"clean_session": True, "on_message": self._on_message}
+        self._client: Client = (
+            MQTTClient(broker, self.client_id, **kw)
+            if isinstance(broker, str)
+            else broker.client(self.client_id, **kw)
+        )
 
     async def __aenter__(self) -> TestClient:
-        kw: dict[str, Any] = {"clean_session": True, "on_message": self._on_message}
-        if isinstance(self.broker, str):
-            self._client = MQTTClient(self.broker, self.client_id, **kw)
-        else:
-            self._client = self.broker.client(self.client_id, **kw)
         await self._client.connect()
         return self
 
@@ -430,7 +416,7 @@ class TestClient:
     def _on_message(self, msg: Message) -> None:
         r = Received(msg.topic, msg.payload, msg.retain)
         for c in self._collectors:
-            if topic_matches(c.filter, msg.topic):
+            if matches(c.filter, msg.topic):
                 c._add(r)
         if msg.qos:
             self._client.ack(msg.pid)
@@ -476,3 +462,10 @@ class TestClient:
         else:
             for _ in range(3):
                 await asyncio.sleep(0)
+
+
+if TYPE_CHECKING:  # mypy checks that the in-memory twins stay swappable for the real ones
+
+    def _swappable(broker: MemoryBroker, client: MemoryClient, real: MQTTClient) -> None:
+        _factory: ClientFactory = broker
+        _clients: list[Client] = [client, real]

@@ -2,16 +2,19 @@
 
 ::
 
-    SimError
-    ├── ProfileError (ValueError)     a profile file, flag or fault spec is not valid
-    ├── ManifestError (ValueError)    a manifest file cannot be read or is not a manifest
-    └── ResourceLimitError (OSError)  the process cannot open enough files for the fleet
+    edge.errors.EdgeferryError            the root of every edgeferry exception (edge/errors.py)
+    └── SimError
+        ├── ProfileError (ValueError)     a profile file, flag or fault spec is not valid
+        ├── ManifestError (ValueError)    a manifest file cannot be read or is not a manifest
+        └── ResourceLimitError (OSError)  the process cannot open enough files for the fleet
 """
 
 from __future__ import annotations
 
+from edge.errors import EdgeferryError
 
-class SimError(Exception):
+
+class SimError(EdgeferryError):
     """Root of every exception raised by the simulator."""
 
 

@@ -1,8 +1,11 @@
-"""MQTT topic filter matching and the cloud topic scheme (docs/topics.md)."""
+"""The cloud topic scheme (docs/topics.md) and the lane router (filters matched by
+:mod:`edge.topics`)."""
 
 from __future__ import annotations
 
-__all__ = ["matches", "LaneRouter", "uplink_topic", "ack_topic", "nack_topic", "INGEST_HELLO",
+from edge.topics import compile_filters
+
+__all__ = ["LaneRouter", "uplink_topic", "ack_topic", "nack_topic", "INGEST_HELLO",
            "SYNC_HELLO", "down_topic", "cmd_topic", "desired_topic"]
 
 INGEST_HELLO = "ef/_ingest/hello"
@@ -12,33 +15,12 @@ SYNC_HELLO = "ef/_sync/hello"
 """Ingest's downlink sync announces here when it (re)connects: gateways send their hello."""
 
 
-def matches(filt: str, topic: str) -> bool:
-    """True when ``topic`` matches the MQTT filter ``filt`` (``+`` and ``#``)."""
-    if filt == topic:
-        return True
-    f = filt.split("/")
-    t = topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            # '#' does not match topics starting with '$' at the first level
-            return not (i == 0 and topic.startswith("$"))
-        if i >= len(t):
-            return False
-        if level == "+":
-            if i == 0 and t[0].startswith("$"):
-                return False
-            continue
-        if level != t[i]:
-            return False
-    return len(f) == len(t)
-
-
 class LaneRouter:
     """Picks the lane of a topic: the first lane with a matching filter, else the default.
     Results are cached (the cache is dropped when it grows past ``cache_size``)."""
 
     def __init__(self, lanes: list[tuple[str, tuple[str, ...]]], default: str, cache_size: int = 4096):
-        self._lanes = lanes
+        self._lanes = [(name, compile_filters(filters)) for name, filters in lanes]
         self._default = default
         self._cache: dict[str, str] = {}
         self._cache_size = cache_size
@@ -47,8 +29,8 @@ class LaneRouter:
         lane = self._cache.get(topic)
         if lane is None:
             lane = self._default
-            for name, filters in self._lanes:
-                if any(matches(f, topic) for f in filters):
+            for name, match in self._lanes:
+                if match(topic):
                     lane = name
                     break
             if len(self._cache) >= self._cache_size:

@@ -16,7 +16,7 @@ from edge._routing import compile_pattern, make_route, match_specs
 from edge._runner import OPTIONS, apply_settings
 from edge.config import load_settings
 from edge.errors import ConfigError
-from edge.testing import topic_matches
+from edge.topics import matches
 
 
 class M(BaseModel):
@@ -41,7 +41,7 @@ def test_patterns(pattern, flt, topic, params):
     assert f == flt
     assert match_specs(specs, topic) == params
     if params is not None:
-        assert topic_matches(flt, topic)
+        assert matches(flt, topic)
 
 
 @pytest.mark.parametrize("pattern", ["", "a/#/b", "a/{x}{y}", "a/{x}/{x}", "a/b+", "dt/{1x}"])
