@@ -136,9 +136,9 @@ class Link:
         self.client = client
         self.on_new_client(client)
         granted = await client.subscribe([(f, 1) for f in self.filters])
-        for f, code in zip(self.filters, granted, strict=False):
-            if code == 0x80:
-                raise SubscriptionRefused(f, f"service {self.name!r}: ")
+        refused = [f for f, code in zip(self.filters, granted, strict=False) if code == 0x80]
+        if refused:
+            raise SubscriptionRefused(refused, f"service {self.name!r}: the broker")
         await client.publish(self.state_topic, b"online", 1, True)
         self.connected.set()
         self.on_online()
@@ -187,6 +187,8 @@ class Link:
                 return
             try:
                 await reopen(None)
+            except SubscriptionRefused:
+                raise  # the service cannot run without it: it stops
             except (ConnectionLost, ConnectError) as e:
                 # the client it made is closed: the next turn counts the drop and waits
                 log.warning("service %s: %sreconnect failed: %s", self.name, label, e)

@@ -20,7 +20,7 @@ inherits the nearest builtin, so ``except ValueError`` and ``except OSError`` wo
     └── MQTTError
         ├── ProtocolError (ValueError)      the peer sent something MQTT 3.1.1 forbids
         ├── ConnectError (ConnectionError)  TCP connect failed or CONNACK refused
-        ├── SubscriptionRefused             the broker answered a filter with SUBACK 0x80
+        │   └── SubscriptionRefused         the broker refused a subscription (SUBACK 0x80)
         └── ConnectionLost (ConnectionError) the connection ended (EOF, reset, keepalive)
 """
 
@@ -91,16 +91,13 @@ class ConnectError(MQTTError, ConnectionError):
         self.return_code = return_code
 
 
-class SubscriptionRefused(MQTTError):
-    """The broker refused a subscription (SUBACK return code 0x80): its ACL denies the
-    filter, or it does not accept it. ``filter`` is the refused topic filter."""
+class SubscriptionRefused(ConnectError):
+    """The broker refused one or more subscriptions (SUBACK return code 0x80): a client
+    that goes on would run and receive nothing on them. ``filters`` lists the refused ones."""
 
-    def __init__(self, topic_filter: str, prefix: str = "") -> None:
-        super().__init__(
-            f"{prefix}the broker refused the subscription to {topic_filter!r} "
-            "(SUBACK 0x80: denied by its ACL or not accepted)"
-        )
-        self.filter = topic_filter
+    def __init__(self, filters: list[str], broker: str = "the broker") -> None:
+        super().__init__(f"{broker} refused the subscription to {', '.join(map(repr, filters))}")
+        self.filters = list(filters)
 
 
 class ConnectionLost(MQTTError, ConnectionError):
