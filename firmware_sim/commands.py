@@ -129,7 +129,7 @@ def _apply(dev: Device, name: str, cid: str, args: dict[str, Any]) -> tuple[str,
         if dev._busy:
             return "failed", None, "busy (reboot or update in progress)"
         dev._busy = True
-        dev.fleet.spawn(dev._reboot(None, cid), f"{dev.name}-reboot")
+        dev.ctx.spawn(dev._reboot(None, cid), f"{dev.name}-reboot")
         return "succeeded", {}, None
     if name == "ota":
         version = args.get("version")
@@ -141,7 +141,7 @@ def _apply(dev: Device, name: str, cid: str, args: dict[str, Any]) -> tuple[str,
         if dev._busy:
             return "failed", None, "busy (reboot or update in progress)"
         dev._busy = True
-        dev.fleet.spawn(dev._ota(version, float(duration), cid), f"{dev.name}-ota")
+        dev.ctx.spawn(dev._ota(version, float(duration), cid), f"{dev.name}-ota")
         return "accepted", {"version": version}, None
     return "rejected", None, f"unknown command {name!r} (set_interval, reboot, ota)"
 

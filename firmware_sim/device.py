@@ -27,7 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -37,12 +37,10 @@ from edge.events import new_id, rfc3339_ms
 from edge.mqtt import Message, MQTTClient, Will
 from firmware_sim import commands
 from firmware_sim._rng import uniform
+from firmware_sim.context import DeviceContext
 from firmware_sim.faults import DeviceFaults, garbage_payload
 from firmware_sim.outbox import Entry, Outbox
 from firmware_sim.sensors import Sensors
-
-if TYPE_CHECKING:
-    from firmware_sim.fleet import Fleet
 
 __all__ = ["Device"]
 
@@ -57,7 +55,7 @@ class Device:
     """A simulated device; created and run by :class:`~firmware_sim.fleet.Fleet`."""
 
     __slots__ = (
-        "fleet",
+        "ctx",
         "index",
         "name",
         "faults",
@@ -91,9 +89,9 @@ class Device:
         "_busy",
     )
 
-    def __init__(self, fleet: Fleet, index: int, name: str, faults: DeviceFaults) -> None:
-        p = fleet.profile
-        self.fleet = fleet
+    def __init__(self, ctx: DeviceContext, index: int, name: str, faults: DeviceFaults) -> None:
+        p = ctx.profile
+        self.ctx = ctx
         self.index = index
         self.name = name
         self.faults = faults
@@ -150,7 +148,7 @@ class Device:
         """Power on at loop time ``t0`` (the fleet's start): the first tick comes after a
         seeded phase within one interval, so a fleet does not report in lockstep."""
         loop = asyncio.get_running_loop()
-        phase = uniform(self.fleet.profile.seed, self.index, _P_PHASE) * self.interval
+        phase = uniform(self.ctx.profile.seed, self.index, _P_PHASE) * self.interval
         self.anchor = t0 + phase
         self.anchor_k = 0
         self.sim_anchor = phase
@@ -183,8 +181,8 @@ class Device:
         if not self.alive:
             self.timer = None
             return
-        fleet = self.fleet
-        seed = fleet.profile.seed
+        ctx = self.ctx
+        seed = ctx.profile.seed
         k = self.k
         self.k = k + 1
         n = k - self.anchor_k
@@ -214,11 +212,11 @@ class Device:
                 sent += 1
         if sent:
             self.sensors.sent(sent)
-            fleet.generated += sent
+            ctx.counters.generated += sent
             self.wake.set()
         # next tick: on the anchored grid (no drift), jittered by a seeded fraction
         ti = self.tick_interval
-        jit = fleet.profile.jitter
+        jit = ctx.profile.jitter
         due = self.anchor + (n + 1) * ti
         if jit:
             due += (uniform(seed, self.index, k + 1, _P_JITTER) * 2 - 1) * jit * ti
@@ -243,7 +241,7 @@ class Device:
                 "time": self._time(),
                 "subject": self.name,
                 "datacontenttype": "application/json",
-                "simrun": self.fleet.run_id,
+                "simrun": self.ctx.run_id,
                 "data": data,
             }
         )
@@ -252,7 +250,7 @@ class Device:
         t = time.time()
         f = self.faults
         if f.skew or f.drift_ppm:
-            t += f.skew + f.drift_ppm * 1e-6 * (t - self.fleet.wall_start)
+            t += f.skew + f.drift_ppm * 1e-6 * (t - self.ctx.wall_start)
         return rfc3339_ms(int(t * 1000))
 
     def _event(self, topic: str, etype: str, data: dict[str, Any], correlationid: str) -> None:
@@ -267,7 +265,7 @@ class Device:
                 "subject": self.name,
                 "datacontenttype": "application/json",
                 "correlationid": correlationid,
-                "simrun": self.fleet.run_id,
+                "simrun": self.ctx.run_id,
                 "data": data,
             }
         )
@@ -279,7 +277,7 @@ class Device:
 
     def _fault(self, kind: str, arg: Any) -> None:
         self.timers = [h for h in self.timers if not h.cancelled() and h.when() > self._now()]
-        self.fleet.faults_fired[kind] = self.fleet.faults_fired.get(kind, 0) + 1
+        self.ctx.count_fault(kind)
         if kind == "drop":
             self.drop_link(arg)
         elif kind == "die":
@@ -323,17 +321,17 @@ class Device:
         if c is not None and c.connected and not graceful:
             self._abort(c)
         self.outbox.clear(reason)
-        self.fleet.device_emptied(self)
+        self.ctx.emptied(self.name)
         self.wake.set()
 
     def power_on(self) -> None:
         """Boot again: a new boot count; ticks resume; the link reconnects."""
-        if self.alive or self.fleet.stopping:
+        if self.alive or self.ctx.stopping:
             return
         self.alive = True
         self.boot += 1
         self.desired_version = 0
-        self.fleet.boots += 1
+        self.ctx.counters.boots += 1
         self.anchor = self._now()
         self.anchor_k = self.k
         self.sim_anchor = self.last_t
@@ -358,13 +356,13 @@ class Device:
     async def run(self, connect_at: float) -> None:
         """The device's link task: connect, send, reconnect, until the fleet stops."""
         loop = asyncio.get_running_loop()
-        fleet = self.fleet
-        p = fleet.profile
-        backoff = Backoff(p.reconnect.initial, max(p.reconnect.initial, p.reconnect.cap), fleet.rng)
+        ctx = self.ctx
+        p = ctx.profile
+        backoff = Backoff(p.reconnect.initial, max(p.reconnect.initial, p.reconnect.cap), ctx.rng)
         delay = connect_at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        while not fleet.stopping or (self.alive and len(self.outbox) and not fleet.drain_over):
+        while not ctx.stopping or (self.alive and len(self.outbox) and not ctx.drain_over):
             if not self.alive:
                 await self._sleep(None)
                 continue
@@ -374,8 +372,8 @@ class Device:
                 await self._sleep(min(backoff.next(), self.net_down_until - loop.time() + 0.05))
                 continue
             client = MQTTClient(
-                fleet.url,
-                f"{fleet.client_prefix}{self.name}",
+                ctx.url,
+                f"{ctx.client_prefix}{self.name}",
                 clean_session=p.clean_session,
                 keepalive=p.keepalive,
                 will=Will(self.state_topic, _OFFLINE, 1, True),
@@ -392,7 +390,7 @@ class Device:
                 continue
             # the broker accepted it: a connection from here on, whose abort fires the will
             self.counters["connects"] += 1
-            if not self.alive or fleet.drain_over:
+            if not self.alive or ctx.drain_over:
                 await client.close()
                 continue
             if loop.time() < self.net_down_until:
@@ -406,24 +404,24 @@ class Device:
                 await client.publish(self.state_topic, self._birth(), 1, retain=True)
                 backoff.reset()
                 self._announced = True
-                fleet.connected += 1
-                fleet.connection_changed.set()
+                ctx.counters.connected += 1
+                ctx.connection_changed.set()
                 try:
                     await self._pump(client)
                 finally:
                     self._announced = False
-                    fleet.connected -= 1
-                    fleet.connection_changed.set()
+                    ctx.counters.connected -= 1
+                    ctx.connection_changed.set()
             except ConnectionLost:
                 pass
             finally:
                 self.client = None
-                if client.connected and (fleet.stopping or not self.alive):
+                if client.connected and (ctx.stopping or not self.alive):
                     pass  # the fleet (or a reboot) closes it
                 elif client.connected:
                     client.abort()
                 self.outbox.requeue_all()
-            if self.alive and loop.time() >= self.net_down_until and not fleet.drain_over:
+            if self.alive and loop.time() >= self.net_down_until and not ctx.drain_over:
                 # the broker or the path to it went away: back off before trying again
                 self.counters["link_lost"] += 1
                 await self._sleep(backoff.next())
@@ -431,7 +429,7 @@ class Device:
     async def _sleep(self, seconds: float | None) -> None:
         """Sleep, but wake early on a state change (power on, fleet stop)."""
         self.wake.clear()
-        if seconds is not None and self.fleet.stopping:
+        if seconds is not None and self.ctx.stopping:
             seconds = min(seconds, 0.25)  # draining at the end: do not wait out a long backoff
         if seconds is None:
             await self.wake.wait()
@@ -450,8 +448,8 @@ class Device:
             item = outbox.next_unsent()
             if item is None:
                 wake.clear()
-                if self.fleet.stopping and not len(outbox):
-                    self.fleet.device_emptied(self)
+                if self.ctx.stopping and not len(outbox):
+                    self.ctx.emptied(self.name)
                 await wake.wait()
                 continue
             key, entry = item
@@ -466,14 +464,14 @@ class Device:
         if entry is None:
             return
         self.counters["acked"] += 1
-        self.fleet.acked += 1
+        self.ctx.counters.acked += 1
         if entry.stream is not None:
             for si, s in enumerate(self.streams):
                 if s[0] == entry.stream:
                     self.acked_by_stream[si] += 1
                     break
-        if self.fleet.stopping and not len(self.outbox):
-            self.fleet.device_emptied(self)
+        if self.ctx.stopping and not len(self.outbox):
+            self.ctx.emptied(self.name)
 
     def _birth(self) -> bytes:
         return orjson.dumps(
@@ -485,7 +483,7 @@ class Device:
                 "sensors": [s[0] for s in self.streams],
                 "interval": self.interval,
                 "time": self._time(),
-                "simrun": self.fleet.run_id,
+                "simrun": self.ctx.run_id,
             }
         )
 
@@ -523,7 +521,7 @@ class Device:
                 return  # lost power meanwhile: it boots (or not) on its own schedule
             await self._say_offline(2)
             self.power_off("reboot", graceful=True)
-            await asyncio.sleep(self.fleet.profile.reboot_time)
+            await asyncio.sleep(self.ctx.profile.reboot_time)
             if firmware is not None:
                 self.firmware = firmware
             self.power_on()
@@ -580,7 +578,7 @@ class Device:
                 "dropped": dropped.to_json() if dropped is not None else [],
             }
         out: dict[str, Any] = {
-            "client_id": f"{self.fleet.client_prefix}{self.name}",
+            "client_id": f"{self.ctx.client_prefix}{self.name}",
             "firmware": self.firmware,
             "boots": self.boot,
             "interval": self.interval,

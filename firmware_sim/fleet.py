@@ -26,9 +26,11 @@ from typing import Any
 from edge._lifecycle import Lifespan, first_error
 from edge.mqtt import BrokerURL, parse_url
 from firmware_sim._rng import mix
+from firmware_sim.context import DeviceContext
 from firmware_sim.device import Device
 from firmware_sim.errors import ResourceLimitError
 from firmware_sim.faults import NO_FAULTS, plan_faults
+from firmware_sim.manifest import build_manifest
 from firmware_sim.profile import Profile
 
 __all__ = ["Fleet", "raise_open_file_limit"]
@@ -75,21 +77,22 @@ class Fleet:
         self.run_id = run or f"{profile.site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.client_prefix = client_prefix
         self.drain_timeout = drain_timeout
-        self.rng = random.Random(mix(profile.seed))  # reconnect jitter only
         self.plan = plan_faults(profile)
         self.devices: list[Device] = []
         self.by_name: dict[str, Device] = {}
-        # live counters (the progress line reads them)
-        self.generated = 0
-        self.acked = 0
-        self.connected = 0
-        self.boots = 0
+        # what the devices share with the fleet: settings, clock, live counters, stop state
+        self.ctx = DeviceContext(
+            profile=profile,
+            run_id=self.run_id,
+            url=self.url,
+            client_prefix=client_prefix,
+            rng=random.Random(mix(profile.seed)),
+            spawn=self._spawn,
+            emptied=self._device_emptied,
+        )
+        self.counters = self.ctx.counters  # the progress line reads them
         self.max_lag = 0.0  # seconds; the largest event-loop delay since stats(reset_lag=True)
-        self.faults_fired: dict[str, int] = {}
-        self.stopping = False
-        self.drain_over = False
         self.started_at = 0.0
-        self.wall_start = time.time()
         self.ended_at: float | None = None
         self.chaos: Any = None
         self._tg: asyncio.TaskGroup | None = None
@@ -97,11 +100,33 @@ class Fleet:
         self._stop = asyncio.Event()  # run() returns
         self._leave = asyncio.Event()  # the async with block ends: drain and stop
         self._lifespan: Lifespan | None = None
-        self.connection_changed = asyncio.Event()  # set whenever a device goes on- or offline
         self._undrained: set[str] = set()
         self._drained = asyncio.Event()
         self._entered = False
         self._manifest: dict[str, Any] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.ctx.stopping
+
+    @property
+    def connected(self) -> int:
+        """Devices online now."""
+        return self.counters.connected
+
+    @property
+    def acked(self) -> int:
+        """Messages the broker acknowledged."""
+        return self.counters.acked
+
+    @property
+    def faults_fired(self) -> dict[str, int]:
+        return self.counters.faults_fired
+
+    @property
+    def connection_changed(self) -> asyncio.Event:
+        """Set whenever a device goes on- or offline."""
+        return self.ctx.connection_changed
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,9 +162,9 @@ class Fleet:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     self.started_at = t0 = asyncio.get_running_loop().time()
-                    self.wall_start = time.time()
+                    self.ctx.wall_start = time.time()
                     for i, name in enumerate(p.device_names()):
-                        d = Device(self, i, name, self.plan.get(name, NO_FAULTS))
+                        d = Device(self.ctx, i, name, self.plan.get(name, NO_FAULTS))
                         self.devices.append(d)
                         self.by_name[name] = d
                     for i, d in enumerate(self.devices):
@@ -181,7 +206,7 @@ class Fleet:
             on_change=lambda what: log.info("fleet link: %s", what),
         )
         self.chaos = await stack.enter_async_context(proxy)
-        self.url = BrokerURL(
+        self.url = self.ctx.url = BrokerURL(
             "127.0.0.1", proxy.port, self.url.tls, self.url.username, self.url.password
         )
         schedule = spec.schedule()
@@ -189,9 +214,9 @@ class Fleet:
             await proxy.flap(schedule[0], schedule[1], mode=spec.mode)
 
     async def _shutdown(self) -> None:
-        if self.stopping:
+        if self.ctx.stopping:
             return
-        self.stopping = True
+        self.ctx.stopping = True
         self.ended_at = asyncio.get_running_loop().time()
         for d in self.devices:
             d.stop_ticks()
@@ -213,7 +238,7 @@ class Fleet:
                     len(self._undrained),
                     self.drain_timeout,
                 )
-        self.drain_over = True
+        self.ctx.drain_over = True
         for d in self.devices:
             d.outbox.clear("shutdown")
             d.wake.set()
@@ -231,14 +256,14 @@ class Fleet:
             if lag > self.max_lag:
                 self.max_lag = lag
 
-    def device_emptied(self, device: Device) -> None:
+    def _device_emptied(self, name: str) -> None:
         """A device's outbox is empty (called while stopping)."""
-        if self.stopping and device.name in self._undrained:
-            self._undrained.discard(device.name)
+        if self.ctx.stopping and name in self._undrained:
+            self._undrained.discard(name)
             if not self._undrained:
                 self._drained.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a short-lived device job (a reboot, an update) in the fleet's task group."""
         if self._tg is None:
             coro.close()
@@ -284,15 +309,16 @@ class Fleet:
         """Live counters: devices online, messages generated / acknowledged / dropped /
         held in outboxes, reboots, faults fired, and the worst event-loop lag (ms)."""
         dropped = sum(d.outbox.dropped for d in self.devices)
+        c = self.counters
         out = {
             "devices": len(self.devices),
-            "connected": self.connected,
-            "generated": self.generated,
-            "acked": self.acked,
+            "connected": c.connected,
+            "generated": c.generated,
+            "acked": c.acked,
             "dropped": dropped,
             "held": sum(len(d.outbox) for d in self.devices),
-            "boots": self.boots,
-            "faults": dict(self.faults_fired),
+            "boots": c.boots,
+            "faults": dict(c.faults_fired),
             "max_lag_ms": round(self.max_lag * 1000, 1),
         }
         if reset_lag:
@@ -306,6 +332,14 @@ class Fleet:
         return self._manifest if self._manifest is not None else self._build_manifest()
 
     def _build_manifest(self) -> dict[str, Any]:
-        from firmware_sim.manifest import build_manifest
-
-        return build_manifest(self)
+        ended = self.ended_at
+        return build_manifest(
+            {d.name: d.record() for d in self.devices},
+            run=self.run_id,
+            profile=self.profile,
+            broker=self.broker_url,
+            wall_start=self.ctx.wall_start,
+            duration_s=None if ended is None else ended - self.started_at,
+            complete=self.ctx.stopping,
+            faults_fired=self.counters.faults_fired,
+        )

@@ -20,13 +20,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge.mqtt import _redact
 from firmware_sim.errors import ManifestError
-
-if TYPE_CHECKING:
-    from firmware_sim.fleet import Fleet
+from firmware_sim.profile import Profile
 
 __all__ = ["FORMAT", "build_manifest", "read_manifest", "write_manifest"]
 
@@ -38,8 +36,21 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def build_manifest(fleet: Fleet) -> dict[str, Any]:
-    devices = {d.name: d.record() for d in fleet.devices}
+def build_manifest(
+    records: dict[str, dict[str, Any]],
+    *,
+    run: str,
+    profile: Profile,
+    broker: str,
+    wall_start: float,
+    duration_s: float | None,
+    complete: bool,
+    faults_fired: dict[str, int],
+) -> dict[str, Any]:
+    """The manifest of a run from its devices' records (name -> ``Device.record()``), with
+    totals summed over them. ``duration_s`` is None while the run goes on; ``complete``
+    says whether the fleet has stopped."""
+    devices = dict(records)
     totals: dict[str, Any] = {
         "sent": 0,
         "acked": 0,
@@ -61,19 +72,17 @@ def build_manifest(fleet: Fleet) -> dict[str, Any]:
         for key in ("garbage_sent", "duplicates_sent", "events_sent", "abnormal_disconnects"):
             totals[key] += rec[key]
         totals["boots"] += rec["boots"]
-    loop_now = fleet.ended_at if fleet.ended_at is not None else None
-    elapsed = (loop_now - fleet.started_at) if loop_now is not None else None
     return {
         "format": FORMAT,
         "version": VERSION,
-        "run": fleet.run_id,
-        "seed": fleet.profile.seed,
-        "broker": _redact(fleet.broker_url),  # never the password
-        "started": _iso(fleet.wall_start),
-        "duration_s": round(elapsed, 3) if elapsed is not None else None,
-        "complete": fleet.stopping,
-        "profile": fleet.profile.model_dump(mode="json"),
-        "faults_fired": dict(fleet.faults_fired),
+        "run": run,
+        "seed": profile.seed,
+        "broker": _redact(broker),  # never the password
+        "started": _iso(wall_start),
+        "duration_s": round(duration_s, 3) if duration_s is not None else None,
+        "complete": complete,
+        "profile": profile.model_dump(mode="json"),
+        "faults_fired": dict(faults_fired),
         "totals": totals,
         "devices": devices,
     }
