@@ -47,6 +47,10 @@ log = logging.getLogger("edgeferry.downlink")
 
 REDELIVER = 5.0
 HELLO_RETRY = 5.0
+UNKNOWN_GRACE = 2.0
+"""Times ``redeliver`` (at least 1 s) the local connection is up before a command for a
+target that never announced itself (no retained ``state/<target>``) is rejected:
+targets reconnect meanwhile."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -83,6 +87,8 @@ class Downlink:
         self._rehello = asyncio.Event()
         self._hello_n = 0
         self._last_pub: dict[str, float] = {}
+        self._known: set[str] = set()  # targets with a retained state/<target> (birth or will)
+        self._local_since: float | None = None
         self._republish_all = True
         self.cloud_up = False
         self.local_up = False
@@ -270,8 +276,9 @@ class Downlink:
             self._last_pub.clear()  # a new connection: publish at once what is not accepted
             self._republish_all = True  # and the retained state (the broker may have lost it)
             try:
-                await client.subscribe([("evt/cmd/+", 1), ("shadow/+/reported", 1)])
+                await client.subscribe([("evt/cmd/+", 1), ("shadow/+/reported", 1), ("state/+", 1)])
                 self.local_up = True
+                self._local_since = time.monotonic()
                 while True:
                     if client.closed.done():
                         client.closed.result()
@@ -282,6 +289,7 @@ class Downlink:
                 log.warning("local broker (downlink): %s", e)
             finally:
                 self.local_up = False
+                self._local_since = None
                 client.abort()
             await sleep_unless(stop, backoff.next())
 
@@ -307,6 +315,9 @@ class Downlink:
         batch, self._local_in = self._local_in, []
         changes: list[tuple[str, str | None, int | None, str | None]] = []
         for _, m in batch:
+            if m.topic.startswith("state/"):
+                self._known.add(m.topic[6:])
+                continue
             parsed = self._parse_local(m)
             if parsed is None:
                 self.counters["rejected"] += 1
@@ -368,6 +379,12 @@ class Downlink:
                 changes.append((c.id, None, 1, None))
             if c.state == "accepted":
                 continue
+            if c.target not in self._known and self._unknown_is_final():
+                err = f"unknown target {c.target!r}: nothing announced state/{c.target} on the local broker"
+                log.warning("command %s: %s", c.id, err)
+                await pub(f"evt/cmd/{c.target}", self._status(c.id, c.target, "rejected", err))
+                changes.append((c.id, "rejected", 3, err))
+                continue
             last = self._last_pub.get(c.id)
             if last is None or now - last >= self.redeliver:
                 ttl = None if left == float("inf") else int(left)
@@ -408,6 +425,11 @@ class Downlink:
         if published or reported:
             await self._db(self.store.mark_things, published, reported)
         return due if due is None else max(0.01, due)
+
+    def _unknown_is_final(self) -> bool:
+        since = self._local_since
+        grace = max(1.0, UNKNOWN_GRACE * self.redeliver)
+        return since is not None and time.monotonic() - since >= grace
 
     def _status(self, cid: str, target: str, status: str, error: str | None) -> bytes:
         data = status_data(cid, status, "gateway", error=error, clock_wall=time.time())

@@ -110,6 +110,17 @@ def test_command_online_round_trip(pipe, proc_factory):
     assert row["delivered_at"] and row["accepted_at"] and row["finished_at"]
 
 
+def test_unknown_target_is_rejected(pipe, proc_factory):
+    pipe.start()
+    start_target(pipe, proc_factory)
+    r = cli("cmd", "send", "--cloud", pipe.cloud.url, "--sink", pipe.sink, "--node", pipe.node,
+            "--target", "nobody", "--name", "set_interval", "--args", "{}")
+    cid = r.stdout.strip()
+    row = wait_state(pipe, cid, "rejected")
+    report("unknown target", 1, runs(pipe), [row["state"]])
+    assert "unknown target" in row["error"] and runs(pipe) == []
+
+
 def test_queued_while_offline_runs_once_on_return(pipe, proc_factory):
     pipe.start()
     start_target(pipe, proc_factory)
