@@ -24,7 +24,7 @@ from gateway.cloudsync import CloudSync
 from gateway.errors import FrameError
 from gateway.settings import IngestSettings
 from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
-from gateway.topics import INGEST_HELLO, ack_topic, nack_topic
+from gateway.topics import INGEST_HELLO, ack_topic, nack_topic, uplink_topic
 
 __all__ = ["Ingest"]
 
@@ -32,6 +32,11 @@ log = logging.getLogger("edgeferry.ingest")
 
 MAX_BATCH = 16
 """Frames decoded and written per sink write (up to 16,000 records by default)."""
+
+
+def _from_sender(topic: str, node: str, lane: str) -> bool:
+    """Does a frame's inner node and lane match its topic ``ef/<node>/up/<lane>``?"""
+    return topic == uplink_topic(node, lane)
 
 
 class Ingest:
@@ -55,7 +60,8 @@ class Ingest:
         self.state: CloudState | None = None  # commands and shadows (docs/commands.md)
         self.sync: CloudSync | None = None
         self.counters = {"downlink_applied": 0, "frames": 0, "records": 0, "written": 0, "duplicates": 0,
-                         "bad_frames": 0, "gap_frames": 0, "connects": 0}
+                         "bad_frames": 0, "gap_frames": 0, "spoofed_frames": 0,
+                         "connects": 0}
 
     async def __aenter__(self) -> Ingest:
         if self._entered:
@@ -200,6 +206,15 @@ class Ingest:
                 log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
                 continue
             node, epoch, lane = f.node, f.epoch, f.lane
+            if not _from_sender(m.topic, node, lane):
+                # the sender is who the topic says (the broker's ACL is per node): a frame
+                # naming another node or lane is refused, never written
+                counters["spoofed_frames"] += 1
+                n = counters["spoofed_frames"]
+                if n <= 10 or n % 1000 == 0:
+                    log.warning("refused a frame on %r claiming node %r lane %r: the topic names "
+                                "the sender (%d refused so far)", m.topic, node, lane, n)
+                continue
             key = (node, epoch, lane)
             have = moved.get(key, high.get(key, 0))
             if f.prev_seq > have:

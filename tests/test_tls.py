@@ -169,6 +169,34 @@ def test_tls_failures_each_refused_with_its_line_then_delivery_resumes(tls_pipe)
     assert PASSWORD not in " ".join(pipe.gateway_argv())
 
 
+async def _socket_closed(*clients: Any) -> None:
+    """Wait (up to 5 s) until each TLS client's connection is really gone: an SSL transport
+    closes its socket only after the TLS shutdown, after close() returned, and a socket
+    still open when the test's event loop ends is a ResourceWarning (an error here)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    waits = []
+    for c in clients:
+        t = c._transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None or sock.fileno() == -1:
+            continue
+        proto, fut = t.get_protocol(), loop.create_future()
+        lost = proto.connection_lost
+
+        def wrapped(exc: Exception | None, lost: Any = lost, fut: Any = fut) -> None:
+            lost(exc)
+            if not fut.done():
+                fut.set_result(None)
+
+        proto.connection_lost = wrapped
+        waits.append(fut)
+    if waits:
+        async with asyncio.timeout(5):
+            await asyncio.gather(*waits)
+
+
 # ---------------------------------------------------------------- settings and units
 
 
@@ -247,6 +275,7 @@ async def test_mqtts_never_falls_back_and_trusts_the_system_store_by_default(bro
     c = MQTTClient(f"mqtts://127.0.0.1:{plain.port}", "x", connect_timeout=3)
     with pytest.raises(ConnectError, match="reset|TLS|SSL|closed|lost"):
         await c.connect()
+    await _socket_closed(c)
     d = tls_dir(tmp_path)
     ca = CA()
     ca.issue("localhost", server=True, names=("127.0.0.1",)).write(
@@ -256,7 +285,68 @@ async def test_mqtts_never_falls_back_and_trusts_the_system_store_by_default(bro
     with pytest.raises(ConnectError) as e:
         await c.connect()
     assert explain(e.value)[0] == "tls_unknown_ca", e.value
+    await _socket_closed(c)
     c = MQTTClient(f"mqtts://127.0.0.1:{tls.port}", "x", connect_timeout=3,
                    tls=TLSOptions(ca.write_ca(d / "ca.pem")))
     await c.connect()
     await c.close()
+    await _socket_closed(c)
+
+
+# ---------------------------------------------------------------- no node poses as another
+
+CLOUD_TLS_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "cloud-tls"
+
+
+async def test_a_node_cannot_write_another_nodes_records(broker_factory, proc_factory, tmp_path):
+    """deploy/mosquitto/cloud-tls (per-node ACL on the certificate's name) and ingest's
+    topic check together: pi-2 publishing a frame that claims pi-1, under pi-1's prefix
+    (the broker drops it) or under its own (ingest refuses it), writes nothing."""
+    from edge.mqtt import MQTTClient
+    from gateway import frames
+
+    d = tls_dir(tmp_path)
+    ca = CA()
+    ca_file = ca.write_ca(d / "ca.pem")
+    ca.issue(SERVER_NAME, server=True, names=(SERVER_NAME,)).write(
+        d / "server.pem", d / "server.key", key_mode=0o644)
+    broker = broker_factory(CLOUD_TLS_CONF / "cloud-tls.conf", extra=[
+        f"cafile {ca_file}", f"certfile {d / 'server.pem'}", f"keyfile {d / 'server.key'}",
+        "require_certificate true", "use_identity_as_username true",
+        f"acl_file {CLOUD_TLS_CONF / 'cloud.acl'}"])
+    url = f"mqtts://127.0.0.1:{broker.port}"
+
+    def identity(cn: str) -> TLSOptions:
+        cert, key = ca.issue(cn).write(d / f"{cn}.pem", d / f"{cn}.key")
+        return TLSOptions(ca_file, cert, key, SERVER_NAME)
+
+    ing_tls = identity("edgeferry-ingest")
+    sink = tmp_path / "sink.jsonl"
+    ingest = proc_factory([PY, "-m", "edgeferry", "ingest", "run", "--cloud", url, "--sink",
+                           f"jsonl:{sink}", "--client-id", "ingest-acl", "--ca-file", ca_file,
+                           "--cert-file", str(ing_tls.cert_file), "--key-file", str(ing_tls.key_file),
+                           "--tls-server-name", SERVER_NAME], "ingest")
+    ingest.wait_for_line(r"ingest connected", 20)
+
+    def frame(node: str, first: int, n: int, text: str) -> bytes:
+        rows = [(seq, 1, "dt/x/t", f"{text}-{seq}".encode()) for seq in range(first, first + n)]
+        return frames.encode(node, 7, "telemetry", rows, prev_seq=first - 1)
+
+    async with MQTTClient(url, "pi-1", tls=identity("pi-1")) as pi1, \
+            MQTTClient(url, "pi-2", tls=identity("pi-2")) as pi2:
+        await pi1.publish("ef/pi-1/up/telemetry", frame("pi-1", 1, 3, "real"))
+        # pi-2 poses as pi-1: under pi-1's prefix (ACL), then under its own (ingest)
+        await pi2.publish("ef/pi-1/up/telemetry", frame("pi-1", 4, 3, "fake"))
+        await pi2.publish("ef/pi-2/up/telemetry", frame("pi-1", 4, 3, "fake"))
+        ingest.wait_for_line(r"refused a frame on 'ef/pi-2/up/telemetry' claiming node 'pi-1'", 20)
+        await pi1.publish("ef/pi-1/up/telemetry", frame("pi-1", 4, 2, "real"))
+        wait_until(lambda: sink.exists() and sink.read_bytes().count(b"\n") >= 5, 20, "5 rows")
+    await _socket_closed(pi1, pi2)
+    rows = [json.loads(line) for line in sink.read_text().splitlines()]
+    payloads = [(r["node"], r["seq"], r["payload"]) for r in rows]
+    fake = [p for p in payloads if "fake" in p[2]]
+    print(f"[spoofing] sent=5 delivered={len(rows) - len(fake)} lost={5 - len(rows) + len(fake)} "
+          f"duplicated=0 spoofed_written={len(fake)}")
+    # the frame under pi-1's prefix followed on from seq 3: had the broker let it through,
+    # ingest would have written fake-4..6 and dropped the real 4..5 as duplicates
+    assert payloads == [("pi-1", s, f"real-{s}") for s in range(1, 6)]
