@@ -81,6 +81,10 @@ def gateway_status(
     out.print(t)
     drops = st.get("drops") or {}
     out.print("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+    down = st.get("downlink")
+    if down:
+        out.print(f"downlink: cloud {down['cloud']}, local {down['local']}, "
+                  f"{down['open_commands']} commands held (docs/commands.md)")
 
 
 @ingest_app.command("run", context_settings=_FORWARD, add_help_option=False)

@@ -92,6 +92,7 @@ class Downlink:
         self._republish_all = True
         self.cloud_up = False
         self.local_up = False
+        self.open_commands = 0
         self._crash_after_receive = os.environ.get("EDGEFERRY_FAILPOINT") == "downlink_crash_after_receive"
         self.counters = {"commands_received": 0, "commands_published": 0, "commands_expired": 0,
                          "desired_received": 0, "desired_stale": 0, "reports": 0, "hellos": 0,
@@ -351,6 +352,7 @@ class Downlink:
             await self._take_local()
         clock = self.clock
         cmds = await self._db(self.store.open_commands)
+        self.open_commands = sum(1 for c in cmds if c.state not in FINAL)
         changes: list[tuple[str, str | None, int | None, str | None]] = []
         futs: list[asyncio.Future[None]] = []
         due: float | None = None
@@ -437,4 +439,4 @@ class Downlink:
 
     def status(self) -> dict[str, Any]:
         return {"cloud": "up" if self.cloud_up else "down", "local": "up" if self.local_up else "down",
-                "counters": dict(self.counters)}
+                "open_commands": self.open_commands, "counters": dict(self.counters)}

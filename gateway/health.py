@@ -118,6 +118,14 @@ def render_metrics(st: dict[str, Any]) -> str:
            [({}, st["offline_for_s"])])
     for key, v in st["counters"].items():
         metric(f"edgeferry_{key}_total", "counter", f"Gateway counter {key}.", [({}, v)])
+    down = st.get("downlink")
+    if down:
+        metric("edgeferry_downlink_up", "gauge", "1 when the downlink's connection is up (docs/commands.md).",
+               [({"link": k}, 1 if down[k] == "up" else 0) for k in ("cloud", "local")])
+        metric("edgeferry_downlink_open_commands", "gauge",
+               "Commands the gateway holds that its target has not finished.", [({}, down["open_commands"])])
+        for key, v in down["counters"].items():
+            metric(f"edgeferry_downlink_{key}_total", "counter", f"Downlink counter {key}.", [({}, v)])
     return "\n".join(out) + "\n"
 
 

@@ -108,6 +108,12 @@ def test_command_online_round_trip(pipe, proc_factory):
     assert row["reply"] == {"interval": 2.0}
     assert runs(pipe) == ["2.0"]
     assert row["delivered_at"] and row["accepted_at"] and row["finished_at"]
+    from gateway.health import render_metrics
+
+    st = pipe.status()
+    down = st["downlink"]
+    assert (down["cloud"], down["local"], down["counters"]["commands_received"]) == ("up", "up", 1)
+    assert 'edgeferry_downlink_up{node="site-1",link="cloud"} 1' in render_metrics(st)
 
 
 def test_unknown_target_is_rejected(pipe, proc_factory):
