@@ -17,9 +17,10 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
-from edge.config import Option, load_settings, read_yaml
+from edge.config import TLS_FILE_OPTIONS, Option, load_settings, read_yaml, tls_from_settings
 from edge.errors import ConfigError, EdgeError
 from edge.mqtt import BrokerURL, parse_url
 
@@ -47,6 +48,7 @@ OPTIONS = [
            "variable is visible to other processes)"),
     Option("password_file", "str", None, "file whose first line is the broker password (mode 600)",
            metavar="FILE"),
+    *TLS_FILE_OPTIONS,
     Option(
         "strict_topics",
         "bool",
@@ -148,6 +150,11 @@ def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> No
             settings.get("username") or u.username,
             password or u.password,
         )
+    if isinstance(svc.broker, str | BrokerURL):
+        url = svc.broker if isinstance(svc.broker, BrokerURL) else parse_url(svc.broker)
+        tls = tls_from_settings(settings, url)
+        if tls is not None:
+            svc.broker = replace(url, tls_options=tls)
     if svc.state_dir is None:
         svc.state_dir = _default_state_dir()
     svc.load_config(service_config_section(settings.get("config"), svc.name))

@@ -23,9 +23,9 @@ from typing import Any, NoReturn
 
 from edge._tls import TLSOptions, read_secret
 from edge.errors import ConfigError
-from edge.mqtt import parse_url
+from edge.mqtt import BrokerURL, parse_url
 
-__all__ = ["Option", "TLS_OPTIONS", "load_settings", "parse_duration", "parse_size", "read_yaml",
+__all__ = ["Option", "TLS_FILE_OPTIONS", "TLS_OPTIONS", "load_settings", "parse_duration", "parse_size", "read_yaml",
            "tls_from_settings"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -222,7 +222,7 @@ def _read_yaml(path: str, section: str) -> tuple[dict[str, Any], set[str]]:
     return merged, set(sect)
 
 
-TLS_OPTIONS = [
+TLS_FILE_OPTIONS = [
     Option("ca_file", "str", None, "CA certificates to trust for the broker (PEM; default: the "
            "system store; with mqtts://)", metavar="FILE"),
     Option("cert_file", "str", None, "client certificate (PEM), read again at each reconnect",
@@ -233,13 +233,18 @@ TLS_OPTIONS = [
            "certificate against, instead of the URL's host", metavar="NAME"),
     Option("alpn", "list", [], "ALPN protocol to offer (repeatable; AWS IoT Core on port 443: "
            "x-amzn-mqtt-ca)", metavar="PROTO"),
+]
+"""How to check the broker and who we are, for mqtts://."""
+
+TLS_OPTIONS = [
+    *TLS_FILE_OPTIONS,
     Option("password_file", "str", None, "file whose first line is the broker password (mode "
            "600; the user name goes in the URL), read again at each reconnect", metavar="FILE"),
 ]
 """The settings of every command that connects to a broker."""
 
 
-def tls_from_settings(values: dict[str, Any], url: str, error: type[Exception] = ConfigError,
+def tls_from_settings(values: dict[str, Any], url: str | BrokerURL, error: type[Exception] = ConfigError,
                       check: bool = True) -> TLSOptions | None:
     """TLSOptions from resolved settings (``ca_file``, ``cert_file``, ``key_file``,
     ``tls_server_name``, ``alpn``), checked now unless ``check`` is false; None for a plaintext ``mqtt://`` URL.
@@ -249,10 +254,10 @@ def tls_from_settings(values: dict[str, Any], url: str, error: type[Exception] =
                if values.get(k)] + (["alpn"] if values.get("alpn") else [])
     if check and values.get("password_file"):
         read_secret(values["password_file"], error=error)
-    if not parse_url(url).tls:
+    u = url if isinstance(url, BrokerURL) else parse_url(url)
+    if not u.tls:
         if tls_set:
-            raise error(f"--{tls_set[0].replace('_', '-')} needs an mqtts:// broker URL "
-                        f"(got {parse_url(url)})")
+            raise error(f"--{tls_set[0].replace('_', '-')} needs an mqtts:// broker URL (got {u})")
         return None
     opts = TLSOptions(values.get("ca_file"), values.get("cert_file"), values.get("key_file"),
                       values.get("tls_server_name"), tuple(values.get("alpn") or ()))

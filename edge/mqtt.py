@@ -50,13 +50,15 @@ _CONNACK_CODES = {
 
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
-    """Where a broker is: parsed from ``mqtt://[user[:password]@]host[:port]``."""
+    """Where a broker is: parsed from ``mqtt://[user[:password]@]host[:port]``;
+    ``tls_options`` say how to check it and who we are (for ``mqtts://``)."""
 
     host: str
     port: int
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    tls_options: TLSOptions | None = None
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -206,7 +208,8 @@ class MQTTClient:
         password_file: str | None = None,
     ) -> None:
         self.url = url if isinstance(url, BrokerURL) else parse_url(url)
-        self.tls = tls  # for mqtts://: files read again at every connect (edge/_tls.py)
+        # for mqtts://: files read again at every connect (edge/_tls.py)
+        self.tls = tls or self.url.tls_options
         self.password_file = password_file  # read again at every connect, too
         self.client_id = client_id
         self.clean_session = clean_session

@@ -85,16 +85,34 @@ def _json(what: str, text: str) -> Any:
         _fail(f"{what} is not JSON: {e}", 2)
 
 
-def _publish(cloud: str | None, messages: list[tuple[str, bytes]], what: str) -> None:
-    """Publish to the cloud broker for a site that is online; stored either way."""
+def _publish(cloud: str | None, messages: list[tuple[str, bytes]], what: str,
+             config: str | None = None) -> None:
+    """Publish to the cloud broker for a site that is online; stored either way. TLS and
+    the password file are ingest's (EDGEFERRY_CA_FILE ... or the YAML's ingest section)."""
     if not cloud:
         err.print(f"{what} stored; no --cloud: ingest offers it when the site says hello", highlight=False)
         return
+    from dataclasses import replace
+
+    from edge.config import tls_from_settings
     from edge.errors import ConfigError, ConnectError, ConnectionLost
+    from edge.mqtt import BrokerURL, parse_url
     from gateway.cloudsync import publish_once
 
     try:
-        asyncio.run(publish_once(cloud, f"edgeferry-cli-{os.getpid()}", messages))
+        ident: dict[str, Any] = {k: _setting(k, None, config, required=False) for k in
+                 ("ca_file", "cert_file", "key_file", "tls_server_name", "alpn", "password_file")}
+        if ident["alpn"]:
+            ident["alpn"] = [a.strip() for a in str(ident["alpn"]).strip("[]").split(",") if a.strip()]
+        tls = tls_from_settings(ident, cloud)
+        url: str | BrokerURL = cloud
+        if tls is not None or ident["password_file"]:
+            from edge._tls import read_secret
+
+            u = parse_url(cloud)
+            pw = read_secret(ident["password_file"], error=ConfigError) if ident["password_file"] else None
+            url = replace(u, tls_options=tls, password=pw or u.password)
+        asyncio.run(publish_once(url, f"edgeferry-cli-{os.getpid()}", messages))
     except (ConnectError, ConnectionLost, ConfigError, TimeoutError, OSError) as e:
         err.print(f"[yellow]warning:[/yellow] {what} stored but not published ({e}); ingest offers it "
                   "when the site says hello", highlight=False)
@@ -146,7 +164,7 @@ def cmd_send(
     print(cid)
     if offer is not None:
         wire = {k: offer[k] for k in ("id", "target", "name", "args", "ttl_ms")}
-        _publish(cloud_url, [(cmd_topic(node, cid), json.dumps(wire).encode())], "command")
+        _publish(cloud_url, [(cmd_topic(node, cid), json.dumps(wire).encode())], "command", config)
 
 
 @cmd_app.command("status")
@@ -250,7 +268,7 @@ def shadow_set(
         state.close()
     print(new)
     body = json.dumps({"thing": thing, "version": new, "desired": doc}).encode()
-    _publish(cloud_url, [(desired_topic(node, thing), body)], "desired state")
+    _publish(cloud_url, [(desired_topic(node, thing), body)], "desired state", config)
 
 
 @shadow_app.command("get")

@@ -107,6 +107,24 @@ def sim_run(
         Opt("--password-file", envvar="EDGEFERRY_PASSWORD_FILE",
             help="file whose first line is the password (mode 600)"),
     ] = None,
+    ca_file: Annotated[
+        Path | None, Opt("--ca-file", envvar="EDGEFERRY_CA_FILE",
+                         help="CAs trusted for the broker (mqtts://; default: the system store)"),
+    ] = None,
+    cert_file: Annotated[
+        Path | None, Opt("--cert-file", envvar="EDGEFERRY_CERT_FILE",
+                         help="client certificate (PEM), every device"),
+    ] = None,
+    key_file: Annotated[
+        Path | None, Opt("--key-file", envvar="EDGEFERRY_KEY_FILE", help="client key (PEM, mode 600)"),
+    ] = None,
+    tls_server_name: Annotated[
+        str | None, Opt("--tls-server-name", envvar="EDGEFERRY_TLS_SERVER_NAME",
+                        help="name to check the broker's certificate against (and SNI)"),
+    ] = None,
+    alpn: Annotated[
+        list[str] | None, Opt("--alpn", envvar="EDGEFERRY_ALPN", help="ALPN protocol (repeatable)"),
+    ] = None,
 ) -> None:
     """Run a fleet of simulated devices, each on its own MQTT connection.
 
@@ -124,8 +142,20 @@ def sim_run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from dataclasses import replace
+
+    from edge.config import tls_from_settings
+    from edge.mqtt import BrokerURL, parse_url
+
+    url: str | BrokerURL
     try:
-        broker = _with_credentials(broker, username, password_file)
+        url = broker = _with_credentials(broker, username, password_file)
+        tls = tls_from_settings({"ca_file": ca_file and str(ca_file),
+                                 "cert_file": cert_file and str(cert_file),
+                                 "key_file": key_file and str(key_file),
+                                 "tls_server_name": tls_server_name, "alpn": alpn}, broker)
+        if tls is not None:
+            url = replace(parse_url(broker), tls_options=tls)
     except ConfigError as e:
         _fail(str(e), 2)
         return
@@ -152,7 +182,7 @@ def sim_run(
 
     try:
         code = run_fleet(
-            broker,
+            url,
             prof,
             manifest_path=manifest,
             run_id=run_id,

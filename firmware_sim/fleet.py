@@ -21,9 +21,11 @@ import os
 import random
 import time
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from edge._lifecycle import Lifespan, first_error
+from edge._tls import TLSOptions
 from edge.mqtt import BrokerURL, parse_url
 from firmware_sim._rng import mix
 from firmware_sim.context import DeviceContext
@@ -64,15 +66,15 @@ class Fleet:
 
     def __init__(
         self,
-        url: str,
+        url: str | BrokerURL,
         profile: Profile,
         *,
         run: str | None = None,
         client_prefix: str = "",
         drain_timeout: float = 10.0,
     ) -> None:
-        self.url = parse_url(url)
-        self.broker_url = url
+        self.url = url if isinstance(url, BrokerURL) else parse_url(url)
+        self.broker_url = url if isinstance(url, str) else str(url)  # (str(): no password)
         self.profile = profile
         self.run_id = run or f"{profile.site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.client_prefix = client_prefix
@@ -206,9 +208,10 @@ class Fleet:
             on_change=lambda what: log.info("fleet link: %s", what),
         )
         self.chaos = await stack.enter_async_context(proxy)
-        self.url = self.ctx.url = BrokerURL(
-            "127.0.0.1", proxy.port, self.url.tls, self.url.username, self.url.password
-        )
+        tls = self.url.tls_options
+        if self.url.tls:  # the broker's certificate names the broker, not the proxy
+            tls = replace(tls or TLSOptions(), server_name=(tls and tls.server_name) or self.url.host)
+        self.url = self.ctx.url = replace(self.url, host="127.0.0.1", port=proxy.port, tls_options=tls)
         schedule = spec.schedule()
         if schedule is not None:
             await proxy.flap(schedule[0], schedule[1], mode=spec.mode)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from edge.errors import ConnectError
-from edge.mqtt import MQTTClient, parse_url
+from edge.mqtt import BrokerURL, MQTTClient, parse_url
 from firmware_sim.errors import SimError
 from firmware_sim.fleet import Fleet, raise_open_file_limit
 from firmware_sim.manifest import write_manifest
@@ -35,7 +35,7 @@ class RateMeter:
         return (count - c0) / (t - t0) if t > t0 else 0.0
 
 
-async def _preflight(url: str) -> None:
+async def _preflight(url: str | BrokerURL) -> None:
     """One connection before the fleet: a wrong URL fails at once, with one line."""
     try:
         async with MQTTClient(
@@ -47,7 +47,7 @@ async def _preflight(url: str) -> None:
 
 
 async def _main(
-    broker: str,
+    broker: str | BrokerURL,
     profile: Profile,
     manifest_path: Path | None,
     run_id: str | None,
@@ -148,7 +148,7 @@ async def _with_progress(fleet: Fleet, target: float) -> None:
 
 
 def run_fleet(
-    broker: str,
+    broker: str | BrokerURL,
     profile: Profile,
     *,
     manifest_path: Path | None = None,
@@ -158,7 +158,8 @@ def run_fleet(
     stats_every: float | None = None,
 ) -> int:
     """Run the fleet to completion on uvloop (when available); return the exit code."""
-    parse_url(broker)  # ConfigError with one line if bad
+    if isinstance(broker, str):
+        parse_url(broker)  # ConfigError with one line if bad
     raise_open_file_limit(profile.devices * (3 if profile.chaos else 1) + 256)
     if manifest_path is not None:
         parent = Path(manifest_path).resolve().parent

@@ -23,7 +23,7 @@ from typing import Any
 
 from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectionLost
-from edge.mqtt import Message, MQTTClient
+from edge.mqtt import BrokerURL, Message, MQTTClient
 from gateway.cloudstate import CloudState
 from gateway.topics import SYNC_HELLO, cmd_topic, desired_topic, down_topic
 
@@ -178,7 +178,7 @@ class CloudSync:
                     await self._send_offer(client, node, o)
 
 
-async def publish_once(cloud: str, client_id: str, messages: list[tuple[str, bytes]],
+async def publish_once(cloud: str | BrokerURL, client_id: str, messages: list[tuple[str, bytes]],
                        limit: float = 5.0) -> None:
     """Connect, publish QoS 1 messages, wait for their acknowledgements, disconnect (CLI)."""
     client = MQTTClient(cloud, client_id, clean_session=True, connect_timeout=limit)

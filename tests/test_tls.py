@@ -350,3 +350,60 @@ async def test_a_node_cannot_write_another_nodes_records(broker_factory, proc_fa
     # the frame under pi-1's prefix followed on from seq 3: had the broker let it through,
     # ingest would have written fake-4..6 and dropped the real 4..5 as duplicates
     assert payloads == [("pi-1", s, f"real-{s}") for s in range(1, 6)]
+
+
+# ---------------------------------------------------------------- services and the simulator
+
+ECHO_SERVICE = '''
+from edge import Service
+
+svc = Service("echo", heartbeat=0)
+
+
+@svc.on("dt/{device}/{stream}")
+async def echo(device: str, stream: str, data: dict) -> None:
+    await svc.publish(f"evt/echo/{device}", data)
+'''
+
+
+def test_service_run_and_sim_run_over_tls(broker_factory, proc_factory, tmp_path):
+    """``service run`` and ``sim run`` (through its chaos proxy, which needs the broker's
+    name for the check) reach a broker that requires a client certificate; the broker sees
+    each one as its certificate's name."""
+    from typer.testing import CliRunner
+
+    from edgeferry.cli import app
+
+    d = tls_dir(tmp_path)
+    ca = CA()
+    ca_file = ca.write_ca(d / "ca.pem")
+    ca.issue(SERVER_NAME, server=True, names=(SERVER_NAME,)).write(
+        d / "server.pem", d / "server.key", key_mode=0o644)
+    broker = broker_factory("edge", extra=[
+        f"cafile {ca_file}", f"certfile {d / 'server.pem'}", f"keyfile {d / 'server.key'}",
+        "require_certificate true", "use_identity_as_username true", "log_type notice",
+        "log_type debug"])
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    svc_cert, svc_key = ca.issue("svc-echo").write(d / "svc.pem", d / "svc.key")
+    sim_cert, sim_key = ca.issue("sim-fleet").write(d / "sim.pem", d / "sim.key")
+    (tmp_path / "echo_mod.py").write_text(ECHO_SERVICE)
+    svc = proc_factory([PY, "-m", "edgeferry", "service", "run", "echo_mod:svc", "--broker", url,
+                        "--state-dir", str(tmp_path / "state"), "--log-level", "INFO",
+                        "--tls-server-name", SERVER_NAME, "--cert-file", svc_cert,
+                        "--key-file", svc_key], "echo",
+                       env={**os.environ, "EDGEFERRY_CA_FILE": ca_file}, cwd=tmp_path)
+    svc.wait_for_line(r"service echo ready", 20)
+    r = CliRunner().invoke(app, [
+        "sim", "run", "--broker", url, "--devices", "2", "--interval", "0.1", "--duration", "1",
+        "--sensors", "temperature", "--chaos", "30-40:1-2", "--no-progress",
+        "--ca-file", ca_file, "--cert-file", sim_cert, "--key-file", sim_key,
+        "--tls-server-name", SERVER_NAME, "--manifest", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    sent = m["totals"]["sent"]
+    assert sent == m["totals"]["acked"] > 0
+    log = broker.log_text()
+    assert "u'svc-echo'" in log and "u'sim-fleet'" in log
+    # the service consumed what the devices sent and published its echoes over TLS
+    wait_until(lambda: "'evt/echo/" in broker.log_text(), 10, "an echo published by the service")
+    print(f"[tls sim+service] sent={sent} acked={m['totals']['acked']}")
