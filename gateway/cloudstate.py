@@ -276,6 +276,16 @@ class CloudState:
                                 " WHERE node=? AND desired IS NOT NULL ORDER BY thing", (node,))
         return [(t, v, json.loads(d)) for t, v, d in rows]
 
+    def desired_versions(self, node: str) -> dict[str, int]:
+        """thing -> desired version, for every thing of a node with a desired document."""
+        return dict(self._db.execute("SELECT thing, desired_version FROM shadows"
+                                     " WHERE node=? AND desired IS NOT NULL", (node,)).fetchall())
+
+    def desired_doc(self, node: str, thing: str) -> tuple[int, Any] | None:
+        row = self._db.execute("SELECT desired_version, desired FROM shadows WHERE node=? AND thing=?"
+                               " AND desired IS NOT NULL", (node, thing)).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]))
+
     def apply_reported(self, node: str, data: Any, now: float | None = None) -> bool:
         """Store a reported document (``data`` of ``evt/shadow/<thing>``) if newer."""
         if not isinstance(data, dict):
@@ -315,6 +325,13 @@ class CloudState:
     def apply_records(self, rows: list[tuple[str, str, bytes]], now: float | None = None) -> int:
         """Apply status and report records ``(node, topic, payload)`` from the sink's
         rows; the number applied. One transaction."""
+        try:
+            return self._apply_records(rows, now)
+        except sqlite3.Error as e:
+            # an OSError: ingest's writer retries the batch (the sink drops what it has)
+            raise SinkError(f"cannot apply statuses to the cloud state in {self.path}: {e}") from None
+
+    def _apply_records(self, rows: list[tuple[str, str, bytes]], now: float | None) -> int:
         n = 0
         db = self._db
         db.execute("BEGIN IMMEDIATE")

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -55,6 +56,7 @@ class CloudSync:
         self._state: CloudState | None = None
         self._client: MQTTClient | None = None
         self._online: set[str] = set()
+        self._versions: dict[str, dict[str, int]] = {}  # node -> thing -> desired version it has
         self._hellos: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.counters = {"hellos": 0, "offered": 0, "desired_sent": 0, "bad": 0}
 
@@ -122,6 +124,7 @@ class CloudSync:
                 self._online.add(node)
             else:
                 self._online.discard(node)
+                self._versions.pop(node, None)
             return
         try:
             hello = json.loads(m.payload)
@@ -138,27 +141,35 @@ class CloudSync:
         while True:
             node, hello = await self._hellos.get()
             self.counters["hellos"] += 1
-            have = hello.get("cmds")
-            have_set = {str(x) for x in have} if isinstance(have, list) else set()
-            versions = hello.get("shadow")
-            versions = versions if isinstance(versions, dict) else {}
-            assert self._state is not None
-            offers = await self._db(self._state.offers_for, node, have_set)
-            desired = await self._db(self._state.desired_for, node)
-            for o in offers:
-                await self._send_offer(client, node, o)
-            sent = {}
-            for thing, version, doc in desired:
-                sent[thing] = version
-                if versions.get(thing) == version:
-                    continue
-                body = json.dumps({"thing": thing, "version": version, "desired": doc}).encode()
-                await client.publish(desired_topic(node, thing), body, 1)
-                self.counters["desired_sent"] += 1
-            synced = {"commands": [o["id"] for o in offers], "things": sent, "hello": hello.get("n")}
-            await client.publish(down_topic(node, "synced"), json.dumps(synced).encode(), 1)
-            log.info("answered hello of %s: %d commands, %d desired documents", node, len(offers),
-                     sum(1 for t, v in sent.items() if versions.get(t) != v))
+            try:
+                await self._answer_one(client, node, hello)
+            except (OSError, ValueError, sqlite3.Error):
+                # ingest keeps writing records; the gateway says hello again (no synced)
+                log.exception("could not answer the hello of %s", node)
+
+    async def _answer_one(self, client: MQTTClient, node: str, hello: dict[str, Any]) -> None:
+        have = hello.get("cmds")
+        have_set = {str(x) for x in have} if isinstance(have, list) else set()
+        versions = hello.get("shadow")
+        versions = versions if isinstance(versions, dict) else {}
+        assert self._state is not None
+        offers = await self._db(self._state.offers_for, node, have_set)
+        desired = await self._db(self._state.desired_for, node)
+        for o in offers:
+            await self._send_offer(client, node, o)
+        sent = {}
+        for thing, version, doc in desired:
+            sent[thing] = version
+            if versions.get(thing) == version:
+                continue
+            body = json.dumps({"thing": thing, "version": version, "desired": doc}).encode()
+            await client.publish(desired_topic(node, thing), body, 1)
+            self.counters["desired_sent"] += 1
+        self._versions[node] = dict(sent)
+        synced = {"commands": [o["id"] for o in offers], "things": sent, "hello": hello.get("n")}
+        await client.publish(down_topic(node, "synced"), json.dumps(synced).encode(), 1)
+        log.info("answered hello of %s: %d commands, %d desired documents", node, len(offers),
+                 sum(1 for t, v in sent.items() if versions.get(t) != v))
 
     async def _send_offer(self, client: MQTTClient, node: str, o: dict[str, Any]) -> None:
         body = {k: o[k] for k in ("id", "target", "name", "args", "ttl_ms")}
@@ -167,15 +178,42 @@ class CloudSync:
 
     async def _reoffer(self, client: MQTTClient) -> None:
         """Offer again, to nodes that are online, what is still queued after ``reoffer`` s
-        (an offer lost on the way, a command sent while the CLI could not publish)."""
+        (an offer lost on the way, a command sent while the CLI could not publish), and
+        desired documents newer than what the node was sent."""
         assert self._state is not None
         while True:
             await asyncio.sleep(self.reoffer / 2)
             for node in list(self._online):
-                offers = await self._db(self._state.offers_for, node, set(), None, None,
-                                        time.time() - self.reoffer)
+                try:
+                    offers = await self._db(self._state.offers_for, node, set(), None, None,
+                                            time.time() - self.reoffer)
+                except (OSError, ValueError, sqlite3.Error):
+                    log.exception("could not read the commands of %s", node)
+                    continue
                 for o in offers:
                     await self._send_offer(client, node, o)
+                await self._push_desired(client, node)
+
+    async def _push_desired(self, client: MQTTClient, node: str) -> None:
+        assert self._state is not None
+        known = self._versions.get(node)
+        if known is None:
+            return  # not synced yet: its hello answer brings everything
+        try:
+            versions = await self._db(self._state.desired_versions, node)
+        except (OSError, ValueError, sqlite3.Error):
+            log.exception("could not read the desired state of %s", node)
+            return
+        for thing, version in versions.items():
+            if known.get(thing, 0) >= version:
+                continue
+            got = await self._db(self._state.desired_doc, node, thing)
+            if got is None:
+                continue
+            body = json.dumps({"thing": thing, "version": got[0], "desired": got[1]}).encode()
+            await client.publish(desired_topic(node, thing), body, 1)
+            known[thing] = got[0]
+            self.counters["desired_sent"] += 1
 
 
 async def publish_once(cloud: str | BrokerURL, client_id: str, messages: list[tuple[str, bytes]],

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,9 @@ class Downlink:
                         client.closed.result()
             except ConnectionLost as e:
                 log.warning("cloud link (downlink) lost: %s", e)
+            except (OSError, ValueError, sqlite3.Error):
+                # the downlink must not take the gateway (and its uplink) down with it
+                log.exception("downlink (cloud side) failed; reconnecting")
             finally:
                 self.cloud_up = False
                 client.abort()
@@ -288,6 +292,8 @@ class Downlink:
                     await _first(client.closed, self._wake, due)
             except ConnectionLost as e:
                 log.warning("local broker (downlink): %s", e)
+            except (OSError, ValueError, sqlite3.Error):
+                log.exception("downlink (local side) failed; reconnecting")
             finally:
                 self.local_up = False
                 self._local_since = None

@@ -265,3 +265,35 @@ def test_desired_changed_three_times_offline_ends_at_the_last(pipe, proc_factory
     assert seen[-1] == 4 and seen == sorted(seen)
     sh = shadow(pipe)
     assert sh["desired"] == {"interval": 30} and sh["desired_version"] == 4
+
+
+def test_simulated_devices_follow_commands_and_desired_interval(pipe, proc_factory):
+    pipe.start()
+    fleet = proc_factory([PY, "-m", "edgeferry", "sim", "run", "--broker", pipe.edge.url, "--devices", "2",
+                          "--interval", "1", "--seed", "3"], "fleet")
+    born = proc_factory(["mosquitto_sub", "-h", pipe.edge.host, "-p", str(pipe.edge.port), "-C", "2",
+                         "-t", "state/dev-0000", "-t", "state/dev-0001"], "births")
+    born.wait(20)  # both devices announced themselves (retained births)
+    st = CloudState(pipe.sink_path)
+    try:
+        st.set_desired(pipe.node, "dev-0000", {"interval": 0.5})
+    finally:
+        st.close()
+    # no --cloud: stored only; ingest's sync offers it to the online site within 5 s
+    r = cli("cmd", "send", "--sink", pipe.sink, "--node", pipe.node, "--target", "dev-0001",
+            "--name", "set_interval", "--args", '{"interval": 2}')
+    cid = r.stdout.strip()
+    row = wait_state(pipe, cid, "succeeded", 30)
+
+    def reported() -> Any:
+        st = CloudState(pipe.sink_path)
+        try:
+            return (st.shadow(pipe.node, "dev-0000") or {}).get("reported")
+        finally:
+            st.close()
+
+    wait_until(lambda: reported() == {"interval": 0.5}, 30, "dev-0000 reported interval 0.5")
+    print(f"[sim devices] commands=1 state={row['state']} reply={row['reply']} "
+          f"desired_reported={reported()}", flush=True)
+    assert row["reply"] == {"interval": 2.0} and row["by"] == "dev-0001"
+    fleet.terminate(10)
