@@ -9,10 +9,21 @@ Layout, little-endian::
         (seq_delta:u32 ts_ms:i64 topic_index:u16 payload_len:u32 payload)*count
 
 ``seq = base_seq + seq_delta``. Records of one frame belong to one lane and are in
-sequence order. ``prev_seq`` is the lane's sequence number the frame follows: the
-receiver writes a frame only when it already holds everything up to ``prev_seq`` (else
-a frame was lost on the way, and it asks for a resend). A decoder refuses an unknown
-version rather than guessing.
+sequence order.
+
+A *gap notice* travels on the same topic, so it arrives in order with the frames::
+
+    "EG"  version:u8  flags:u8  epoch:u64  after:u64  upto:u64  missing:u32
+    node_len:u8 node  lane_len:u8 lane  reason_len:u8 reason
+
+It says: this gateway no longer holds the lane's records with ``after < seq <= upto``
+(``missing`` of them; 0xFFFFFFFF: it cannot tell how many), for ``reason``. The receiver
+counts them as lost and writes the frames that follow ``upto``.
+
+``prev_seq`` is the lane's sequence number a frame follows: the receiver writes a frame
+only when it already holds everything up to ``prev_seq`` (else a frame was lost on the
+way, and it asks for a resend). A decoder refuses an unknown version rather than
+guessing.
 """
 
 from __future__ import annotations
@@ -22,13 +33,17 @@ from dataclasses import dataclass
 
 from gateway.errors import FrameError
 
-__all__ = ["FRAME_VERSION", "Frame", "decode", "encode"]
+__all__ = ["FRAME_VERSION", "Frame", "Gap", "decode", "decode_message", "encode", "encode_gap"]
 
 FRAME_VERSION = 1
 FLAG_ZSTD = 1
 MAX_RECORDS = 65535
 
 _HEAD = struct.Struct("<2sBBQQQI")
+_GAP = struct.Struct("<2sBBQQQI")  # magic, version, flags, epoch, after, upto, missing
+GAP_VERSION = 1
+MISSING_UNKNOWN = 0xFFFFFFFF
+SEQ_MAX = 2**63 - 1  # a gap notice's upto when a whole store epoch is gone
 _REC = struct.Struct("<IqHI")
 _U16 = struct.Struct("<H")
 
@@ -42,6 +57,20 @@ class Frame:
     lane: str
     records: list[tuple[int, int, str, bytes]]
     prev_seq: int = 0
+
+
+@dataclass(slots=True)
+class Gap:
+    """A gap notice: the lane's records in ``(after, upto]`` are gone from the gateway
+    (``missing`` of them, None when it cannot tell), because of ``reason``."""
+
+    node: str
+    epoch: int
+    lane: str
+    after: int
+    upto: int
+    missing: int | None
+    reason: str
 
 
 def pack_topics(topics: dict[str, int]) -> bytes:
@@ -150,3 +179,59 @@ def decode(data: bytes) -> Frame:
     except Exception as e:  # struct.error, IndexError, UnicodeDecodeError, zstd errors
         raise FrameError(f"corrupt frame: {e}") from None
     return Frame(node, epoch, lane, records, prev_seq)
+
+
+def _short(name: str, s: str) -> bytes:
+    b = s.encode()
+    if len(b) > 255:
+        raise ValueError(f"{name} longer than 255 bytes")
+    return bytes((len(b),)) + b
+
+
+def encode_gap(node: str, epoch: int, lane: str, after: int, upto: int, missing: int | None,
+               reason: str) -> bytes:
+    """Encode a gap notice (see the module docstring)."""
+    if not 0 <= after < upto <= SEQ_MAX:
+        raise ValueError("a gap needs 0 <= after < upto")
+    if missing is not None and not 0 <= missing < MISSING_UNKNOWN:
+        raise ValueError("missing out of range")
+    return b"".join((
+        _GAP.pack(b"EG", GAP_VERSION, 0, epoch, after, upto,
+                  MISSING_UNKNOWN if missing is None else missing),
+        _short("node", node), _short("lane", lane), _short("reason", reason),
+    ))
+
+
+def _decode_gap(data: bytes) -> Gap:
+    try:
+        magic, version, _flags, epoch, after, upto, missing = _GAP.unpack_from(data, 0)
+    except struct.error:
+        raise FrameError(f"gap notice too short ({len(data)} bytes)") from None
+    if version != GAP_VERSION:
+        raise FrameError(f"unsupported gap notice version {version}")
+    try:
+        pos = _GAP.size
+        fields = []
+        for _ in range(3):
+            n = data[pos]
+            if pos + 1 + n > len(data):
+                raise FrameError("gap notice truncated")
+            fields.append(data[pos + 1 : pos + 1 + n].decode())
+            pos += 1 + n
+    except FrameError:
+        raise
+    except (IndexError, UnicodeDecodeError) as e:
+        raise FrameError(f"corrupt gap notice: {e}") from None
+    if pos != len(data):
+        raise FrameError(f"{len(data) - pos} stray bytes after a gap notice")
+    if not after < upto:
+        raise FrameError(f"gap notice with after {after} >= upto {upto}")
+    node, lane, reason = fields
+    return Gap(node, epoch, lane, after, upto, None if missing == MISSING_UNKNOWN else missing, reason)
+
+
+def decode_message(data: bytes) -> Frame | Gap:
+    """Decode what arrives on ``ef/<node>/up/<lane>``: a frame or a gap notice."""
+    if data[:2] == b"EG":
+        return _decode_gap(data)
+    return decode(data)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["status_socket_path", "serve_status", "query_status", "serve_metrics", "render_metrics"]
+__all__ = ["status_socket_path", "serve_status", "query_status", "serve_metrics", "render_metrics",
+           "render_ingest_metrics"]
 
 log = logging.getLogger("edgeferry.health")
 
@@ -129,7 +130,32 @@ def render_metrics(st: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-async def serve_metrics(host: str, port: int, status: Callable[[], dict[str, Any]]) -> asyncio.Server:
+def render_ingest_metrics(st: dict[str, Any]) -> str:
+    """Prometheus text format for an ingest status document."""
+    out: list[str] = []
+    per_lane = {"gaps", "gap_records", "gaps_unknown"}  # below, by node and lane
+    for key, v in st["counters"].items():
+        if key in per_lane:
+            continue
+        out.append(f"# HELP edgeferry_ingest_{key}_total Ingest counter {key}.")
+        out.append(f"# TYPE edgeferry_ingest_{key}_total counter")
+        out.append(f"edgeferry_ingest_{key}_total {v}")
+    for name, field, help_ in (
+        ("edgeferry_ingest_gaps_total", "notices",
+         "Gaps recorded (records a gateway no longer held), per node and lane."),
+        ("edgeferry_ingest_gap_records_total", "records", "Records lost in recorded gaps, per node and lane."),
+        ("edgeferry_ingest_gaps_unknown_total", "unknown",
+         "Gaps whose number of records the gateway could not tell."),
+    ):
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} counter")
+        for g in st.get("gaps", []):
+            out.append(f'{name}{{node="{_esc(g["node"])}",lane="{_esc(g["lane"])}"}} {g[field]}')
+    return "\n".join(out) + "\n"
+
+
+async def serve_metrics(host: str, port: int, status: Callable[[], dict[str, Any]],
+                        render: Callable[[dict[str, Any]], str] = render_metrics) -> asyncio.Server:
     """A minimal HTTP/1.0 endpoint: GET /metrics."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -139,7 +165,7 @@ async def serve_metrics(host: str, port: int, status: Callable[[], dict[str, Any
                 pass
             parts = request.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                body = render_metrics(status()).encode()
+                body = render(status()).encode()
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
             else:
                 body = b"not found: try /metrics\n"

@@ -11,6 +11,13 @@ to gateways start from it), and survive a kill -9 of ingest:
 A row: ``node``, ``epoch``, ``seq``, ``lane``, ``topic`` (the original local topic),
 ``payload`` (UTF-8 text, or base64 with ``encoding: "base64"``), ``ts`` (RFC 3339 UTC,
 when the gateway received the message).
+
+A gap (records a gateway no longer held when ingest asked for them, docs/wire-format.md)
+is kept beside the records, once per (node, epoch, lane, upto): in the table ``gaps``
+(SQLite) or the file ``<name>.gaps.jsonl`` next to ``<name>.jsonl``, as ``node``,
+``epoch``, ``lane``, ``after``, ``upto``, ``missing`` (null: unknown), ``reason``, ``ts``
+(when ingest recorded it). ``high`` counts a gap's ``upto`` as held, so a restarted
+ingest goes on after it.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import bisect
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from edge.events import rfc3339_ms
 from gateway.errors import SinkError
@@ -31,16 +39,29 @@ try:
 
     def _dumps(obj: object) -> bytes:
         return orjson.dumps(obj)
+
+    def _loads(data: bytes) -> Any:
+        return orjson.loads(data)
 except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
     import json
 
     def _dumps(obj: object) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
+    def _loads(data: bytes) -> Any:
+        return json.loads(data)
 
-__all__ = ["SeqSet", "JsonlSink", "SqliteSink", "open_sink", "rfc3339"]
+
+__all__ = ["SeqSet", "JsonlSink", "SqliteSink", "gaps_path", "open_sink", "read_gaps", "rfc3339"]
 
 Row = tuple[str, int, str, int, int, str, bytes]  # node, epoch, lane, seq, ts_ms, topic, payload
+GapRow = tuple[str, int, str, int, int, int | None, str]  # node, epoch, lane, after, upto, missing, reason
+
+
+def gaps_path(path: str | Path) -> Path:
+    """Where a JSONL sink keeps its gaps: ``events.jsonl`` -> ``events.gaps.jsonl``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem if p.suffix == '.jsonl' else p.name}.gaps.jsonl")
 
 
 class SeqSet:
@@ -104,6 +125,7 @@ class JsonlSink:
         self.fsync = fsync
         self.seen: dict[tuple[str, int], SeqSet] = {}
         self.high: dict[tuple[str, int, str], int] = {}
+        self.gaps: set[tuple[str, int, str, int]] = set()
         self._f: BinaryIO | None = None
         self._quoted: dict[str, bytes] = {}
 
@@ -142,6 +164,43 @@ class JsonlSink:
             f.truncate(good)
         f.seek(0, os.SEEK_END)
         self._f = f
+        gp = gaps_path(self.path)
+        try:
+            with open(gp, "rb") as g:
+                for line in g:
+                    if line.endswith(b"\n"):
+                        d = _loads(line)
+                        self._note_gap(d["node"], d["epoch"], d["lane"], d["upto"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SinkError(f"cannot read the gaps of sink {self.path} ({gp}): {e}") from None
+
+    def _note_gap(self, node: str, epoch: int, lane: str, upto: int) -> bool:
+        key = (node, epoch, lane, upto)
+        if key in self.gaps:
+            return False
+        self.gaps.add(key)
+        if upto > self.high.get(key[:3], 0):
+            self.high[key[:3]] = upto
+        return True
+
+    def write_gap(self, gap: GapRow) -> bool:
+        """Record a gap once; False if it was recorded before."""
+        node, epoch, lane, after, upto, missing, reason = gap
+        if (node, epoch, lane, upto) in self.gaps:
+            return False
+        line = _dumps({"node": node, "epoch": epoch, "lane": lane, "after": after, "upto": upto,
+                       "missing": missing, "reason": reason, "ts": rfc3339(int(time.time() * 1000))})
+        try:
+            with open(gaps_path(self.path), "ab") as g:
+                g.write(line + b"\n")
+                g.flush()
+                if self.fsync:
+                    os.fsync(g.fileno())
+        except OSError as e:
+            raise SinkError(f"cannot write the gaps of sink {self.path}: {e.strerror}") from None
+        return self._note_gap(node, epoch, lane, upto)
 
     def write(self, rows: list[Row]) -> tuple[int, int]:
         """Write rows not seen before; return (written, duplicates)."""
@@ -209,6 +268,7 @@ class SqliteSink:
         self.path = Path(path)
         self.fsync = fsync
         self.high: dict[tuple[str, int, str], int] = {}
+        self.gaps: set[tuple[str, int, str, int]] = set()
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -222,10 +282,19 @@ class SqliteSink:
                 " seq INTEGER NOT NULL, lane TEXT NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL,"
                 " encoding TEXT, ts TEXT NOT NULL, PRIMARY KEY (node, epoch, seq)) WITHOUT ROWID"
             )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS gaps (node TEXT NOT NULL, epoch INTEGER NOT NULL,"
+                " lane TEXT NOT NULL, after INTEGER NOT NULL, upto INTEGER NOT NULL, missing INTEGER,"
+                " reason TEXT NOT NULL, ts TEXT NOT NULL, PRIMARY KEY (node, epoch, lane, upto))"
+            )
             for node, epoch, lane, high in db.execute(
                 "SELECT node, epoch, lane, max(seq) FROM records GROUP BY node, epoch, lane"
             ):
                 self.high[(node, epoch, lane)] = high
+            for node, epoch, lane, upto in db.execute("SELECT node, epoch, lane, upto FROM gaps"):
+                self.gaps.add((node, epoch, lane, upto))
+                if upto > self.high.get((node, epoch, lane), 0):
+                    self.high[(node, epoch, lane)] = upto
         except sqlite3.Error as e:
             raise SinkError(f"cannot open sink {self.path}: {e}") from None
         self._db = db
@@ -249,6 +318,24 @@ class SqliteSink:
             raise SinkError(f"cannot write sink {self.path}: {e}") from None
         written = db.total_changes - before
         return written, len(values) - written
+
+    def write_gap(self, gap: GapRow) -> bool:
+        """Record a gap once; False if it was recorded before."""
+        db = self._db
+        if db is None:
+            raise SinkError("sink is not open")
+        node, epoch, lane, after, upto, missing, reason = gap
+        if (node, epoch, lane, upto) in self.gaps:
+            return False
+        try:
+            db.execute("INSERT OR IGNORE INTO gaps VALUES (?,?,?,?,?,?,?,?)",
+                       (node, epoch, lane, after, upto, missing, reason, rfc3339(int(time.time() * 1000))))
+        except sqlite3.Error as e:
+            raise SinkError(f"cannot write sink {self.path}: {e}") from None
+        self.gaps.add((node, epoch, lane, upto))
+        if upto > self.high.get((node, epoch, lane), 0):
+            self.high[(node, epoch, lane)] = upto
+        return True
 
     def close(self) -> None:
         if self._db is not None:
@@ -281,6 +368,27 @@ def read_sink(spec: str) -> list[dict[str, object]]:
         db.row_factory = sqlite3.Row
         try:
             return [dict(r) for r in db.execute("SELECT * FROM records ORDER BY node, epoch, seq")]
+        finally:
+            db.close()
+    raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")
+
+
+def read_gaps(spec: str) -> list[dict[str, object]]:
+    """Every gap a sink recorded, as dicts (for tests and inspection)."""
+    kind, _, path = spec.partition(":")
+    if kind == "jsonl":
+        try:
+            with open(gaps_path(path), "rb") as f:
+                return [_loads(line) for line in f if line.endswith(b"\n")]
+        except FileNotFoundError:
+            return []
+    if kind == "sqlite":
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM gaps ORDER BY node, epoch, lane, upto")]
+        except sqlite3.OperationalError:  # a sink written before gaps were recorded
+            return []
         finally:
             db.close()
     raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")

@@ -106,6 +106,9 @@ class CommitResult:
     deleted: dict[str, tuple[int, int]] = field(default_factory=dict)  # delivered
     evicted: dict[str, tuple[int, int]] = field(default_factory=dict)  # store full
     expired: dict[str, tuple[int, int]] = field(default_factory=dict)  # ttl
+    # seqs of the records evicted / expired, per lane (ascending): gateway/gaps.py
+    evicted_seqs: dict[str, list[int]] = field(default_factory=dict)
+    expired_seqs: dict[str, list[int]] = field(default_factory=dict)
 
 
 _REC = struct.Struct("<IqHHI")  # seq delta, ts ms, topic index, packet id, payload length
@@ -351,7 +354,8 @@ class Store:
                     if lane.spec.ttl and first_ts is not None:
                         cutoff = int((now - lane.spec.ttl) * 1000)
                         if first_ts < cutoff:
-                            n, b = self._drop_front(db, lane, lambda r, c=cutoff: r[1] < c)
+                            n, b = self._drop_front(db, lane, lambda r, c=cutoff: r[1] < c,
+                                                    res.expired_seqs.setdefault(lane.spec.name, []))
                             if n:
                                 res.expired[lane.spec.name] = (n, b)
                                 dcount[lane.spec.name] -= n
@@ -370,7 +374,8 @@ class Store:
                         freed[0] += len(r[2]) + len(r[3]) + RECORD_OVERHEAD
                         return True
 
-                    n, b = self._drop_front(db, lane, enough)
+                    n, b = self._drop_front(db, lane, enough,
+                                            res.evicted_seqs.setdefault(lane.spec.name, []))
                     if n:
                         res.evicted[lane.spec.name] = (n, b)
                         dcount[lane.spec.name] -= n
@@ -417,9 +422,10 @@ class Store:
             db.execute(f"DELETE FROM {lane.table} WHERE last_seq <= ?", (upto,))
         return n, b
 
-    def _drop_front(self, db: sqlite3.Connection, lane: LaneState, drop: object) -> tuple[int, int]:
+    def _drop_front(self, db: sqlite3.Connection, lane: LaneState, drop: object,
+                    seqs: list[int]) -> tuple[int, int]:
         """Remove the oldest records of a lane while ``drop(record)`` says so: whole chunks
-        go, the chunk where it stops is cut and rewritten."""
+        go, the chunk where it stops is cut and rewritten. The removed seqs go to ``seqs``."""
         n = b = 0
         while True:
             row = db.execute(
@@ -434,6 +440,7 @@ class Store:
                 k += 1
             if k == 0:
                 break
+            seqs.extend(r[0] for r in recs[:k])
             db.execute(f"DELETE FROM {lane.table} WHERE first_seq = ?", (first,))
             if k == len(recs):
                 n, b = n + cn, b + cb
