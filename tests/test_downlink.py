@@ -52,6 +52,12 @@ def pipe(tmp_path, broker_factory, proc_factory, chaos):
                     gateway_args=("--redeliver", "1s"), sink="sqlite")
 
 
+@pytest.fixture(params=["sqlite", "jsonl"])
+def any_sink_pipe(request, tmp_path, broker_factory, proc_factory, chaos):
+    return Pipeline(tmp_path, broker_factory, proc_factory, chaos, node="site-1",
+                    gateway_args=("--redeliver", "1s"), sink=request.param)
+
+
 def start_target(pipe: Pipeline, proc_factory: Any, name: str = "target") -> Any:
     (pipe.tmp / "target_mod.py").write_text(TARGET)
     p = proc_factory([PY, "-m", "edgeferry", "service", "run", "target_mod:svc", "--broker", pipe.edge.url,
@@ -76,7 +82,7 @@ def send(pipe: Pipeline, args: dict[str, Any], ttl: str = "1h", cloud: bool = Tr
 
 
 def command(pipe: Pipeline, cid: str) -> dict[str, Any]:
-    st = CloudState(pipe.sink_path)
+    st = CloudState.for_sink(pipe.sink)
     try:
         row = st.command(cid)
     finally:
@@ -99,7 +105,8 @@ def report(label: str, sent: int, executed: list[str], states: list[str]) -> Non
     print(f"[{label}] sent={sent} executed={len(executed)} states={','.join(states)}", flush=True)
 
 
-def test_command_online_round_trip(pipe, proc_factory):
+def test_command_online_round_trip(any_sink_pipe, proc_factory):
+    pipe = any_sink_pipe
     pipe.start()
     start_target(pipe, proc_factory)
     cid = send(pipe, {"interval": 2})
@@ -114,6 +121,8 @@ def test_command_online_round_trip(pipe, proc_factory):
     down = st["downlink"]
     assert (down["cloud"], down["local"], down["counters"]["commands_received"]) == ("up", "up", 1)
     assert 'edgeferry_downlink_up{node="site-1",link="cloud"} 1' in render_metrics(st)
+    listed = json.loads(cli("cmd", "list", "--sink", pipe.sink, "--node", pipe.node, "--json").stdout)
+    assert [(r["id"], r["state"]) for r in listed] == [(cid, "succeeded")]
 
 
 def test_unknown_target_is_rejected(pipe, proc_factory):
@@ -263,8 +272,10 @@ def test_desired_changed_three_times_offline_ends_at_the_last(pipe, proc_factory
     seen = versions_seen(watcher)
     print(f"[desired x3 offline] set=4 seen_by_device={seen} refused_stale=1", flush=True)
     assert seen[-1] == 4 and seen == sorted(seen)
-    sh = shadow(pipe)
-    assert sh["desired"] == {"interval": 30} and sh["desired_version"] == 4
+    sh = json.loads(cli("shadow", "get", "--sink", pipe.sink, "--node", pipe.node, "--thing", "target",
+                        "--json").stdout)
+    assert (sh["desired"], sh["desired_version"], sh["delta"]) == ({"interval": 30}, 4, {})
+    assert sh["reported"] == {"interval": 30} and sh["reported_version"] >= 2
 
 
 def test_simulated_devices_follow_commands_and_desired_interval(pipe, proc_factory):
