@@ -9,7 +9,9 @@ from typing import Any
 from edge._tls import TLSOptions
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
+from gateway.profiles import PROFILES, CloudProfile, profile
 from gateway.store import LaneSpec
+from gateway.topics import uplink_topic
 
 __all__ = ["GatewaySettings", "IngestSettings", "gateway_settings", "ingest_settings", "DEFAULT_LANES"]
 
@@ -130,6 +132,14 @@ GATEWAY_OPTIONS = [
            "until it says accepted", metavar="DURATION"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     *TLS_OPTIONS,
+    Option("cloud_profile", "str", "generic", "limits of the cloud broker (docs/clouds.md); the "
+           "--cloud-* settings override them", choices=tuple(PROFILES), metavar="NAME"),
+    Option("cloud_max_message_bytes", "size", None, "largest message the cloud broker takes "
+           "(frames are cut to fit; default: the profile's)", metavar="SIZE"),
+    Option("cloud_publish_rate", "float", None, "publishes per second on the cloud connection at "
+           "most (0: no limit; default: the profile's)", metavar="N"),
+    Option("cloud_max_inflight", "int", None, "QoS 1 messages in flight the cloud broker takes "
+           "(caps --window; default: the profile's)", metavar="N"),
 ]
 
 
@@ -179,9 +189,21 @@ class GatewaySettings(_Identity):
     downlink: bool = True
     redeliver: float = 5.0
     log_level: str = "info"
+    cloud_profile: str = "generic"
+    cloud_max_message_bytes: int | None = None
+    cloud_publish_rate: float | None = None
+    cloud_max_inflight: int | None = None
     config: str | None = None
+    notes: tuple[str, ...] = ()  # settings the cloud profile moved (logged at start)
 
     def __post_init__(self) -> None:
+        self.profile.check_client_id(self.gateway_client_id + "-down")
+        for lane in self.lanes:
+            self.profile.check_topic(uplink_topic(self.node_id, lane.name), "uplink topic")
+            budget = self.profile.message_budget(uplink_topic(self.node_id, lane.name))
+            if budget and budget < 1024:
+                raise ConfigError(f"cloud profile {self.cloud_profile}: a message of "
+                                  f"{self.profile.max_message_bytes} bytes leaves too little for a frame")
         names = [lane.name for lane in self.lanes]
         if self.default_lane not in names:
             raise ConfigError(f"default lane {self.default_lane!r} is not one of the lanes ({', '.join(names)})")
@@ -198,6 +220,12 @@ class GatewaySettings(_Identity):
     def gateway_client_id(self) -> str:
         return self.client_id or f"edgeferry-gw-{self.node_id}"
 
+    @property
+    def profile(self) -> CloudProfile:
+        """The cloud profile with this gateway's --cloud-* overrides."""
+        return profile(self.cloud_profile, max_message_bytes=self.cloud_max_message_bytes,
+                       publishes_per_s=self.cloud_publish_rate, max_inflight=self.cloud_max_inflight)
+
 
 def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> GatewaySettings:
     """Parse ``edgeferry gateway run`` arguments into settings (ConfigError on bad input)."""
@@ -210,6 +238,19 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
         environ=environ,
     )
     tls_from_settings(values, values["cloud"])  # the files are usable now (ConfigError)
+    prof = profile(values["cloud_profile"], max_message_bytes=values["cloud_max_message_bytes"],
+                   publishes_per_s=values["cloud_publish_rate"], max_inflight=values["cloud_max_inflight"])
+    notes = []
+    keepalive = prof.keepalive(values["keepalive"])
+    if keepalive != values["keepalive"]:
+        notes.append(f"keepalive {values['keepalive']:g} s is outside what {prof.name} takes "
+                     f"({prof.keepalive_min:g}-{prof.keepalive_max:g} s): using {keepalive:g} s")
+        values["keepalive"] = keepalive
+    if prof.max_inflight and values["window"] > prof.max_inflight:
+        notes.append(f"window {values['window']} is more than the {prof.max_inflight} QoS 1 messages "
+                     f"in flight {prof.name} takes: using {prof.max_inflight}")
+        values["window"] = prof.max_inflight
+    values["notes"] = tuple(notes)
     lanes = values.pop("lanes")
     if not lanes:
         lanes = list(DEFAULT_LANES)

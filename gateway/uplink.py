@@ -33,6 +33,7 @@ from edge.errors import ConnectError, ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.downlink import Downlink
+from gateway.profiles import CloudLimits
 from gateway.settings import GatewaySettings
 from gateway.store import RECORD_OVERHEAD, Store
 from gateway.topics import INGEST_HELLO, LaneRouter, ack_topic, nack_topic, uplink_topic
@@ -102,6 +103,8 @@ class Gateway:
         self._rewind: dict[str, int] = {}
         self._deleted: dict[str, int] = {}
         self._cloud_up = False
+        self.limits = CloudLimits(settings.profile, settings.frame_max_bytes,
+                                  partial(uplink_topic, settings.node_id), settings.node_id)
         self._cloud_error: tuple[str, str] | None = None  # (kind, line) of the last failure
         self._local_up = False
         self._offline_since: float | None = time.time()
@@ -134,6 +137,8 @@ class Gateway:
                  self.s.node_id, self.store.path, self.store.epoch,
                  sum(ln.count for ln in self.store.lanes.values()), self.store.total_bytes,
                  self.store.next_seq)
+        for note in self.s.notes:
+            log.warning("cloud profile: %s", note)
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._tasks = [
@@ -257,6 +262,9 @@ class Gateway:
             return
         if len(m.payload) > self.s.max_message_bytes:
             self._reject("oversize", m, client)
+            return
+        if not self.limits.record_fits(self._router(m.topic), m.topic, m.payload):
+            self._reject("too_large_for_cloud", m, client)  # no frame the broker takes holds it
             return
         if self._redelivery and m.pid in self._candidates:
             if self._candidates[m.pid] == hash((m.topic, m.payload)):
@@ -465,6 +473,8 @@ class Gateway:
                 ln.spec.ttl for ln in self.store.lanes.values()
             ):
                 self._wake.set()
+            if self.s.confirm == "ingest":
+                self.limits.watch_confirmations(self._acked, self._ingested)
 
     # ------------------------------------------------------------ uplink
 
@@ -492,6 +502,7 @@ class Gateway:
             log.info("cloud broker %s connected after %.1f s offline; draining %d records",
                      client.url, down_for, sum(ln.count for ln in self.store.lanes.values()))
             client.closed.add_done_callback(lambda _: self._uplink_wake.set())
+            self.limits.connected()
             try:
                 if self.s.confirm == "ingest":
                     await client.subscribe([(ack_topic(self.s.node_id), 1), (nack_topic(self.s.node_id), 1),
@@ -504,6 +515,7 @@ class Gateway:
             finally:
                 self._cloud_up = False
                 self._offline_since = time.time()
+                self.limits.lost()
                 if self._stop.is_set():
                     await client.close()
                 else:
@@ -543,7 +555,7 @@ class Gateway:
                 if lanes[name].newest_seq <= sent[name]:
                     continue
                 rows = await loop.run_in_executor(
-                    self._rx, self.store.read, name, sent[name], s.frame_max_records, s.frame_max_bytes)
+                    self._rx, self.store.read, name, sent[name], s.frame_max_records, self.limits.cap(name))
                 if not rows:  # evicted or expired meanwhile
                     sent[name] = max(sent[name], lanes[name].newest_seq)
                     continue
@@ -553,8 +565,11 @@ class Gateway:
                         wait = (linger_ms - age) / 1000
                         deadline = wait if deadline is None else min(deadline, wait)
                         continue
-                frame = frames.encode(s.node_id, self.store.epoch, name, rows, compress, sent[name])
+                frame, rows = self.limits.fit(name, rows, partial(
+                    frames.encode, s.node_id, self.store.epoch, name, compress=compress, prev_seq=sent[name]))
+                await self.limits.take()
                 fut = await client.publish_nowait(uplink_topic(s.node_id, name), frame, 1)
+                self.limits.frame_sent(len(frame))
                 assert fut is not None
                 hi = rows[-1][0]
                 sent[name] = hi
@@ -612,6 +627,7 @@ class Gateway:
                      fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
+        self.limits.frame_acked()
         self.counters["uplinked_records"] += n
         while q and q[0][1].done() and not q[0][1].cancelled() and q[0][1].exception() is None:
             hi, _ = q.popleft()
@@ -647,6 +663,7 @@ class Gateway:
             # tls_cert_refused, refused, unreachable, lost, ...) and the logged line
             "cloud_state": "up" if self._cloud_up else (self._cloud_error or ("down", ""))[0],
             "cloud_error": None if self._cloud_up or not self._cloud_error else self._cloud_error[1],
+            "cloud_limits": self.limits.status(),
             "offline_since": self._offline_since,
             "offline_for_s": round(now - self._offline_since, 3) if self._offline_since else 0.0,
             "lanes": lanes,

@@ -1,0 +1,294 @@
+"""Cloud profiles: the limits of known cloud brokers (docs/clouds.md gives each figure's
+public source), and the token bucket that keeps a connection under its publish rate.
+
+A profile sets defaults that each ``--cloud-*`` setting overrides: the largest message
+the broker takes (frames are cut to fit, the frame header and the PUBLISH packet's own
+bytes counted), publishes per second on one connection, QoS 1 messages in flight, the
+keepalive range (a keepalive outside it is moved into it, with a warning), topic levels
+and length and client id length (checked at start: a topic or client id the broker
+would refuse is a settings error, not a reconnect loop). No profile allows QoS 2; the
+gateway never uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from edge.errors import ConfigError
+
+__all__ = ["PROFILES", "CloudLimits", "CloudProfile", "TokenBucket", "profile"]
+
+log = logging.getLogger("edgeferry.gateway")
+
+
+@dataclass(frozen=True)
+class CloudProfile:
+    """0 means "no limit known" for each number."""
+
+    name: str
+    max_message_bytes: int = 0
+    publishes_per_s: float = 0.0
+    max_inflight: int = 0
+    keepalive_min: float = 0.0
+    keepalive_max: float = 0.0
+    max_topic_levels: int = 0
+    max_topic_bytes: int = 0
+    max_client_id_bytes: int = 0
+    shared_subscriptions: bool = True
+    note: str = ""
+
+    def message_budget(self, topic: str) -> int:
+        """Bytes left for a payload on ``topic`` under max_message_bytes (0: no limit).
+        The whole PUBLISH is counted: fixed header (5 at most), topic (2 + length) and
+        packet id (2), which is at least as strict as a broker counting the payload."""
+        if not self.max_message_bytes:
+            return 0
+        return self.max_message_bytes - (5 + 2 + len(topic.encode()) + 2)
+
+    def check_topic(self, topic: str, what: str) -> None:
+        levels = topic.count("/") + 1
+        if self.max_topic_levels and levels > self.max_topic_levels:
+            raise ConfigError(f"cloud profile {self.name}: {what} {topic!r} has {levels} topic "
+                              f"levels; the broker takes at most {self.max_topic_levels}")
+        if self.max_topic_bytes and len(topic.encode()) > self.max_topic_bytes:
+            raise ConfigError(f"cloud profile {self.name}: {what} {topic!r} is longer than "
+                              f"{self.max_topic_bytes} bytes")
+
+    def check_client_id(self, client_id: str) -> None:
+        if self.max_client_id_bytes and len(client_id.encode()) > self.max_client_id_bytes:
+            raise ConfigError(f"cloud profile {self.name}: client id {client_id!r} is longer than "
+                              f"{self.max_client_id_bytes} bytes (set --client-id)")
+
+    def keepalive(self, seconds: float) -> float:
+        """The keepalive moved into the broker's range."""
+        if self.keepalive_min and seconds < self.keepalive_min:
+            return self.keepalive_min
+        if self.keepalive_max and seconds > self.keepalive_max:
+            return self.keepalive_max
+        return seconds
+
+
+KB = 1000
+PROFILES: dict[str, CloudProfile] = {p.name: p for p in (
+    CloudProfile("generic"),
+    # AWS IoT Core quotas (message broker): 128 KB payload, 100 publishes/s per connection,
+    # 100 unacknowledged QoS 1 each way, keepalive 30-1200 s, 7 slashes, 256 B topics,
+    # 128 B client ids, no QoS 2, no shared subscriptions with MQTT 3.1.1
+    CloudProfile("aws-iot", 128 * KB, 100, 100, 30, 1200, 8, 256, 128, shared_subscriptions=False,
+                 note="port 8883, or 443 with --alpn x-amzn-mqtt-ca; X.509 client certificate"),
+    # Azure Event Grid MQTT broker: 1,000 publishes/s and 1 MB/s per session, 1,000
+    # in flight; keepalive at most 1,160 s; QoS 2 refused
+    CloudProfile("azure-eventgrid", 512 * 1024, 1000, 1000, 0, 1160, 0, 0, 0,
+                 note="port 8883, TLS 1.2+; user name = client authentication name"),
+    # HiveMQ Cloud: MQTT compliant; billing counts messages in 5 KB units
+    CloudProfile("hivemq-cloud", note="port 8883, TLS; user name and password"),
+    # EMQX Serverless: 1 MB messages, 10 publishes/s per client, 1,000 queued, client ids
+    # at most 1,024 bytes, topics at most 10 levels in subscriptions
+    CloudProfile("emqx-serverless", 1000 * KB, 10, 0, 0, 0, 10, 0, 1024,
+                 note="port 8883, TLS 1.2/1.3; user name and password"),
+    # EMQX (own deployment): 1 MB messages by default (mqtt.max_packet_size)
+    CloudProfile("emqx", 1024 * 1024, note="limits are the deployment's own"),
+    # NATS server's MQTT listener: MQTT 3.1.1 only, needs JetStream, max_payload 1 MB
+    CloudProfile("nats", 1024 * 1024, note="MQTT 3.1.1 only; JetStream on; no retained "
+                 "messages across a JetStream loss"),
+    # RabbitMQ MQTT plugin: no shared subscriptions with MQTT 3.1.1; max_message_size
+    # default 16 MiB (mqtt.max_packet_size_authenticated 256 MiB)
+    CloudProfile("rabbitmq", 16 * 1024 * 1024, shared_subscriptions=False,
+                 note="QoS 2 downgraded to 1; no shared subscriptions"),
+)}
+
+
+def profile(name: str, **overrides: float | int | None) -> CloudProfile:
+    """A profile by name with overrides (None: keep the profile's value)."""
+    try:
+        base = PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown cloud profile {name!r} (one of {', '.join(PROFILES)})") from None
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(base, **changes) if changes else base  # type: ignore[arg-type]
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second on average, ``burst`` at once. ``rate``
+    0: no limit. Time is the monotonic clock."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        # a tenth of a second's worth at once: no second ever sees much more than ``rate``
+        self.burst = burst if burst is not None else max(1.0, rate / 10)
+        self._tokens = self.burst
+        self._t = time.monotonic()
+        self.waited = 0.0  # seconds spent waiting for tokens (shown in status)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+
+    async def take(self) -> None:
+        if not self.rate:
+            return
+        self._refill()
+        while self._tokens < 1:
+            wait = (1 - self._tokens) / self.rate
+            self.waited += wait
+            await asyncio.sleep(wait)  # pacing the link, the limit's own time
+            self._refill()
+        self._tokens -= 1
+
+
+FRAME_OVERHEAD = 32 + 2 + 2 + 2 + 18 + 64
+"""A frame's bytes besides its node, lane, topic and payload for one record: header,
+lengths, a one-topic table, the record header, and room for zstd's own framing."""
+
+MIN_FRAME_CAP = 1024
+
+UNCONFIRMED_WARN = 60.0
+"""Seconds frames may stay acknowledged by the broker but unconfirmed by ingest before
+the gateway says so."""
+
+
+class CloudLimits:
+    """What the uplink asks before and after each frame on one cloud link:
+
+    * :meth:`fit` cuts a frame's records until the encoded frame fits the message limit
+      (the profile's, and ``frame_max_bytes``, and a lower one learnt from the broker);
+    * :meth:`take` waits for the publish rate's token bucket;
+    * :meth:`record_fits` says whether a message can ever travel (else it is rejected
+      at intake, counted, rather than stalling its lane);
+    * the connection events (:meth:`connected`, :meth:`frame_sent`, :meth:`frame_acked`,
+      :meth:`lost`) notice a broker that answers a frame by closing the connection: twice
+      in a row with nothing acknowledged, and the frame that went first is taken as too
+      large; frames are then cut to half of it (growing back after 50 acknowledged frames,
+      never to the size refused). The log and status say so.
+    """
+
+    def __init__(self, profile: CloudProfile, frame_max_bytes: int, topic_for: Callable[[str], str],
+                 node: str) -> None:
+        self.profile = profile
+        self.frame_max_bytes = frame_max_bytes
+        self._topic_for = topic_for
+        self._node = node
+        self.bucket = TokenBucket(profile.publishes_per_s)
+        self.learnt_cap: int | None = None  # from the broker's behaviour
+        self.refused_size: int | None = None
+        self.suspected: str | None = None
+        self._strikes = 0
+        self._first_sent: int | None = None
+        self._acks = 0
+        self._ok_since_cut = 0
+        self._confirmed_seen: tuple[tuple[str, int], ...] = ()
+        self._unconfirmed_since: float | None = None
+        self._warned_at: float | None = None
+        self.unconfirmed: str | None = None
+
+    def cap(self, lane: str) -> int:
+        """Largest frame for a lane now."""
+        cap = self.frame_max_bytes
+        budget = self.profile.message_budget(self._topic_for(lane))
+        if budget:
+            cap = min(cap, budget)
+        if self.learnt_cap is not None:
+            cap = min(cap, self.learnt_cap)
+        return max(cap, MIN_FRAME_CAP)
+
+    def record_fits(self, lane: str, topic: str, payload: bytes) -> bool:
+        budget = self.profile.message_budget(self._topic_for(lane))
+        if not budget:
+            return True
+        need = FRAME_OVERHEAD + len(self._node) + len(lane) + len(topic.encode()) + len(payload)
+        return need <= budget
+
+    def fit(self, lane: str, rows: list[tuple[int, int, str, bytes]],
+            encode: Callable[[list[tuple[int, int, str, bytes]]], bytes],
+            ) -> tuple[bytes, list[tuple[int, int, str, bytes]]]:
+        """Encode ``rows``, dropping rows from the end until the frame fits (one row always
+        goes: record_fits kept larger ones out)."""
+        cap = self.cap(lane)
+        frame = encode(rows)
+        while len(frame) > cap and len(rows) > 1:
+            keep = max(1, min(len(rows) - 1, len(rows) * cap // len(frame) - 1))
+            rows = rows[:keep]
+            frame = encode(rows)
+        return frame, rows
+
+    async def take(self) -> None:
+        await self.bucket.take()
+
+    def connected(self) -> None:
+        self._first_sent = None
+        self._acks = 0
+
+    def frame_sent(self, size: int) -> None:
+        if self._first_sent is None:
+            self._first_sent = size
+
+    def frame_acked(self) -> None:
+        self._acks += 1
+        self._strikes = 0
+        if self.learnt_cap is not None:
+            self._ok_since_cut += 1
+            if self._ok_since_cut >= 50:
+                self._ok_since_cut = 0
+                grown = self.learnt_cap * 2
+                if self.refused_size is not None:
+                    grown = min(grown, self.refused_size - 1)
+                if grown > self.learnt_cap:
+                    self.learnt_cap = grown
+                    log.info("cloud link: frames of up to %d bytes again", grown)
+
+    def lost(self) -> None:
+        """The connection ended: was it the broker refusing our first frame again?"""
+        size = self._first_sent
+        if size is None or self._acks:
+            self._strikes = 0
+            return
+        self._strikes += 1
+        if self._strikes < 2:
+            return
+        self._strikes = 0
+        self.refused_size = size if self.refused_size is None else min(self.refused_size, size)
+        self.learnt_cap = max(MIN_FRAME_CAP, size // 2)
+        self._ok_since_cut = 0
+        self.suspected = (f"message size: the broker closed the connection twice after a frame of "
+                          f"{size} bytes, acknowledging nothing; frames now at most "
+                          f"{self.learnt_cap} bytes")
+        log.warning("cloud broker closed the connection twice after a frame of %d bytes without "
+                    "acknowledging it: suspecting a message size limit below that; sending frames "
+                    "of at most %d bytes (set --cloud-max-message-bytes or --cloud-profile)",
+                    size, self.learnt_cap)
+
+    def watch_confirmations(self, acked: dict[str, int], ingested: dict[str, int]) -> None:
+        """Called every second: warn (once per stall, then every 5 minutes) when the cloud
+        broker acknowledged frames that ingest has not confirmed for UNCONFIRMED_WARN s.
+        Ingest may be down; or the broker drops what it acknowledged, as Mosquitto's
+        message_size_limit does with messages over it (docs/clouds.md)."""
+        now = time.monotonic()
+        behind = {lane for lane in acked if acked[lane] > ingested.get(lane, 0)}
+        progress = tuple(sorted(ingested.items()))
+        if not behind or progress != self._confirmed_seen:
+            self._confirmed_seen = progress
+            self._unconfirmed_since = now if behind else None
+            self._warned_at = None
+            return
+        if self._unconfirmed_since is None:
+            self._unconfirmed_since = now
+        waited = now - self._unconfirmed_since
+        if waited >= UNCONFIRMED_WARN and (self._warned_at is None or now - self._warned_at >= 300):
+            self._warned_at = now
+            self.unconfirmed = (f"lanes {', '.join(sorted(behind))}: acknowledged by the cloud broker, "
+                                f"not confirmed by ingest for {waited:.0f} s")
+            log.warning("cloud link: %s; is ingest running? (a broker that drops messages over its "
+                        "size limit after acknowledging them looks the same: set "
+                        "--cloud-max-message-bytes)", self.unconfirmed)
+
+    def status(self) -> dict[str, object]:
+        return {"profile": self.profile.name, "max_message_bytes": self.profile.max_message_bytes,
+                "publishes_per_s": self.profile.publishes_per_s,
+                "frame_cap": self.learnt_cap, "suspected_limit": self.suspected,
+                "unconfirmed": self.unconfirmed if self._warned_at is not None else None,
+                "publish_wait_s": round(self.bucket.waited, 3)}
