@@ -62,6 +62,7 @@ class Ingest:
         self.counters = {"downlink_applied": 0, "frames": 0, "records": 0, "written": 0, "duplicates": 0,
                          "bad_frames": 0, "gap_frames": 0, "spoofed_frames": 0,
                          "connects": 0}
+        self.ready = asyncio.Event()  # sink open and the cloud broker connected (systemd READY=1)
 
     async def __aenter__(self) -> Ingest:
         if self._entered:
@@ -136,6 +137,7 @@ class Ingest:
                 hello = {"client_id": self.s.client_id, "session_present": client.session_present}
                 await client.publish(INGEST_HELLO, json.dumps(hello).encode(), 1)
                 log.info("ingest connected to %s, consuming %s", client.url, self.s.filter)
+                self.ready.set()
                 await client.closed
             except ConnectionLost as e:
                 if not self._stop.is_set():

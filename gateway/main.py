@@ -42,27 +42,88 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
 
 def _serve(name: str, settings: Any, make: Callable[[Any], Any],
-           started: Callable[[Any], Awaitable[list[asyncio.Server]]] | None = None) -> int:
+           started: Callable[[Any], Awaitable[list[asyncio.Server]]] | None = None,
+           status_line: Callable[[dict[str, Any]], str] | None = None) -> int:
     """Run one long-lived component (an async context manager with wait() and stop())
-    until SIGTERM/SIGINT; print '<name> ready' once it runs; OSError -> one line, exit 1."""
+    until SIGTERM/SIGINT; print '<name> ready' once it runs; OSError -> one line, exit 1.
+
+    Under systemd (``Type=notify``, deploy/systemd/) it sends READY=1 once the component's
+    ``ready`` event is set (the gateway: store open and local broker connected; ingest:
+    sink open and cloud broker connected), a STATUS= line every few seconds, WATCHDOG=1
+    from this event loop and STOPPING=1 on the signal (edge/_sdnotify.py)."""
     _setup_logging(settings.log_level)
 
     async def main() -> int:
+        from edge._sdnotify import Notifier
+
+        notifier = Notifier()
         component = make(settings)
-        _on_signals(component.stop)
+
+        def stop() -> None:
+            notifier.stopping(f"{name}: stopping")
+            component.stop()
+
+        _on_signals(stop)
         try:
             async with component:
                 servers = await started(component) if started is not None else []
                 print(f"{name} ready", file=sys.stderr, flush=True)
-                await component.wait()
-                for srv in servers:
-                    srv.close()
+                helpers = [asyncio.create_task(notifier.run_watchdog(), name=f"{name}:sd-watchdog")]
+                if notifier.enabled:
+                    helpers.append(asyncio.create_task(_notify_ready(notifier, name, component, status_line),
+                                                       name=f"{name}:sd-status"))
+                try:
+                    await component.wait()
+                finally:
+                    for task in helpers:
+                        task.cancel()
+                    await asyncio.gather(*helpers, return_exceptions=True)
+                    for srv in servers:
+                        srv.close()
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        finally:
+            notifier.close()
         return 0
 
     return run_async(main)
+
+
+async def _notify_ready(notifier: Any, name: str, component: Any,
+                        status_line: Callable[[dict[str, Any]], str] | None) -> None:
+    """READY=1 once the component is ready, then its status line every 5 s."""
+    ready = getattr(component, "ready", None)
+    if ready is not None:
+        notifier.status(f"{name}: starting")
+        await ready.wait()
+
+    def line() -> str:
+        if status_line is None:
+            return f"{name}: running"
+        try:
+            return status_line(component.status())
+        except Exception as e:  # a status line must never take the component down
+            return f"{name}: running (status unavailable: {type(e).__name__})"
+
+    notifier.ready(line())
+    while True:
+        await asyncio.sleep(5)
+        notifier.status(line())
+
+
+def _gateway_status(st: dict[str, Any]) -> str:
+    lanes = st.get("lanes", {})
+    records = sum(int(lane.get("records", 0)) for lane in lanes.values())
+    drops = sum(int(v) for v in (st.get("drops") or {}).values())
+    return (f"local {st['link']['local']}, cloud {st.get('cloud_state', st['link']['cloud'])}; "
+            f"backlog {records} records, {st.get('store_bytes', 0)} bytes; drops {drops}")
+
+
+def _ingest_status(st: dict[str, Any]) -> str:
+    c = st.get("counters", {})
+    return (f"cloud {'connected' if st.get('connected') else 'down'}; written {c.get('written', 0)}, "
+            f"duplicates {c.get('duplicates', 0)}, bad frames {c.get('bad_frames', 0)}")
 
 
 def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
@@ -98,7 +159,7 @@ def run_gateway(argv: list[str]) -> int:
             "gateway running: node %s, uplink %s", settings.node_id, ", ".join(settings.uplink))
         return servers
 
-    return _serve("gateway", settings, make, started)
+    return _serve("gateway", settings, make, started, _gateway_status)
 
 
 def run_ingest(argv: list[str]) -> int:
@@ -113,4 +174,4 @@ def run_ingest(argv: list[str]) -> int:
 
         return Ingest(s)
 
-    return _serve("ingest", settings, make)
+    return _serve("ingest", settings, make, status_line=_ingest_status)

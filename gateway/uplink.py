@@ -107,6 +107,7 @@ class Gateway:
                                   partial(uplink_topic, settings.node_id), settings.node_id)
         self._cloud_error: tuple[str, str] | None = None  # (kind, line) of the last failure
         self._local_up = False
+        self.ready = asyncio.Event()  # store open and the local broker connected (systemd READY=1)
         self._offline_since: float | None = time.time()
         # counters (also persisted drops live in store.drops)
         self.counters: dict[str, int] = {
@@ -235,6 +236,7 @@ class Gateway:
                              "(acknowledged, not stored again)", dups)
                 self._confirmed_seq = max(self._confirmed_seq, before)
                 self._local_up = True
+                self.ready.set()
                 log.info("local broker %s connected (session %s)", client.url,
                          "resumed" if present else "new")
                 await client.closed
