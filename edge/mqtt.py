@@ -5,20 +5,49 @@ QoS 0 and 1, persistent or clean sessions, a last will, keepalive that notices a
 link, a window of in-flight QoS 1 publishes, and *manual* acknowledgement of received
 QoS 1 messages (the gateway acknowledges only after its store committed them).
 
-Received messages are handed to a plain callback, packet by packet, in the order the
-broker sent them; parsing works on whole socket reads so that a burst of small publishes
-costs a few microseconds each. Reconnecting is the caller's job: make a new client.
+The packets themselves are edge/_codec.py's: a codec with no I/O that checks every field
+it encodes and every packet it decodes against its type's exact rules. This module moves
+bytes and time. Any violation by the broker is a :class:`ProtocolError`: the connection
+closes with one log line naming the packet and the rule, and nothing the bad packet (or
+anything after it) says is acted upon: no publish completes, no message is delivered.
+An exception raised by ``on_message`` closes the connection too (logged with its
+traceback): its message is not acknowledged, so the broker sends it again next session.
 
-The silent-link bound: a PINGREQ goes out when nothing was received for
-``keepalive / 2`` seconds (or nothing was sent for as long); if still nothing arrives
-within another ``keepalive / 2``, the connection is closed with :class:`ConnectionLost`.
-The check runs every ``keepalive / 8``, so a blackholed link is noticed within
-``1.25 * keepalive`` seconds.
+Received messages are handed to a plain callback, packet by packet, in the order the
+broker sent them. QoS 1 acknowledgements (:meth:`MQTTClient.ack`, :meth:`~MQTTClient.ack_many`)
+may be given in any order; the client writes the PUBACKs in the order the PUBLISHes
+arrived (MQTT-4.6.0-2), holding back one whose earlier ones are not acknowledged yet.
+Reconnecting is the caller's job: make a new client (docs/decisions.md says why that, and
+each caller resending its own unacknowledged publishes, stands in for MQTT's DUP resend).
+
+The silent-link bound: a PINGREQ goes out when no complete packet was received for
+``keepalive / 2`` seconds (or nothing was sent for as long); a PINGREQ not answered by
+its PINGRESP within another ``keepalive / 2`` closes the connection with
+:class:`ConnectionLost`, however many bytes of unfinished packets trickle in meanwhile:
+only complete packets count. The check runs every ``keepalive / 8``, so a blackholed or
+stalled link is noticed within ``1.25 * keepalive`` seconds. One consequence: a single
+packet that takes longer than about ``keepalive / 2`` to arrive ends the connection
+(size ``max_packet_bytes`` and the keepalive to the slowest link).
+
+While reading is paused (:meth:`MQTTClient.pause_reading`) the socket is not read, so no
+PINGRESP can be seen. Pings still go out every ``keepalive / 2`` (the broker's side stays
+alive) and, on Linux, the socket's ``TCP_USER_TIMEOUT`` is set to ``keepalive / 2``: a
+link whose peer stops acknowledging those pings at the TCP level (cable pulled, a silent
+4G drop) is closed by the kernel, within about ``1.25 * keepalive`` plus the kernel's
+retransmission granularity; a peer that resets the connection is noticed at the next
+ping. A broker process that hangs while its TCP stays up is noticed only once reading
+resumes: the outstanding pings then get a fresh ``keepalive / 2`` to be answered.
+
+Size: one connection's state (the publish window, packet ids, acknowledgement order,
+pings and keepalive, pause and held deliveries) interlocks on connection loss, and is
+easiest to check in one place; the packets themselves are in edge/_codec.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import struct
 import time
 from collections import deque
@@ -27,18 +56,45 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edge._codec import (
+    DISCONNECT_PACKET,
+    MAX_REMAINING,
+    PINGREQ_PACKET,
+    U16,
+    ConnAck,
+    Decoder,
+    Message,
+    PingResp,
+    PubAck,
+    SubAck,
+    UnsubAck,
+    check_topic,
+    encode_connect,
+    encode_publish,
+    encode_subscribe,
+    encode_unsubscribe,
+    varint,
+)
 from edge._tls import TLSOptions, explain, read_secret
-from edge.errors import ConfigError, ConnectError, ConnectionLost, ProtocolError
+from edge.errors import (
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+)
 
-__all__ = ["BrokerURL", "Message", "MQTTClient", "Will", "parse_url"]
+__all__ = [
+    "BrokerURL",
+    "Message",
+    "MQTTClient",
+    "Will",
+    "encode_publish",
+    "parse_url",
+    "refused_filters",
+]
 
-CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
-PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
+log = logging.getLogger("edge.mqtt")
 
-_PUBACK = struct.Struct("!BBH")
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
 _CONNACK_CODES = {
     1: "unacceptable protocol version",
     2: "client identifier rejected",
@@ -113,52 +169,6 @@ class Will:
     retain: bool = True
 
 
-class Message:
-    """One received PUBLISH. ``pid`` is 0 for QoS 0."""
-
-    __slots__ = ("topic", "payload", "qos", "retain", "dup", "pid")
-
-    def __init__(
-        self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, pid: int
-    ) -> None:
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = retain
-        self.dup = dup
-        self.pid = pid
-
-    def __repr__(self) -> str:
-        return f"Message({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, pid={self.pid})"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n % 128
-        n //= 128
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    b = s.encode()
-    return len(b).to_bytes(2, "big") + b
-
-
-def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, pid: int, dup: bool = False) -> bytes:
-    """Encode one PUBLISH packet."""
-    t = topic.encode()
-    body_len = 2 + len(t) + (2 if qos else 0) + len(payload)
-    head = bytes((0x30 | (8 if dup else 0) | (qos << 1) | (1 if retain else 0),)) + _varint(body_len)
-    if qos:
-        return b"".join((head, len(t).to_bytes(2, "big"), t, pid.to_bytes(2, "big"), payload))
-    return b"".join((head, len(t).to_bytes(2, "big"), t, payload))
-
-
 class _Protocol(asyncio.Protocol):
     def __init__(self, client: MQTTClient) -> None:
         self.client = client
@@ -183,6 +193,17 @@ class _Protocol(asyncio.Protocol):
         self.client._can_write.set()
 
 
+def _name(ev: object) -> str:
+    return "PUBLISH" if type(ev) is Message else type(ev).__name__.upper()
+
+
+def refused_filters(filters: list[tuple[str, int]] | list[str], granted: list[int]) -> list[str]:
+    """The filters a SUBACK's return codes refused (0x80), e.g. to raise
+    :class:`~edge.errors.SubscriptionRefused` with."""
+    names = [f if isinstance(f, str) else f[0] for f in filters]
+    return [f for f, g in zip(names, granted, strict=False) if g == 0x80]
+
+
 class MQTTClient:
     """One MQTT 3.1.1 connection. Use as ``async with MQTTClient(...) as c:`` or call
     :meth:`connect` and :meth:`close` yourself.
@@ -190,6 +211,8 @@ class MQTTClient:
     ``on_message`` is called synchronously for every PUBLISH received, in order; for
     QoS 1 the receiver must later call :meth:`ack` (or :meth:`ack_many`) with ``msg.pid``.
     ``max_inflight`` bounds QoS 1 publishes awaiting PUBACK; :meth:`publish` waits for room.
+    Every argument is checked here: a client id or will that MQTT cannot carry, a
+    keepalive above 65535 s or a QoS other than 0 and 1 is a :class:`ConfigError`.
     """
 
     def __init__(
@@ -213,32 +236,53 @@ class MQTTClient:
         self.password_file = password_file  # read again at every connect, too
         self.client_id = client_id
         self.clean_session = clean_session
+        if not isinstance(keepalive, int | float) or not 0 <= keepalive <= 65535:
+            raise ConfigError(f"keepalive must be 0..65535 s, not {keepalive!r}")
         self.keepalive = max(1, int(keepalive))
         self.will = will
+        if not isinstance(max_inflight, int) or not 0 < max_inflight <= 65535:
+            raise ConfigError(f"max_inflight must be 1..65535, not {max_inflight!r}")
+        self._connect_bytes = self._connect_packet()  # checks every field now
         self.on_message = on_message or (lambda m: None)
         self.max_inflight = max_inflight
+        self._decoder = Decoder(max_packet_bytes)
         self.max_packet_bytes = max_packet_bytes
         self.connect_timeout = connect_timeout
         self.session_present = False
         self._transport: asyncio.Transport | None = None
-        self._rest = b""
+        self._alive = False  # between connect() and the end of the connection
+        self._got_connack = False
         self._connack: asyncio.Future[tuple[bool, int]] | None = None
         self._closed: asyncio.Future[None] | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}  # our QoS 1 publishes by pid
+        self._subs: dict[int, tuple[asyncio.Future[Any], list[tuple[str, int]] | None]] = {}
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._pid_waiters: list[asyncio.Future[None]] = []
         self._next_pid = 0
         self._window: asyncio.Semaphore | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._last_rx = self._last_tx = time.monotonic()
-        self._ping_sent: float | None = None
-        self._ping_waiters: list[asyncio.Future[None]] = []
+        # PINGREQs sent and not answered yet, oldest first: (when, waiter or None)
+        self._pings: deque[tuple[float, asyncio.Future[None] | None]] = deque()
+        # ping() calls waiting for held-back PUBACKs: (arrival number, waiter)
+        self._parked_pings: list[tuple[int, asyncio.Future[None]]] = []
+        # received QoS 1 PUBLISHes not PUBACKed yet: pid -> arrival number (negative once
+        # the receiver acknowledged it, its PUBACK waiting for earlier ones), and the pids
+        # in arrival order
+        self._rx: dict[int, int] = {}
+        self._rx_order: list[int] = []
+        self._rx_head = 0  # _rx_order[_rx_head:] are the pids not PUBACKed yet
+        self._rx_count = 0
+        self._acked_high = 0  # the highest arrival number acknowledged by the receiver
+        self._flushed = 0  # the arrival number of the last PUBACK written
         self._timer: asyncio.TimerHandle | None = None
         self._entered = False
         self._reading_paused = False  # the receiver asked for no more deliveries
         self._transport_paused = False  # the socket is not being read
-        # PUBLISH packets read after a pause (the rest of that read), raw and in order;
-        # other packets behind them are handled at once
-        self._held: deque[tuple[bytes, int]] = deque()
+        # PUBLISHes read (and checked) after a pause, in order; other packets behind
+        # them are handled at once
+        self._held: deque[Message] = deque()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -269,9 +313,11 @@ class MQTTClient:
         self._closed = loop.create_future()
         self._connack = loop.create_future()
         self._window = asyncio.Semaphore(self.max_inflight)
+        self._alive = True
         tls = (self.tls or TLSOptions()) if self.url.tls else None
         if self.password_file:
             self.url = replace(self.url, password=read_secret(self.password_file))
+            self._connect_bytes = self._connect_packet()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(
@@ -279,7 +325,7 @@ class MQTTClient:
                     ssl=tls.context() if tls else None,
                     server_hostname=tls.server_name if tls and tls.server_name else None,
                 )
-                self._write(self._connect_packet())
+                self._write(self._connect_bytes)
                 present, code = await self._connack
         except TimeoutError:
             self._abort()
@@ -295,13 +341,25 @@ class MQTTClient:
             reason = _CONNACK_CODES.get(code, f"code {code}")
             raise ConnectError(f"{self.url} refused the connection: {reason}", code)
         self.session_present = present
-        self._timer = loop.call_later(self.keepalive / 8, self._tick)
+        if self._alive:
+            self._timer = loop.call_later(self.keepalive / 8, self._tick)
         return present
+
+    def _connect_packet(self) -> bytes:
+        will = self.will
+        return encode_connect(
+            self.client_id,
+            clean_session=self.clean_session,
+            keepalive=self.keepalive,
+            will=None if will is None else (will.topic, will.payload, will.qos, will.retain),
+            username=self.url.username,
+            password=self.url.password,
+        )
 
     async def close(self) -> None:
         """Send DISCONNECT (the will is discarded) and close the connection."""
         if self._transport is not None and self.connected:
-            self._write(_DISCONNECT)
+            self._write(DISCONNECT_PACKET)
             self._transport.close()
         self._lost(ConnectionLost("closed by us"))
 
@@ -315,45 +373,47 @@ class MQTTClient:
         self._lost(ConnectionLost("aborted"))
 
     def _lost(self, exc: ConnectionLost) -> None:
+        self._alive = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(exc)
-            self._connack.exception()  # mark retrieved; connect() re-raises it
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_exception(exc)
-            self._closed.exception()
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut in (self._connack, self._closed):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved; connect() and the closed watcher re-raise it
+        waiting: list[asyncio.Future[Any]] = list(self._pending.values())
+        waiting += [f for f, _ in self._subs.values()]
+        waiting += [f for _, f in self._pings if f is not None]
+        waiting += [f for _, f in self._parked_pings]
+        waiting += self._drain_waiters + self._pid_waiters
+        self._pending, self._subs = {}, {}
+        self._pings.clear()
+        self._parked_pings, self._drain_waiters, self._pid_waiters = [], [], []
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()
         self._held.clear()  # unacknowledged: the broker sends them again next session
+        self._rx.clear()
+        self._rx_order.clear()
+        self._rx_head = 0
         self._can_write.set()
         if self._window is not None:
-            # wake every publisher waiting for room; they will see the closed connection
-            for _ in range(self.max_inflight):
-                self._window.release()
+            # wake one publisher waiting for room: it sees the closed connection and
+            # passes the wake-up on to the next (publish_nowait), so every one returns
+            self._window.release()
 
-    def _connect_packet(self) -> bytes:
-        flags = 0x02 if self.clean_session else 0
-        payload = [_utf8(self.client_id)]
-        if self.will is not None:
-            flags |= 0x04 | (self.will.qos << 3) | (0x20 if self.will.retain else 0)
-            payload.append(_utf8(self.will.topic))
-            payload.append(len(self.will.payload).to_bytes(2, "big") + self.will.payload)
-        if self.url.username is not None:
-            flags |= 0x80
-            payload.append(_utf8(self.url.username))
-            if self.url.password is not None:
-                flags |= 0x40
-                payload.append(_utf8(self.url.password))
-        body = b"\x00\x04MQTT\x04" + bytes((flags,)) + self.keepalive.to_bytes(2, "big")
-        body += b"".join(payload)
-        return b"\x10" + _varint(len(body)) + body
+    def _fail(self, why: str, exc: BaseException | None = None) -> None:
+        """Close the connection because of a protocol violation or a callback's exception."""
+        if not self._alive:
+            return
+        if exc is None:
+            log.error("%s: protocol error, closing the connection: %s", self.url, why)
+        else:
+            log.error("%s: closing the connection: %s", self.url, why, exc_info=exc)
+        self._lost(ConnectionLost(f"{'protocol error from ' if exc is None else ''}{self.url}: {why}"))
 
     # ---------------------------------------------------------------- sending
 
@@ -364,39 +424,81 @@ class MQTTClient:
         self._last_tx = time.monotonic()
 
     def _alloc_pid(self) -> int:
+        """A packet id not in use, or 0 if all 65535 are."""
         pid = self._next_pid
-        pending = self._pending
+        pending, subs = self._pending, self._subs
+        if len(pending) + len(subs) >= 65535:
+            return 0
         while True:
             pid = pid + 1 if pid < 65535 else 1
-            if pid not in pending:
+            if pid not in pending and pid not in subs:
                 self._next_pid = pid
                 return pid
+
+    async def _new_pid(self) -> int:
+        pid = self._alloc_pid()
+        while not pid:
+            # every id waits for its acknowledgement (publishes given up on by their
+            # callers keep theirs until the broker answers): wait for one to come back
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pid_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._pid_waiters:
+                    self._pid_waiters.remove(fut)
+            pid = self._alloc_pid()
+        return pid
+
+    def _pid_freed(self) -> None:
+        for fut in self._pid_waiters:
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     async def publish_nowait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> asyncio.Future[None] | None:
         """Wait for room in the in-flight window, send, and return the PUBACK future
-        (None for QoS 0) without waiting for it."""
-        if not self.connected:
+        (None for QoS 0) without waiting for it. A QoS other than 0 and 1, or a topic or
+        payload MQTT cannot carry, is a :class:`ConfigError` before anything is sent."""
+        if qos != 1 and qos != 0:
+            raise ConfigError(f"publish: QoS must be 0 or 1, not {qos!r}"
+                              + (" (QoS 2 is not supported)" if qos == 2 else ""))
+        t = check_topic(topic)
+        size = (4 if qos else 2) + len(t) + len(payload)
+        if size > MAX_REMAINING:
+            raise ConfigError(f"publish: a {len(payload)}-byte payload exceeds MQTT's largest packet (256 MiB)")
+        if not self._alive:
             raise ConnectionLost("not connected")
         if not self._can_write.is_set():
             await self._can_write.wait()
+        head = bytes((0x30 | (qos << 1) | (1 if retain else 0),)) + varint(size) + U16.pack(len(t)) + t
         if qos == 0:
-            self._write(encode_publish(topic, payload, 0, retain, 0))
+            self._write(head + payload)
             return None
-        assert self._window is not None
-        await self._window.acquire()
-        if not self.connected:
+        window = self._window
+        assert window is not None
+        await window.acquire()
+        if not self._alive:
+            window.release()  # pass the wake-up on to the next waiter
             raise ConnectionLost("not connected")
-        pid = self._alloc_pid()
+        try:
+            pid = self._alloc_pid() or await self._new_pid()
+        except BaseException:
+            window.release()
+            raise
+        if not self._alive:
+            window.release()
+            raise ConnectionLost("not connected")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(self._release_slot)
         self._pending[pid] = fut
-        self._write(encode_publish(topic, payload, qos, retain, pid))
+        self._write(b"".join((head, U16.pack(pid), payload)))
         return fut
 
     def _release_slot(self, fut: asyncio.Future[None]) -> None:
-        if self._window is not None and self.connected:
+        if self._window is not None and self._alive:
             self._window.release()
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -406,40 +508,142 @@ class MQTTClient:
             await fut
 
     async def drain(self) -> None:
-        """Wait until every QoS 1 publish sent so far was acknowledged."""
+        """Wait until every QoS 1 publish sent so far was acknowledged (also those whose
+        callers stopped waiting); raise :class:`ConnectionLost` if the connection ends first."""
         while self._pending:
-            await asyncio.gather(*list(self._pending.values()))
+            if not self._alive:
+                raise ConnectionLost("not connected")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
-        """Subscribe; return the granted QoS per filter (0x80 means refused)."""
-        pid = self._alloc_pid()
-        body = pid.to_bytes(2, "big") + b"".join(_utf8(f) + bytes((q,)) for f, q in filters)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[pid] = fut  # type: ignore[assignment]
-        self._write(b"\x82" + _varint(len(body)) + body)
-        granted = await fut
-        return list(granted)
+        """Subscribe; return the granted QoS per filter (0x80 means refused:
+        :func:`refused_filters` lists those, and a caller that must not run without them
+        raises :class:`~edge.errors.SubscriptionRefused`, as a service does)."""
+        encode_subscribe(1, filters)  # checks the filters and QoS before waiting for an id
+        if not self._alive:
+            raise ConnectionLost("not connected")
+        pid = self._alloc_pid() or await self._new_pid()
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._subs[pid] = (fut, list(filters))
+        self._write(encode_subscribe(pid, filters))
+        return await fut
+
+    async def unsubscribe(self, filters: list[str]) -> None:
+        """Unsubscribe and wait for the UNSUBACK."""
+        encode_unsubscribe(1, filters)
+        if not self._alive:
+            raise ConnectionLost("not connected")
+        pid = self._alloc_pid() or await self._new_pid()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._subs[pid] = (fut, None)
+        self._write(encode_unsubscribe(pid, filters))
+        await fut
 
     def ack(self, pid: int) -> None:
-        """Acknowledge one received QoS 1 message (PUBACK)."""
-        if self.connected:
-            self._write(_PUBACK.pack(0x40, 2, pid))
+        """Acknowledge one received QoS 1 message. Its PUBACK goes out once every QoS 1
+        message received before it was acknowledged too (MQTT-4.6.0-2); a pid this
+        connection did not receive, or acknowledged already, is ignored."""
+        rx = self._rx
+        n = rx.get(pid)
+        if n is None or n < 0:
+            return
+        rx[pid] = -n
+        if n > self._acked_high:
+            self._acked_high = n
+        if self._rx_order[self._rx_head] == pid:
+            self._flush_acks()
 
     def ack_many(self, pids: list[int]) -> None:
-        """Acknowledge many received QoS 1 messages in one write."""
-        if pids and self.connected:
-            pack = _PUBACK.pack
-            self._write(b"".join([pack(0x40, 2, p) for p in pids]))
+        """Acknowledge many received QoS 1 messages (their PUBACKs in one write, in
+        arrival order)."""
+        if not pids:
+            return
+        rx = self._rx
+        order = self._rx_order
+        head = self._rx_head
+        k = len(pids)
+        if order[head : head + k] == pids:
+            # the common case (the gateway's commit): exactly the oldest ones, in order
+            n = rx[pids[-1]]
+            if n > 0 and all(rx[p] > 0 for p in pids):
+                for p in pids:
+                    del rx[p]
+                self._rx_head = head + k
+                self._flushed = n
+                if n > self._acked_high:
+                    self._acked_high = n
+                if self._alive:
+                    self._write(struct.pack(f"!{k}I", *[0x40020000 | p for p in pids]))
+                if head + k < len(order) and rx[order[head + k]] < 0:
+                    self._flush_acks()  # acknowledged earlier, held back behind these
+                else:
+                    self._compact_order()
+                if self._parked_pings:
+                    self._release_pings()
+                return
+        get = rx.get
+        high = self._acked_high
+        for pid in pids:
+            m = get(pid)
+            if m is not None and m > 0:
+                rx[pid] = -m
+                if m > high:
+                    high = m
+        self._acked_high = high
+        if head < len(order) and rx[order[head]] < 0:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Write the PUBACKs of the acknowledged messages at the front of arrival order."""
+        order, rx = self._rx_order, self._rx
+        head = start = self._rx_head
+        end = len(order)
+        last = 0
+        while head < end:
+            n = rx[order[head]]
+            if n > 0:
+                break
+            last = n
+            head += 1
+        if head == start:
+            return
+        done = order[start:head]
+        for pid in done:
+            del rx[pid]
+        self._rx_head = head
+        self._compact_order()
+        self._flushed = -last
+        if self._alive:
+            self._write(struct.pack(f"!{len(done)}I", *[0x40020000 | p for p in done]))
+        if self._parked_pings:
+            self._release_pings()
+
+    def _compact_order(self) -> None:
+        head = self._rx_head
+        if head > 4096 and head * 2 > len(self._rx_order):
+            del self._rx_order[:head]
+            self._rx_head = 0
+
+    def _release_pings(self) -> None:
+        flushed = self._flushed
+        ready = [f for target, f in self._parked_pings if target <= flushed]
+        if ready:
+            self._parked_pings = [(t, f) for t, f in self._parked_pings if t > flushed]
+            for f in ready:
+                if not f.done():
+                    self._send_ping(f)
 
     def pause_reading(self) -> None:
         """Deliver no more messages until :meth:`resume_reading` (the receiver has enough
         unacknowledged ones in hand). The socket is not read either, so TCP flow control
-        holds the backlog at the broker; deliveries already read wait as bytes, in order.
-        Answers to this connection's own publishes, subscribes and pings may sit behind
-        the backlog, so a receiver whose progress depends on them must publish on another
-        connection (edge.Service does). Keepalive pings still go out, and a paused
-        connection is not declared silent."""
-        if self._transport is not None and not self._reading_paused and self.connected:
+        holds the backlog at the broker; deliveries already read wait, in order. Answers
+        to this connection's own publishes, subscribes and pings may sit behind the
+        backlog, so a receiver whose progress depends on them must publish on another
+        connection (edge.Service does). Keepalive pings still go out; how a dead link is
+        noticed meanwhile: see the module docstring."""
+        if self._transport is not None and not self._reading_paused and self._alive:
             self._reading_paused = True
             self._flow()
 
@@ -448,7 +652,6 @@ class MQTTClient:
         socket."""
         if self._transport is not None and self._reading_paused:
             self._reading_paused = False
-            self._last_rx = time.monotonic()
             if self._held:
                 asyncio.get_running_loop().call_soon(self._deliver_held)
             else:
@@ -456,12 +659,12 @@ class MQTTClient:
 
     def _deliver_held(self) -> None:
         held = self._held
+        on_message = self.on_message
         try:
-            while held and not self._reading_paused and self.connected:
-                packet, i = held.popleft()
-                self._publish_in(packet, packet[0], i, len(packet))
-        except UnicodeDecodeError as e:
-            self._lost(ConnectionLost(f"protocol error from {self.url}: {e}"))
+            while held and not self._reading_paused and self._alive:
+                on_message(held.popleft())
+        except Exception as e:
+            self._fail(f"on_message raised {e!r}", e)
             return
         self._flow()
 
@@ -469,126 +672,224 @@ class MQTTClient:
         """Read the socket when deliveries are wanted and nothing read is held back."""
         want = not self._reading_paused and not self._held
         t = self._transport
-        if t is None or not self.connected:
+        if t is None or not self._alive:
             return
         if want and self._transport_paused:
             self._transport_paused = False
+            self._user_timeout(0)
+            if self._pings:
+                # their answers may sit unread in the socket: a fresh half keepalive each
+                now = time.monotonic()
+                self._pings = deque((now, f) for _, f in self._pings)
+            self._last_rx = time.monotonic()
             t.resume_reading()
         elif not want and not self._transport_paused:
             self._transport_paused = True
+            self._user_timeout(int(self.keepalive * 500))
             t.pause_reading()
 
+    def _user_timeout(self, ms: int) -> None:
+        """While paused, let the kernel close a link that stops acknowledging our pings."""
+        opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if opt is None or sock is None:
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, ms)
+        except (OSError, AttributeError):  # not TCP (a test transport), or not supported
+            pass
+
     def ping(self) -> asyncio.Future[None]:
-        """Send PINGREQ; the future completes at PINGRESP. The broker handles packets in
-        order, so a PINGRESP proves it has processed everything we sent before."""
+        """Send PINGREQ; the future completes at its PINGRESP. The broker handles packets
+        in order, so the PINGRESP proves it has processed everything we sent before,
+        including the PUBACK of every message acknowledged before this call: if some of
+        those are still held back behind an earlier unacknowledged message, the PINGREQ
+        goes out once they are written."""
+        if not self._alive:
+            raise ConnectionLost("not connected")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ping_waiters.append(fut)
-        self._write(_PINGREQ)
-        if self._ping_sent is None:
-            self._ping_sent = time.monotonic()
+        if self._acked_high > self._flushed:
+            self._parked_pings.append((self._acked_high, fut))
+        else:
+            self._send_ping(fut)
         return fut
+
+    def _send_ping(self, fut: asyncio.Future[None] | None) -> None:
+        self._write(PINGREQ_PACKET)
+        self._pings.append((time.monotonic(), fut))
 
     # ---------------------------------------------------------------- keepalive
 
     def _tick(self) -> None:
+        self._timer = None
+        if not self._alive:
+            return
         now = time.monotonic()
         half = self.keepalive / 2
-        if self._transport_paused:
-            # we are not reading, so answers cannot arrive: keep the broker's side alive
-            if now - self._last_tx > half:
-                try:
-                    self._write(_PINGREQ)
-                except ConnectionLost:
-                    return
-            self._timer = asyncio.get_running_loop().call_later(self.keepalive / 8, self._tick)
-            return
-        if self._ping_sent is not None and now - self._ping_sent > half and now - self._last_rx > half:
-            self._lost(ConnectionLost(f"no answer from {self.url} within the keepalive ({self.keepalive} s)"))
-            return
-        if self._ping_sent is None and (now - self._last_rx > half or now - self._last_tx > half):
-            try:
-                self._write(_PINGREQ)
-            except ConnectionLost:
+        pings = self._pings
+        try:
+            if self._transport_paused:
+                # we are not reading, so answers cannot arrive: keep the broker's side
+                # alive (and give the kernel's TCP_USER_TIMEOUT something to time)
+                if now - self._last_tx > half:
+                    self._send_ping(None)
+            elif pings and now - pings[0][0] > half:
+                self._lost(ConnectionLost(
+                    f"no answer from {self.url} within the keepalive bound: a PINGREQ without "
+                    f"PINGRESP for {half:g} s (keepalive {self.keepalive} s, bound "
+                    f"{1.25 * self.keepalive:g} s)"))
                 return
-            self._ping_sent = now
+            elif not pings and (now - self._last_rx > half or now - self._last_tx > half):
+                self._send_ping(None)
+        except ConnectionLost:
+            return
         self._timer = asyncio.get_running_loop().call_later(self.keepalive / 8, self._tick)
 
     # ---------------------------------------------------------------- receiving
 
     def _feed(self, data: bytes) -> None:
-        self._last_rx = time.monotonic()
-        if self._rest:
-            data = self._rest + data
-        try:
-            pos = self._packets(data)
-        except (ProtocolError, UnicodeDecodeError, IndexError) as e:
-            self._rest = b""
-            self._lost(ConnectionLost(f"protocol error from {self.url}: {e}"))
+        if not self._alive:
             return
-        self._rest = data[pos:] if pos < len(data) else b""
+        try:
+            events = self._decoder.feed(data)
+        except ProtocolError as e:
+            self._fail(str(e))
+            return
+        if not events:
+            return
+        self._last_rx = time.monotonic()
+        try:
+            self._handle(events)
+        except ProtocolError as e:
+            self._fail(str(e))
 
-    def _packets(self, data: bytes) -> int:
-        """Handle the complete packets in ``data``; return where the incomplete one starts."""
-        n = len(data)
-        pos = 0
-        while n - pos >= 2:
-            first = data[pos]
-            # remaining length (1..4 bytes)
-            i = pos + 1
-            length = 0
-            mult = 1
-            while True:
-                if i >= n:
-                    return pos
-                byte = data[i]
-                length += (byte & 0x7F) * mult
-                i += 1
-                if byte < 0x80:
+    def _handle(self, events: list[Any]) -> None:
+        if not self._got_connack and type(events[0]) is not ConnAck:
+            raise ProtocolError(f"{_name(events[0])} before CONNACK (MQTT-3.2.0-1)")
+        rx = self._rx
+        append = self._rx_order.append
+        count = self._rx_count
+        on_message = self.on_message
+        try:
+            if self._reading_paused or self._held:
+                return self._hold(events)
+            for ev in events:
+                if type(ev) is not Message:
+                    self._control(ev)
+                    if not self._alive:
+                        return
+                    continue
+                if ev.qos == 1:
+                    pid = ev.pid
+                    if pid not in rx:
+                        count += 1
+                        rx[pid] = count
+                        append(pid)
+                    elif not ev.dup:
+                        raise ProtocolError(
+                            f"PUBLISH: packet id {pid} is still in use by an unacknowledged "
+                            "PUBLISH (MQTT-2.3.1-2)")
+                    # else: the broker sends it again on this connection (NATS does after
+                    # ack_wait): deliver it again; one PUBACK answers both
+                elif ev.qos:
+                    raise ProtocolError(
+                        "PUBLISH: QoS 2, above the QoS 1 every subscription of this client "
+                        "asks for (MQTT-3.8.4-6)")
+                try:
+                    on_message(ev)
+                except Exception as e:
+                    self._fail(f"on_message raised {e!r}", e)
+                    return
+                if self._reading_paused or not self._alive:
                     break
-                mult *= 128
-                if mult > 128**3:
-                    raise ProtocolError("malformed remaining length")
-            end = i + length
-            if end > n:
-                if length > self.max_packet_bytes:
-                    raise ProtocolError(f"packet of {length} bytes exceeds the limit")
-                return pos
-            ptype = first >> 4
-            if ptype == PUBLISH:
-                if self._reading_paused or self._held:
-                    self._held.append((data[pos:end], i - pos))
-                else:
-                    self._publish_in(data, first, i, end)
-            elif ptype == PUBACK or ptype == SUBACK or ptype == UNSUBACK:
-                pid = (data[i] << 8) | data[i + 1]
-                fut = self._pending.pop(pid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(data[i + 2 : end] if ptype == SUBACK else None)
-            elif ptype == PINGRESP:
-                self._ping_sent = None
-                waiters, self._ping_waiters = self._ping_waiters, []
+            else:
+                return
+        finally:
+            self._rx_count = count
+        if self._alive:
+            self._hold(events[events.index(ev) + 1 :])
+
+    def _hold(self, events: list[Any]) -> None:
+        """Paused: keep the PUBLISHes (registered, in order), handle the rest at once."""
+        rx = self._rx
+        held = self._held
+        for ev in events:
+            if type(ev) is not Message:
+                self._control(ev)
+                if not self._alive:
+                    return
+                continue
+            if ev.qos:
+                pid = ev.pid
+                if ev.qos != 1:
+                    raise ProtocolError(
+                        "PUBLISH: QoS 2, above the QoS 1 every subscription of this client "
+                        "asks for (MQTT-3.8.4-6)")
+                if pid not in rx:
+                    self._rx_count += 1
+                    rx[pid] = self._rx_count
+                    self._rx_order.append(pid)
+                elif not ev.dup:
+                    raise ProtocolError(
+                        f"PUBLISH: packet id {pid} is still in use by an unacknowledged "
+                        "PUBLISH (MQTT-2.3.1-2)")
+            held.append(ev)
+
+    def _control(self, ev: Any) -> None:
+        t = type(ev)
+        if t is ConnAck:
+            if self._got_connack:
+                raise ProtocolError("CONNACK: a second CONNACK on one connection (MQTT-3.2.0-1)")
+            self._got_connack = True
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_result((ev.session_present, ev.return_code))
+            return
+        if not self._alive:
+            return
+        if not self._got_connack:
+            raise ProtocolError(f"{_name(ev)} before CONNACK (MQTT-3.2.0-1)")
+        if t is PubAck:
+            fut = self._pending.pop(ev.pid, None)
+            if fut is None:
+                raise ProtocolError(f"PUBACK: packet id {ev.pid} answers no PUBLISH of ours (MQTT-2.3.1)")
+            if not fut.done():
+                fut.set_result(None)
+            if not self._pending and self._drain_waiters:
+                waiters, self._drain_waiters = self._drain_waiters, []
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
-            elif ptype == CONNACK:
-                if self._connack is not None and not self._connack.done():
-                    self._connack.set_result((bool(data[i] & 1), data[i + 1]))
-            else:
-                raise ProtocolError(f"unexpected packet type {ptype} from the broker")
-            pos = end
-        return pos
-
-    def _publish_in(self, data: bytes, first: int, i: int, end: int) -> None:
-        """Hand the PUBLISH packet ``data[..end]`` (its variable header at ``i``) over."""
-        tlen = (data[i] << 8) | data[i + 1]
-        t_end = i + 2 + tlen
-        topic = data[i + 2 : t_end].decode()
-        qos = (first >> 1) & 3
-        if qos:
-            pid = (data[t_end] << 8) | data[t_end + 1]
-            payload = data[t_end + 2 : end]
-        else:
-            pid = 0
-            payload = data[t_end:end]
-        self.on_message(Message(topic, payload, qos, bool(first & 1), bool(first & 8), pid))
+            if self._pid_waiters:
+                self._pid_freed()
+        elif t is PingResp:
+            if not self._pings:
+                raise ProtocolError("PINGRESP: no PINGREQ outstanding (MQTT-3.12.4)")
+            _, waiter = self._pings.popleft()
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif t is SubAck:
+            entry = self._subs.get(ev.pid)
+            if entry is None or entry[1] is None:
+                raise ProtocolError(f"SUBACK: packet id {ev.pid} answers no SUBSCRIBE of ours (MQTT-3.9.3)")
+            sub_fut, filters = entry[0], entry[1] or []
+            if len(ev.codes) != len(filters):
+                raise ProtocolError(
+                    f"SUBACK: {len(ev.codes)} return codes for {len(filters)} topic filters (MQTT-3.9.3-1)")
+            for (_, q), g in zip(filters, ev.codes, strict=True):
+                if g != 0x80 and g > q:
+                    raise ProtocolError(f"SUBACK: granted QoS {g} above the QoS {q} asked for (MQTT-3.8.4-6)")
+            del self._subs[ev.pid]
+            if not sub_fut.done():
+                sub_fut.set_result(list(ev.codes))
+            if self._pid_waiters:
+                self._pid_freed()
+        elif t is UnsubAck:
+            entry = self._subs.get(ev.pid)
+            if entry is None or entry[1] is not None:
+                raise ProtocolError(f"UNSUBACK: packet id {ev.pid} answers no UNSUBSCRIBE of ours (MQTT-3.11.3)")
+            del self._subs[ev.pid]
+            if not entry[0].done():
+                entry[0].set_result(None)
+            if self._pid_waiters:
+                self._pid_freed()
 
