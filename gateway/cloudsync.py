@@ -35,7 +35,7 @@ log = logging.getLogger("edgeferry.cloudsync")
 REOFFER = 5.0
 """Seconds after which a command still queued is offered again to an online node."""
 
-_DOWN = re.compile(r"^ef/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/down/(hello|state)$")
+_DOWN = re.compile(r"^ef/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/down/(hello|state|status)$")
 
 
 class CloudSync:
@@ -58,7 +58,9 @@ class CloudSync:
         self._online: set[str] = set()
         self._versions: dict[str, dict[str, int]] = {}  # node -> thing -> desired version it has
         self._hellos: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        self.counters = {"hellos": 0, "offered": 0, "desired_sent": 0, "bad": 0}
+        self._statuses: list[tuple[str, str, bytes]] = []
+        self._statuses_wake = asyncio.Event()
+        self.counters = {"hellos": 0, "offered": 0, "desired_sent": 0, "bad": 0, "statuses_fast": 0}
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -79,11 +81,13 @@ class CloudSync:
                 if client is None:
                     break
                 try:
-                    await client.subscribe([("ef/+/down/hello", 1), ("ef/+/down/state", 1)])
+                    await client.subscribe([("ef/+/down/hello", 1), ("ef/+/down/state", 1),
+                                            ("ef/+/down/status", 0)])
                     await client.publish(SYNC_HELLO, b"{}", 1)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._answer(client), name="sync-answer")
                         tg.create_task(self._reoffer(client), name="sync-reoffer")
+                        tg.create_task(self._apply_statuses(), name="sync-statuses")
                         tg.create_task(self._until(client, stop), name="sync-stop")
                 except* ConnectionLost as eg:
                     if not stop.is_set():
@@ -119,6 +123,11 @@ class CloudSync:
         if match is None:
             return
         node, what = match.group(1), match.group(2)
+        if what == "status":
+            # the fast path of a command status (the events lane brings it again)
+            self._statuses.append((node, "evt/cmd/", m.payload))
+            self._statuses_wake.set()
+            return
         if what == "state":
             if m.payload == b"online":
                 self._online.add(node)
@@ -136,6 +145,19 @@ class CloudSync:
             return
         self._online.add(node)
         self._hellos.put_nowait((node, hello))
+
+    async def _apply_statuses(self) -> None:
+        assert self._state is not None
+        while True:
+            await self._statuses_wake.wait()
+            self._statuses_wake.clear()
+            batch, self._statuses = self._statuses, []
+            if not batch:
+                continue
+            try:
+                self.counters["statuses_fast"] += await self._db(self._state.apply_records, batch)
+            except OSError:
+                log.exception("could not apply %d statuses (the events lane brings them again)", len(batch))
 
     async def _answer(self, client: MQTTClient) -> None:
         while True:

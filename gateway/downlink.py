@@ -94,10 +94,12 @@ class Downlink:
         self.cloud_up = False
         self.local_up = False
         self.open_commands = 0
-        self._crash_after_receive = os.environ.get("EDGEFERRY_FAILPOINT") == "downlink_crash_after_receive"
+        fp = os.environ.get("EDGEFERRY_FAILPOINT")
+        self._crash_after_receive = fp == "downlink_crash_after_receive"
+        self._fast = fp != "downlink_no_fast_status"  # tests: statuses by the events lane only
         self.counters = {"commands_received": 0, "commands_published": 0, "commands_expired": 0,
                          "desired_received": 0, "desired_stale": 0, "reports": 0, "hellos": 0,
-                         "rejected": 0}
+                         "rejected": 0, "statuses_fast": 0}
 
     def _db(self, fn: Any, *args: Any) -> Awaitable[Any]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -331,6 +333,7 @@ class Downlink:
                 continue
             topic, data = parsed
             if topic.startswith("evt/cmd/"):
+                await self._fast_status(m.payload)
                 status, cid = data.get("status"), data.get("id")
                 if data.get("by") == "gateway" or not isinstance(cid, str):
                     continue  # our own status coming back
@@ -433,6 +436,20 @@ class Downlink:
         if published or reported:
             await self._db(self.store.mark_things, published, reported)
         return due if due is None else max(0.01, due)
+
+    async def _fast_status(self, payload: bytes) -> None:
+        """Send a status straight to the cloud as well (``ef/<node>/down/status``, QoS 0):
+        the reply need not wait for the uplink's group commit. The events lane still
+        carries every status (at least once, in order); applying one twice changes nothing."""
+        cloud = self._cloud
+        if cloud is None or not cloud.connected or not self.cloud_up or not self._fast:
+            return
+        try:
+            async with asyncio.timeout(1.0):  # a congested cloud link: the events lane has it
+                await cloud.publish_nowait(down_topic(self.node, "status"), payload, 0)
+        except (ConnectionLost, TimeoutError):
+            return
+        self.counters["statuses_fast"] += 1
 
     def _unknown_is_final(self) -> bool:
         since = self._local_since

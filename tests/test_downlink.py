@@ -125,6 +125,17 @@ def test_command_online_round_trip(any_sink_pipe, proc_factory):
     assert [(r["id"], r["state"]) for r in listed] == [(cid, "succeeded")]
 
 
+def test_status_fast_path_does_not_wait_for_the_group_commit(tmp_path, broker_factory, proc_factory, chaos):
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, node="site-1",
+                    gateway_args=("--commit-interval", "60s"), sink="sqlite")
+    pipe.start()
+    start_target(pipe, proc_factory)
+    cid = send(pipe, {"interval": 8})
+    row = wait_state(pipe, cid, "succeeded", 15)  # the events lane would wait up to 60 s
+    report("fast path", 1, runs(pipe), [row["state"]])
+    assert row["reply"] == {"interval": 8.0} and pipe.status()["downlink"]["counters"]["statuses_fast"] >= 2
+
+
 def test_unknown_target_is_rejected(pipe, proc_factory):
     pipe.start()
     start_target(pipe, proc_factory)
@@ -230,7 +241,10 @@ def test_target_killed_after_executing_is_not_run_again(pipe, proc_factory):
 
 
 def test_cloud_broker_restarted_without_persistence_while_site_away(pipe, proc_factory):
-    pipe.start()
+    # statuses by the events lane only here: the reliable path, without the fast one
+    pipe.start_ingest()
+    pipe.start_gateway(env={"EDGEFERRY_FAILPOINT": "downlink_no_fast_status"})
+    pipe.gateway.wait_for_line(r"cloud broker .* connected", 20)
     start_target(pipe, proc_factory)
     pipe.proxy.cut()
     pipe.gateway.wait_for_line(r"cloud link \(downlink\) lost", 20)
