@@ -18,7 +18,7 @@ from typing import Any
 
 from bench._util import PY, SinkTail, Workdir, cpu_seconds, pid_of, wait_line, wait_until
 from edgeferry.procs import Broker, Proc
-from firmware_sim.chaos import ThreadedChaosProxy
+from firmware_sim.chaos_thread import ThreadedChaosProxy
 
 __all__ = ["BACKOFF", "BRIDGE_ID", "LOGS", "PIPELINES", "PROXY", "RESTART_TIMEOUT", "Bridge",
            "Edgeferry", "Pipeline", "VARIANTS", "bridge_connects", "bridge_lines", "log"]
@@ -27,7 +27,7 @@ LOGS = Path(__file__).resolve().parent / "results" / "logs"
 BACKOFF = "1s"          # gateway --backoff-max
 RESTART_TIMEOUT = "1 1"  # bridge restart_timeout: base 1 s, cap 1 s (see bridge_lines)
 BRIDGE_ID = "bench-bridge"
-PROXY = "firmware_sim.chaos.ThreadedChaosProxy"
+PROXY = "firmware_sim.chaos_thread.ThreadedChaosProxy"
 
 
 def bridge_connects(cloud: Broker) -> int:

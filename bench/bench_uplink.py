@@ -3,7 +3,7 @@
 Both pipelines run on this machine in the same run, from the same broker configs
 (deploy/mosquitto/edge.conf and cloud.conf, started by edgeferry.procs.Broker exactly as
 the tests start them), with the same TCP proxy on the cloud link (the tests' chaos
-proxy, firmware_sim.chaos.ThreadedChaosProxy):
+proxy, firmware_sim.chaos_thread.ThreadedChaosProxy):
 
     edgeferry: loadgen -> edge mosquitto -> gateway (SQLite) -> proxy -> cloud mosquitto
                -> edgeferry ingest -> JSONL

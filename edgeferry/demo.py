@@ -48,7 +48,7 @@ def _status(store: Path) -> dict:
 
 
 def run_demo(messages: int = 2000, outage: float = 3.0, rate: float = 500.0) -> int:
-    from firmware_sim.chaos import ThreadedChaosProxy
+    from firmware_sim.chaos_thread import ThreadedChaosProxy
     from firmware_sim.loadgen import generate
 
     out = Console()

@@ -18,6 +18,10 @@ A device is a state machine driven by loop timers plus one task (its link):
 Commands (``cmd/<device>/<name>``) and desired state (``shadow/<device>/desired``)
 follow the contract of SDK services (firmware_sim/commands.py, docs/commands.md):
 statuses on ``evt/cmd/<device>``; an id seen before is not applied again.
+
+Size: one device is one state machine (ticks, faults, power, link, its manifest record)
+whose parts share its state; commands live in firmware_sim/commands.py, the outbox in
+firmware_sim/outbox.py, what it shares with the fleet in firmware_sim/context.py.
 """
 
 from __future__ import annotations

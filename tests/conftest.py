@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from firmware_sim.chaos import ThreadedChaosProxy
+from firmware_sim.chaos_thread import ThreadedChaosProxy
 from tests.harness import CLOUD_CONF, EDGE_CONF, Broker, Proc
 
 _CONFS = {"edge": EDGE_CONF, "cloud": CLOUD_CONF}

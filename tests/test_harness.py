@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware_sim.chaos import ChaosProxy, ThreadedChaosProxy, parse_flap_spec, run_chaos_cli
+from firmware_sim.chaos import ChaosProxy, parse_flap_spec, run_chaos_cli
+from firmware_sim.chaos_thread import ThreadedChaosProxy
 from tests.harness import Broker, Proc, free_port, wait_until
 
 PY = sys.executable

@@ -42,8 +42,6 @@ SIZE_SCOPE = (*PACKAGES, "bench")  # tests/ are lists of cases; they are not hel
 KNOWN_LONG: set[str] = {
     "gateway/uplink.py",  # house-gw: one module per stage
     "gateway/store.py",  # house-gw
-    "firmware_sim/device.py",  # house-edge: device context object
-    "firmware_sim/chaos.py",  # house-edge
 }
 
 
