@@ -38,7 +38,7 @@ def _pct(xs: list[float], p: float) -> float:
 class _Site:
     def __init__(self, wd: Any, commit_interval: str, tag: str) -> None:
         from bench._util import PY
-        from firmware_sim.chaos import ThreadedChaosProxy
+        from firmware_sim.chaos_thread import ThreadedChaosProxy
 
         self.node = f"bench-{tag}"
         self.edge = wd.broker("edge", f"edge-{tag}").start()
