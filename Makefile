@@ -7,9 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeferry-installed
 
-.PHONY: demo test bench lint setup mosquitto clean
+.PHONY: demo test bench lint setup mosquitto cloud-brokers clean
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto cloud-brokers
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
@@ -29,6 +29,20 @@ mosquitto:
 	    echo "installing mosquitto (Debian package)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	  else echo "error: mosquitto is missing: run 'sudo apt-get install mosquitto'"; exit 1; fi; \
+	fi
+
+# NATS and RabbitMQ as the cloud broker in tests/test_cloud_brokers.py (Debian packages;
+# the tests start their own instances on free ports, and skip, saying why, without them)
+cloud-brokers:
+	@missing=""; \
+	command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing="$$missing nats-server"; \
+	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian packages)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing: their tests will be skipped"; \
+	  else echo "warning:$$missing missing: their tests will be skipped"; fi; \
 	fi
 
 # lint first: a lint or type error fails `make test` like a failing test does

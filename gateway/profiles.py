@@ -39,6 +39,7 @@ class CloudProfile:
     max_topic_bytes: int = 0
     max_client_id_bytes: int = 0
     shared_subscriptions: bool = True
+    topic_forbidden: str = ""  # characters the broker refuses in a topic
     note: str = ""
 
     def message_budget(self, topic: str) -> int:
@@ -50,6 +51,11 @@ class CloudProfile:
         return self.max_message_bytes - (5 + 2 + len(topic.encode()) + 2)
 
     def check_topic(self, topic: str, what: str) -> None:
+        bad = sorted({c for c in topic if c in self.topic_forbidden})
+        if bad:
+            raise ConfigError(f"cloud profile {self.name}: {what} {topic!r} has {' and '.join(map(repr, bad))}, "
+                              f"which the broker refuses in a topic (it closes the connection): "
+                              f"choose a node id and lane names without")
         levels = topic.count("/") + 1
         if self.max_topic_levels and levels > self.max_topic_levels:
             raise ConfigError(f"cloud profile {self.name}: {what} {topic!r} has {levels} topic "
@@ -92,12 +98,13 @@ PROFILES: dict[str, CloudProfile] = {p.name: p for p in (
                  note="port 8883, TLS 1.2/1.3; user name and password"),
     # EMQX (own deployment): 1 MB messages by default (mqtt.max_packet_size)
     CloudProfile("emqx", 1024 * 1024, note="limits are the deployment's own"),
-    # NATS server's MQTT listener: MQTT 3.1.1 only, needs JetStream, max_payload 1 MB
-    CloudProfile("nats", 1024 * 1024, note="MQTT 3.1.1 only; JetStream on; no retained "
+    # NATS server's MQTT listener: MQTT 3.1.1 only, needs JetStream, max_payload 1 MB;
+    # a publish to a topic with '.' or ' ' closes the connection (measured, 2.9.10)
+    CloudProfile("nats", 1024 * 1024, topic_forbidden=". ", note="MQTT 3.1.1 only; JetStream on; no retained "
                  "messages across a JetStream loss"),
-    # RabbitMQ MQTT plugin: no shared subscriptions with MQTT 3.1.1; max_message_size
-    # default 16 MiB (mqtt.max_packet_size_authenticated 256 MiB)
-    CloudProfile("rabbitmq", 16 * 1024 * 1024, shared_subscriptions=False,
+    # RabbitMQ MQTT plugin (3.10 here): QoS 0 and 1 only, no shared subscriptions,
+    # retained messages in a node-local store; message size: the broker's setting
+    CloudProfile("rabbitmq", shared_subscriptions=False,
                  note="QoS 2 downgraded to 1; no shared subscriptions"),
 )}
 

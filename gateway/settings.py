@@ -198,6 +198,7 @@ class GatewaySettings(_Identity):
 
     def __post_init__(self) -> None:
         self.profile.check_client_id(self.gateway_client_id + "-down")
+        self.profile.check_topic(f"ef/{self.node_id}/shadow/+/desired", "downlink topic")
         for lane in self.lanes:
             self.profile.check_topic(uplink_topic(self.node_id, lane.name), "uplink topic")
             budget = self.profile.message_budget(uplink_topic(self.node_id, lane.name))

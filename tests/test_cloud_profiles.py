@@ -41,6 +41,11 @@ def test_a_client_id_or_topic_the_broker_would_refuse_is_a_settings_error():
         gateway_settings([*BASE, "--cloud-profile", "aws-iot", "--client-id", "x" * 130], {})
     with pytest.raises(ConfigError, match="unknown cloud profile|not one of"):
         gateway_settings([*BASE, "--cloud-profile", "moon"], {})
+    # NATS closes the connection of a client publishing to a topic with '.' (measured)
+    with pytest.raises(ConfigError, match="'.' which the broker refuses|refuses in a topic"):
+        gateway_settings(["--cloud", "mqtt://cloud.example", "--node-id", "pi.1",
+                          "--cloud-profile", "nats"], {})
+    gateway_settings(["--cloud", "mqtt://cloud.example", "--node-id", "pi.1"], {})
     with pytest.raises(ConfigError, match="topic levels"):
         profile("aws-iot").check_topic("a/b/c/d/e/f/g/h/i", "topic")
 
