@@ -88,7 +88,9 @@ class Downlink:
         self._rehello = asyncio.Event()
         self._hello_n = 0
         self._last_pub: dict[str, float] = {}
+        self._pub_target: dict[str, str] = {}  # command id -> target, of those in _last_pub
         self._known: set[str] = set()  # targets with a retained state/<target> (birth or will)
+        self._offline: set[str] = set()  # of those, the ones whose state is "offline"
         self._local_since: float | None = None
         self._republish_all = True
         self.cloud_up = False
@@ -281,6 +283,7 @@ class Downlink:
             if client is None:
                 return
             self._last_pub.clear()  # a new connection: publish at once what is not accepted
+            self._pub_target.clear()
             self._republish_all = True  # and the retained state (the broker may have lost it)
             try:
                 await client.subscribe([("evt/cmd/+", 1), ("shadow/+/reported", 1), ("state/+", 1)])
@@ -325,7 +328,15 @@ class Downlink:
         changes: list[tuple[str, str | None, int | None, str | None]] = []
         for _, m in batch:
             if m.topic.startswith("state/"):
-                self._known.add(m.topic[6:])
+                target = m.topic[6:]
+                self._known.add(target)
+                if m.payload.strip() == b"offline":
+                    self._offline.add(target)
+                elif target in self._offline:
+                    # back online: what it has not accepted goes out again at once
+                    self._offline.discard(target)
+                    for cid in [k for k, t in self._pub_target.items() if t == target]:
+                        self._last_pub.pop(cid, None)
                 continue
             parsed = self._parse_local(m)
             if parsed is None:
@@ -397,12 +408,19 @@ class Downlink:
                 changes.append((c.id, "rejected", 3, err))
                 continue
             last = self._last_pub.get(c.id)
+            if last is not None and c.target in self._offline:
+                # published once already: the broker queues it for an offline target's
+                # session; copies every few seconds would only fill that queue
+                if left != float("inf"):
+                    due = left / 1000 if due is None else min(due, left / 1000)
+                continue
             if last is None or now - last >= self.redeliver:
                 ttl = None if left == float("inf") else int(left)
                 ev = envelope(source=f"/{self.node}/gateway", type=COMMAND_TYPE, id=c.id, subject=c.target,
                               data=command_data(c.name, c.args, ttl, clock))
                 await pub(f"cmd/{c.target}/{c.name}", encode(ev))
                 self._last_pub[c.id] = now
+                self._pub_target[c.id] = c.target
                 self.counters["commands_published"] += 1
                 if c.state == "held":
                     changes.append((c.id, "published", None, None))
@@ -429,6 +447,10 @@ class Downlink:
                 await pub(f"evt/shadow/{t.thing}", encode(ev))
                 reported.append((t.thing, t.reported_version))
         self._republish_all = False
+        waiting = {c.id for c in cmds if c.state in ("held", "published")}
+        for cid in [k for k in self._last_pub if k not in waiting]:
+            del self._last_pub[cid]
+            self._pub_target.pop(cid, None)
         if futs:
             await asyncio.gather(*futs)  # the local broker has them: now record it
         if changes:

@@ -322,3 +322,19 @@ def test_simulated_devices_follow_commands_and_desired_interval(pipe, proc_facto
           f"desired_reported={reported()}", flush=True)
     assert row["reply"] == {"interval": 2.0} and row["by"] == "dev-0001"
     fleet.terminate(10)
+
+
+def test_offline_target_gets_one_copy_not_one_per_redelivery(tmp_path, broker_factory, proc_factory, chaos):
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, node="site-1",
+                    gateway_args=("--redeliver", "0.2s"), sink="sqlite")
+    pipe.start()
+    start_target(pipe, proc_factory).terminate(10)  # a clean stop: state/target is "offline"
+    cid = send(pipe, {"interval": 9})
+    wait_state(pipe, cid, "delivered")
+    start_target(pipe, proc_factory, "target2")  # its session held the one copy
+    row = wait_state(pipe, cid, "succeeded")
+    published = pipe.status()["downlink"]["counters"]["commands_published"]
+    print(f"[offline target] sent=1 executed={len(runs(pipe))} published={published} state={row['state']}",
+          flush=True)
+    assert runs(pipe) == ["9.0"]
+    assert published <= 2  # once while it was offline, at most once more when it came back
