@@ -338,3 +338,29 @@ def test_offline_target_gets_one_copy_not_one_per_redelivery(tmp_path, broker_fa
           flush=True)
     assert runs(pipe) == ["9.0"]
     assert published <= 2  # once while it was offline, at most once more when it came back
+
+
+def test_commands_and_desired_state_through_nats(tmp_path, broker_factory, proc_factory, chaos):
+    from tests.cloud_brokers import NatsBroker, nats_missing
+
+    why = nats_missing()
+    if why:
+        pytest.skip(why)
+    nats = NatsBroker(tmp_path / "nats").start()
+    try:
+        pipe = Pipeline(tmp_path, lambda conf: nats if conf == "cloud" else broker_factory(conf),
+                        proc_factory, chaos, node="site-1", sink="sqlite",
+                        gateway_args=("--cloud-profile", "nats", "--redeliver", "1s"))
+        pipe.start()
+        start_target(pipe, proc_factory)
+        pipe.proxy.cut()
+        pipe.gateway.wait_for_line(r"cloud link \(downlink\) lost", 20)
+        cid = send(pipe, {"interval": 11})
+        set_desired(pipe, {"interval": 11})
+        pipe.proxy.up()
+        row = wait_state(pipe, cid, "succeeded", 60)
+        wait_until(lambda: (shadow(pipe) or {}).get("reported") == {"interval": 11}, 60, "reported interval 11")
+        report("nats", 1, runs(pipe), [row["state"]])
+        assert runs(pipe) == ["11.0"]
+    finally:
+        nats.stop()
