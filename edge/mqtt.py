@@ -26,8 +26,8 @@ its PINGRESP within another ``keepalive / 2`` closes the connection with
 :class:`ConnectionLost`, however many bytes of unfinished packets trickle in meanwhile:
 only complete packets count. The check runs every ``keepalive / 8``, so a blackholed or
 stalled link is noticed within ``1.25 * keepalive`` seconds. One consequence: a single
-packet that takes longer than about ``keepalive / 2`` to arrive ends the connection
-(size ``max_packet_bytes`` and the keepalive to the slowest link).
+packet that takes longer than about ``keepalive`` to arrive ends the connection (size
+``max_packet_bytes`` and the keepalive to the slowest link).
 
 While reading is paused (:meth:`MQTTClient.pause_reading`) the socket is not read, so no
 PINGRESP can be seen. Pings still go out every ``keepalive / 2`` (the broker's side stays
@@ -558,7 +558,9 @@ class MQTTClient:
     def ack_many(self, pids: list[int]) -> None:
         """Acknowledge many received QoS 1 messages (their PUBACKs in one write, in
         arrival order)."""
-        if not pids:
+        if not isinstance(pids, list):
+            pids = list(pids)
+        if not pids or not self._rx:
             return
         rx = self._rx
         order = self._rx_order
@@ -566,23 +568,22 @@ class MQTTClient:
         k = len(pids)
         if order[head : head + k] == pids:
             # the common case (the gateway's commit): exactly the oldest ones, in order
-            n = rx[pids[-1]]
-            if n > 0 and all(rx[p] > 0 for p in pids):
-                for p in pids:
-                    del rx[p]
-                self._rx_head = head + k
-                self._flushed = n
-                if n > self._acked_high:
-                    self._acked_high = n
-                if self._alive:
-                    self._write(struct.pack(f"!{k}I", *[0x40020000 | p for p in pids]))
-                if head + k < len(order) and rx[order[head + k]] < 0:
-                    self._flush_acks()  # acknowledged earlier, held back behind these
-                else:
-                    self._compact_order()
-                if self._parked_pings:
-                    self._release_pings()
-                return
+            n = abs(rx[pids[-1]])  # arrival numbers grow along the order
+            for p in pids:
+                del rx[p]
+            self._rx_head = head + k
+            self._flushed = n
+            if n > self._acked_high:
+                self._acked_high = n
+            if self._alive:
+                self._write(struct.pack(f"!{k}I", *[0x40020000 | p for p in pids]))
+            if head + k < len(order) and rx[order[head + k]] < 0:
+                self._flush_acks()  # acknowledged earlier, held back behind these
+            else:
+                self._compact_order()
+            if self._parked_pings:
+                self._release_pings()
+            return
         get = rx.get
         high = self._acked_high
         for pid in pids:

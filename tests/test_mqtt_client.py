@@ -503,3 +503,22 @@ async def test_same_pid_again_with_dup_is_delivered_and_acked_once(fake):
     await conn.expect(0xC0)  # no second PUBACK before the ping
     conn.send(publish(b"a", b"2", qos=1, pid=5) + publish(b"a", b"3", qos=1, pid=5))
     assert "still in use" in await closed_within(client, 5)
+
+
+async def test_ack_many_batches_in_order_whatever_came_before(fake):
+    """The gateway's path: one ack_many per commit, possibly after single acks of some of
+    the same messages (duplicates, retained) and with a tuple instead of a list."""
+    client, conn = await fake.session()
+    got: list[mqtt.Message] = []
+    client.on_message = got.append
+    conn.send(b"".join(publish(b"a", qos=1, pid=p) for p in (1, 2, 3, 4, 5, 6)))
+    await until(lambda: len(got) == 6)
+    client.ack(2)  # held back behind 1
+    client.ack_many([1, 2, 3])
+    client.ack(6)  # held back behind 4 and 5
+    client.ack_many((4, 5))
+    pids = [int.from_bytes(await conn.expect(0x40), "big") for _ in range(6)]
+    assert pids == [1, 2, 3, 4, 5, 6]
+    client.ack_many([1, 99])  # acknowledged already, and never received: ignored
+    client.ping()
+    await conn.expect(0xC0)
