@@ -23,6 +23,15 @@ the gateway acknowledged to the local broker survives power loss; ``normal`` fsy
 at checkpoints: a kill -9 still loses nothing, but a power cut may lose the last commits
 (up to the ``wal_autocheckpoint`` interval) after the broker already forgot them.
 
+Clocks: a record's ``ts`` is the wall clock when the gateway received it, carried to
+the sink as it was (a Pi without a real-time clock may send years-wrong times until NTP
+sets the clock). Ages and TTLs never use it: each chunk also holds the *store clock* of
+its commit, milliseconds that run with the monotonic clock while the gateway runs and
+continue from the persisted value at the next start, adding the downtime only when the
+wall clock moved forward by a plausible amount (at most :data:`MAX_CREDITED_DOWNTIME`)
+meanwhile. A wall-clock jump, forward or back, expires nothing and reorders nothing
+(order is the sequence number). The clock is injectable (:class:`Clock`) for tests.
+
 All methods are blocking; the gateway calls them from one writer thread and one reader
 thread (each with its own connection), never from the event loop.
 """
@@ -44,14 +53,33 @@ from typing import Any
 from gateway.errors import StoreCorrupt, StoreError
 from gateway.frames import pack_topics, read_topics
 
-__all__ = ["RECORD_OVERHEAD", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size", "inspect"]
+__all__ = ["RECORD_OVERHEAD", "Clock", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size",
+           "inspect"]
 
 log = logging.getLogger("edgeferry.store")
 
 RECORD_OVERHEAD = 24
 """Bytes counted per record on top of its topic and payload (row header, seq, ts)."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+MAX_CREDITED_DOWNTIME = 7 * 86400.0
+"""Seconds of downtime (by the wall clock, between the last write and the next start)
+counted towards record ages; a larger or negative move of the wall clock is taken as
+the clock being set, not as time passed, and counts nothing."""
+CLOCK_PERSIST_S = 10.0
+
+
+class Clock:
+    """Where the store reads time: ``wall()`` (time.time) and ``monotonic()``."""
+
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+SYSTEM_CLOCK = Clock()
 CHUNK_RECORDS = 1000
 """Records per chunk at most (a frame's worth: the uplink decodes one or two per frame)."""
 CHUNK_BYTES = 256 * 1024
@@ -89,8 +117,9 @@ class LaneState:
     spec: LaneSpec
     count: int = 0
     bytes: int = 0
-    oldest_ts: int | None = None  # ms
+    oldest_ts: int | None = None  # ms, wall clock
     newest_seq: int = 0
+    oldest_clock: int | None = None  # ms, store clock (ages)
 
     @property
     def table(self) -> str:
@@ -157,6 +186,7 @@ class Store:
         max_bytes: int = 256 * 1024 * 1024,
         sync: str = "full",
         node_id: str = "",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if sync not in ("full", "normal"):
             raise ValueError("sync must be 'full' or 'normal'")
@@ -171,7 +201,11 @@ class Store:
         self.moved_aside: Path | None = None
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._last_ttl = 0.0
+        self._last_ttl: float | None = None
+        self.clock = clock
+        self._clock_start = 0  # store clock (ms) at _mono0
+        self._mono0 = clock.monotonic()
+        self._clock_saved = -CLOCK_PERSIST_S
 
     # ------------------------------------------------------------ open / close
 
@@ -217,6 +251,7 @@ class Store:
         self.epoch = int(meta["epoch"])
         floor = int(meta.get("seq_floor", "0"))
         self.drops = json.loads(meta.get("drops", "{}"))
+        self._start_clock(int(meta.get("clock_ms", "0")), float(meta.get("clock_wall", "0")))
         high = floor
         for lane in self.lanes.values():
             _create_lane(db, lane.table)
@@ -225,7 +260,7 @@ class Store:
                 f"FROM {lane.table}"
             ).fetchone()
             lane.count, lane.bytes, lane.newest_seq = count, total, newest
-            lane.oldest_ts = self._oldest_ts(db, lane)
+            lane.oldest_ts, lane.oldest_clock = self._oldest(db, lane)
             high = max(high, newest)
         # Lanes that disappeared from the configuration still hold records: keep their
         # highest seq in mind so that numbers never repeat.
@@ -256,7 +291,7 @@ class Store:
                 [("epoch", str(epoch)), ("seq_floor", "0"), ("drops", "{}"),
                  ("node_id", self.node_id), ("created", str(time.time()))],
             )
-            db.execute("PRAGMA user_version=2")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             log.info("created store %s with epoch %d", self.path, epoch)
             return
@@ -270,13 +305,68 @@ class Store:
                 _create_lane(db, table)
                 rows = db.execute(f"SELECT seq, ts, topic, payload, pid FROM {name} ORDER BY seq").fetchall()
                 for i in range(0, len(rows), CHUNK_RECORDS):
-                    _insert_chunk(db, table, rows[i : i + CHUNK_RECORDS])
+                    _insert_chunk(db, table, rows[i : i + CHUNK_RECORDS], 0)
                 db.execute(f"DROP TABLE {name}")
             db.execute("PRAGMA user_version=2")
             db.execute("COMMIT")
             log.info("migrated store %s to schema 2 (chunks)", self.path)
+            version = 2
+        if version < 3:
+            # 2 -> 3: each chunk gets the store clock of its commit (ages without the
+            # wall clock); existing chunks get their wall-clock age as it is now
+            db.execute("BEGIN IMMEDIATE")
+            wall_ms = int(self.clock.wall() * 1000)
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'chunks_%'"
+            ).fetchall():
+                cols = {r[1] for r in db.execute(f"PRAGMA table_info({name})")}
+                if "clock" not in cols:
+                    db.execute(f"ALTER TABLE {name} ADD COLUMN clock INTEGER NOT NULL DEFAULT 0")
+                db.execute(f"UPDATE {name} SET clock = -max(0, ? - first_ts)", (wall_ms,))
+            db.execute("DELETE FROM meta WHERE key IN ('clock_ms', 'clock_wall')")
+            db.execute("PRAGMA user_version=3")
+            db.execute("COMMIT")
+            log.info("migrated store %s to schema 3 (store clock)", self.path)
+
+    # ------------------------------------------------------------ the store clock
+
+    def _start_clock(self, saved_ms: int, saved_wall: float) -> None:
+        credit = 0.0
+        if saved_wall:
+            moved = self.clock.wall() - saved_wall
+            if 0 <= moved <= MAX_CREDITED_DOWNTIME:
+                credit = moved
+            else:
+                log.warning("the wall clock moved by %.0f s since this store was last written: "
+                            "taken as the clock being set, not as downtime (record ages go on "
+                            "from where they were)", moved)
+        self._clock_start = saved_ms + int(credit * 1000)
+        self._mono0 = self.clock.monotonic()
+
+    def now_clock(self) -> int:
+        """The store clock now, in ms (monotonic within a run, continued across runs)."""
+        return self._clock_start + int((self.clock.monotonic() - self._mono0) * 1000)
+
+    def age_s(self, lane: str) -> float | None:
+        """Age of a lane's oldest record by the store clock (None when empty)."""
+        oldest = self.lanes[lane].oldest_clock
+        return None if oldest is None else max(0.0, (self.now_clock() - oldest) / 1000)
+
+    def _save_clock(self, db: sqlite3.Connection, force: bool = False) -> None:
+        mono = self.clock.monotonic()
+        if force or mono - self._clock_saved >= CLOCK_PERSIST_S:
+            self._clock_saved = mono
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("clock_ms", str(self.now_clock())), ("clock_wall", repr(self.clock.wall()))])
 
     def close(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._save_clock(self._db, force=True)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                pass
         for conn in (self._reader, self._db):
             if conn is not None:
                 try:
@@ -318,13 +408,14 @@ class Store:
             seq += 1
         res.last_seq = seq - 1
         floor_changed = False
+        clock = self.now_clock()
         try:
             db.execute("BEGIN IMMEDIATE")
             # the lanes' counters change only after COMMIT, all at once, so that a status
             # read meanwhile sees one consistent state: count and bytes deltas here
             dcount = {name: 0 for name in self.lanes}
             dbytes = {name: 0 for name in self.lanes}
-            oldest = {name: lane.oldest_ts for name, lane in self.lanes.items()}
+            oldest = {name: lane.oldest_clock for name, lane in self.lanes.items()}
             for lane_name, recs in by_lane.items():
                 lane = self.lanes[lane_name]
                 start = 0
@@ -333,12 +424,12 @@ class Store:
                     while end < len(recs) and end - start < CHUNK_RECORDS and size < CHUNK_BYTES:
                         size += len(recs[end][2]) + len(recs[end][3]) + RECORD_OVERHEAD
                         end += 1
-                    _insert_chunk(db, lane.table, recs[start:end])
+                    _insert_chunk(db, lane.table, recs[start:end], clock)
                     dcount[lane_name] += end - start
                     dbytes[lane_name] += size
                     start = end
                 if oldest[lane_name] is None:
-                    oldest[lane_name] = recs[0][1]
+                    oldest[lane_name] = clock
             for lane_name, upto in (deletes or {}).items():
                 n, b = self._remove_delivered(db, self.lanes[lane_name], upto)
                 if n:
@@ -346,16 +437,16 @@ class Store:
                     dcount[lane_name] -= n
                     dbytes[lane_name] -= b
                     floor_changed = True
-            now = time.time()
-            if now - self._last_ttl >= 1.0:
-                self._last_ttl = now
+            mono = self.clock.monotonic()
+            if self._last_ttl is None or mono - self._last_ttl >= 1.0:
+                self._last_ttl = mono
                 for lane in self.lanes.values():
-                    first_ts = oldest[lane.spec.name]
-                    if lane.spec.ttl and first_ts is not None:
-                        cutoff = int((now - lane.spec.ttl) * 1000)
-                        if first_ts < cutoff:
-                            n, b = self._drop_front(db, lane, lambda r, c=cutoff: r[1] < c,
-                                                    res.expired_seqs.setdefault(lane.spec.name, []))
+                    first_clock = oldest[lane.spec.name]
+                    if lane.spec.ttl and first_clock is not None:
+                        cutoff = clock - int(lane.spec.ttl * 1000)
+                        if first_clock <= cutoff:
+                            n, b = self._expire_front(db, lane, cutoff,
+                                                      res.expired_seqs.setdefault(lane.spec.name, []))
                             if n:
                                 res.expired[lane.spec.name] = (n, b)
                                 dcount[lane.spec.name] -= n
@@ -394,6 +485,7 @@ class Store:
                 db.execute("UPDATE meta SET value=? WHERE key='drops'", (json.dumps(new_drops),))
             if floor_changed:
                 db.execute("UPDATE meta SET value=? WHERE key='seq_floor'", (str(seq - 1),))
+            self._save_clock(db)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -406,7 +498,7 @@ class Store:
             lane.count += dcount[name]
             lane.bytes += dbytes[name]
             if name in by_lane or dcount[name] < 0:
-                lane.oldest_ts = self._oldest_ts(db, lane)
+                lane.oldest_ts, lane.oldest_clock = self._oldest(db, lane)
         self.drops = new_drops
         for lane_name, recs in by_lane.items():
             self.lanes[lane_name].newest_seq = recs[-1][0]
@@ -429,11 +521,11 @@ class Store:
         n = b = 0
         while True:
             row = db.execute(
-                f"SELECT first_seq, n, bytes, data FROM {lane.table} ORDER BY first_seq LIMIT 1"
+                f"SELECT first_seq, n, bytes, data, clock FROM {lane.table} ORDER BY first_seq LIMIT 1"
             ).fetchone()
             if row is None:
                 break
-            first, cn, cb, data = row
+            first, cn, cb, data, chunk_clock = row
             recs = unpack(first, data)
             k = 0
             while k < len(recs) and drop(recs[k]):  # type: ignore[operator]
@@ -447,15 +539,33 @@ class Store:
                 continue
             rest = recs[k:]
             kept = sum(record_size(r[2], r[3]) for r in rest)
-            _insert_chunk(db, lane.table, [(r[0], r[1], r[2], r[3], r[4]) for r in rest])
+            _insert_chunk(db, lane.table, [(r[0], r[1], r[2], r[3], r[4]) for r in rest], chunk_clock)
             n, b = n + k, b + cb - kept
             break
         return n, b
 
+    def _expire_front(self, db: sqlite3.Connection, lane: LaneState, cutoff: int,
+                      seqs: list[int]) -> tuple[int, int]:
+        """Remove the lane's oldest chunks committed at or before ``cutoff`` (store clock;
+        chunks are in commit order, so those are a prefix). The removed seqs go to
+        ``seqs``."""
+        n = b = 0
+        while True:
+            row = db.execute(
+                f"SELECT first_seq, n, bytes, data, clock FROM {lane.table} ORDER BY first_seq LIMIT 1"
+            ).fetchone()
+            if row is None or row[4] > cutoff:
+                break
+            first, cn, cb, data, _ = row
+            seqs.extend(r[0] for r in unpack(first, data))
+            db.execute(f"DELETE FROM {lane.table} WHERE first_seq = ?", (first,))
+            n, b = n + cn, b + cb
+        return n, b
+
     @staticmethod
-    def _oldest_ts(db: sqlite3.Connection, lane: LaneState) -> int | None:
-        row = db.execute(f"SELECT first_ts FROM {lane.table} ORDER BY first_seq LIMIT 1").fetchone()
-        return row[0] if row else None
+    def _oldest(db: sqlite3.Connection, lane: LaneState) -> tuple[int | None, int | None]:
+        row = db.execute(f"SELECT first_ts, clock FROM {lane.table} ORDER BY first_seq LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def _reload_counts(self) -> None:
         db = self._db
@@ -465,7 +575,7 @@ class Store:
             lane.count, lane.bytes = db.execute(
                 f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {lane.table}"
             ).fetchone()
-            lane.oldest_ts = self._oldest_ts(db, lane)
+            lane.oldest_ts, lane.oldest_clock = self._oldest(db, lane)
 
     # ------------------------------------------------------------ reading
 
@@ -526,15 +636,17 @@ def _create_lane(db: sqlite3.Connection, table: str) -> None:
     db.execute(
         f"CREATE TABLE IF NOT EXISTS {table} (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,"
         " n INTEGER NOT NULL, bytes INTEGER NOT NULL, first_ts INTEGER NOT NULL,"
-        " last_ts INTEGER NOT NULL, data BLOB NOT NULL)"
+        " last_ts INTEGER NOT NULL, data BLOB NOT NULL, clock INTEGER NOT NULL DEFAULT 0)"
     )
 
 
-def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record]) -> None:
+def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record], clock: int) -> None:
+    """One chunk; ``clock`` is the store clock of its commit (ages and TTLs)."""
     size = sum(record_size(r[2], r[3]) for r in recs)
     db.execute(
-        f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?)",
-        (recs[0][0], recs[-1][0], len(recs), size, recs[0][1], recs[-1][1], pack(recs)),
+        f"INSERT INTO {table} (first_seq, last_seq, n, bytes, first_ts, last_ts, data, clock) "
+        "VALUES (?,?,?,?,?,?,?,?)",
+        (recs[0][0], recs[-1][0], len(recs), size, recs[0][1], recs[-1][1], pack(recs), clock),
     )
 
 
@@ -546,18 +658,21 @@ def inspect(path: str | Path) -> dict[str, Any]:
     try:
         conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        now_ms = int(time.time() * 1000)
+        clock_ms = int(meta.get("clock_ms", "0"))  # the store clock when last written
         lanes = {}
         for (table,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'chunks_%' ORDER BY name"
         ).fetchall():
             count, total = conn.execute(
                 f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {table}").fetchone()
-            row = conn.execute(f"SELECT first_ts FROM {table} ORDER BY first_seq LIMIT 1").fetchone()
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            row = conn.execute(f"SELECT {'clock' if 'clock' in cols else 'first_ts'} FROM {table} "
+                               "ORDER BY first_seq LIMIT 1").fetchone() if "clock" in cols else None
             lanes[table[7:]] = {
                 "records": count,
                 "bytes": total,
-                "oldest_age_s": round((now_ms - row[0]) / 1000, 3) if row else None,
+                # as of the last write (the gateway is not running)
+                "oldest_age_s": round(max(0, clock_ms - row[0]) / 1000, 3) if row else None,
             }
         conn.close()
     except sqlite3.DatabaseError as e:

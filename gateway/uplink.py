@@ -108,7 +108,8 @@ class Gateway:
         self._cloud_error: tuple[str, str] | None = None  # (kind, line) of the last failure
         self._local_up = False
         self.ready = asyncio.Event()  # store open and the local broker connected (systemd READY=1)
-        self._offline_since: float | None = time.time()
+        self._offline_since: float | None = time.time()  # wall clock, for display
+        self._offline_mono: float | None = time.monotonic()  # durations
         # counters (also persisted drops live in store.drops)
         self.counters: dict[str, int] = {
             "received": 0, "stored": 0, "acked_local": 0, "uplinked_records": 0, "frames": 0,
@@ -499,8 +500,8 @@ class Gateway:
             self.counters["cloud_connects"] += 1
             self._cloud_up = True
             self._cloud_error = None
-            down_for = time.time() - self._offline_since if self._offline_since else 0.0
-            self._offline_since = None
+            down_for = time.monotonic() - self._offline_mono if self._offline_mono else 0.0
+            self._offline_since = self._offline_mono = None
             log.info("cloud broker %s connected after %.1f s offline; draining %d records",
                      client.url, down_for, sum(ln.count for ln in self.store.lanes.values()))
             client.closed.add_done_callback(lambda _: self._uplink_wake.set())
@@ -516,7 +517,7 @@ class Gateway:
                 self._cloud_error = ("lost", str(why or e))
             finally:
                 self._cloud_up = False
-                self._offline_since = time.time()
+                self._offline_since, self._offline_mono = time.time(), time.monotonic()
                 self.limits.lost()
                 if self._stop.is_set():
                     await client.close()
@@ -563,7 +564,7 @@ class Gateway:
                     continue
                 if len(rows) < s.frame_max_records and any(inflight.values()):
                     age = int(time.time() * 1000) - rows[0][1]
-                    if age < linger_ms:
+                    if 0 <= age < linger_ms:  # (a wall-clock jump back: send, not wait)
                         wait = (linger_ms - age) / 1000
                         deadline = wait if deadline is None else min(deadline, wait)
                         continue
@@ -640,14 +641,12 @@ class Gateway:
     # ------------------------------------------------------------ health
 
     def status(self) -> dict[str, Any]:
-        now = time.time()
-        now_ms = int(now * 1000)
         lanes = {}
         for name, st in self.store.lanes.items():
             lanes[name] = {
                 "records": st.count,
                 "bytes": st.bytes,
-                "oldest_age_s": round((now_ms - st.oldest_ts) / 1000, 3) if st.oldest_ts else None,
+                "oldest_age_s": None if (age := self.store.age_s(name)) is None else round(age, 3),
                 "policy": st.spec.when_full,
                 "held_at_broker": len(self._held.get(name, ())),
             }
@@ -667,7 +666,7 @@ class Gateway:
             "cloud_error": None if self._cloud_up or not self._cloud_error else self._cloud_error[1],
             "cloud_limits": self.limits.status(),
             "offline_since": self._offline_since,
-            "offline_for_s": round(now - self._offline_since, 3) if self._offline_since else 0.0,
+            "offline_for_s": round(time.monotonic() - self._offline_mono, 3) if self._offline_mono else 0.0,
             "lanes": lanes,
             "store_bytes": self._used,
             "pending_commit": len(self._pending),

@@ -92,10 +92,16 @@ def test_events_are_never_evicted(tmp_path):
 
 
 def test_ttl_expires_old_records(tmp_path):
+    """Age is time spent in the store (the store clock, tests/test_clocks.py), not the
+    record's wall-clock timestamp: records stored 120 s ago expire under a 60 s TTL."""
+    from tests.test_clocks import FakeClock
+
+    clock = FakeClock()
     lanes = [LaneSpec("events", ("evt/#",), "block"), LaneSpec("telemetry", ("dt/#",), "drop_oldest", ttl=60)]
-    s = open_store(tmp_path / "s.db", lanes=lanes)
-    old = int((time.time() - 120) * 1000)
-    r = s.commit([rec("telemetry", i, ts=old) for i in range(5)] + [rec("telemetry", 9)])
+    s = open_store(tmp_path / "s.db", lanes=lanes, clock=clock)
+    s.commit([rec("telemetry", i) for i in range(5)])
+    clock.advance(120)
+    r = s.commit([rec("telemetry", 9)])
     assert r.expired == {"telemetry": (5, 5 * (6 + 10 + RECORD_OVERHEAD))}
     assert s.lanes["telemetry"].count == 1
     assert s.drops["ttl:telemetry"] == 5
