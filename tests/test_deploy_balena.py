@@ -301,8 +301,11 @@ def test_service_and_sim_entrypoints(tmp_path: Path) -> None:
     env |= {"EDGEFERRY_SIM_DEVICES": "50", "EDGEFERRY_SIM_PASSWORD": "pw-sim"}
     subprocess.run(["sh", str(DOCKER / "edgeferry-entrypoint.sh")], env=env, check=True, timeout=10)
     argv = (Path(env["HOME"]) / "argv.out").read_text().split()
-    assert argv[:4] == ["sim", "run", "--broker", "mqtt://sim:pw-sim@mosquitto:1883"]
-    assert argv[4:6] == ["--devices", "50"]
+    assert argv[:6] == ["sim", "run", "--broker", "mqtt://mosquitto:1883", "--username", "sim"]
+    assert argv[6] == "--password-file" and "pw-sim" not in argv
+    password_file = Path(argv[7])
+    assert password_file.read_text() == "pw-sim\n" and stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert argv[8:10] == ["--devices", "50"]
 
 
 def test_mosquitto_image_config_starts_locked_down(tmp_path: Path, broker_factory: Callable[..., Broker]) -> None:

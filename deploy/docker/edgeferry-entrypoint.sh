@@ -49,10 +49,10 @@ case "$role" in
             echo "error: EDGEFERRY_SIM_PASSWORD is not set (edgeferry provision --device-class sim)" >&2
             exit 1
         fi
-        # the password travels in the URL (sim run has no password file yet); it is
-        # redacted wherever edgeferry prints the URL
-        set -- sim run --broker "mqtt://sim:${pw}@${broker_host}:1883" --devices "$EDGEFERRY_SIM_DEVICES" \
-            --no-progress "$@"
+        mkdir -p "$ident"
+        printf '%s\n' "$pw" > "$ident/sim.password"
+        set -- sim run --broker "mqtt://${broker_host}:1883" --username sim --password-file "$ident/sim.password" \
+            --devices "$EDGEFERRY_SIM_DEVICES" --no-progress "$@"
         ;;
 esac
 if [ -n "$role" ] && [ "$role" != gateway ] && [ "$role" != sim ]; then
