@@ -99,6 +99,8 @@ class CloudSync:
                 client.abort()
                 await sleep_unless(stop, backoff.next())
         finally:
+            if self._client is not None:
+                self._client.abort()  # when cancelled (another task failed): no socket left open
             state, self._state = self._state, None
             if state is not None:
                 await self._db(state.close)

@@ -12,9 +12,11 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from edge._lifecycle import first_error
 from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectionLost
 from edge.mqtt import Message, MQTTClient
@@ -40,7 +42,7 @@ def _from_sender(topic: str, node: str, lane: str) -> bool:
 
 
 class Ingest:
-    """``async with Ingest(settings) as ing: await ing.wait()``."""
+    """``await Ingest(settings).run()`` until :meth:`stop` (SIGTERM) or a task fails."""
 
     def __init__(self, settings: IngestSettings) -> None:
         self.s = settings
@@ -52,9 +54,7 @@ class Ingest:
         self._idle.set()
         self._batch: list[Message] = []
         self._client: MQTTClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._tg: asyncio.TaskGroup | None = None
-        self._entered = False
+        self._ran = False
         self._nacked: dict[tuple[str, int, str], tuple[int, float]] = {}
         self._paused = False
         self.state: CloudState | None = None  # commands and shadows (docs/commands.md)
@@ -64,49 +64,52 @@ class Ingest:
                          "connects": 0}
         self.ready = asyncio.Event()  # sink open and the cloud broker connected (systemd READY=1)
 
-    async def __aenter__(self) -> Ingest:
-        if self._entered:
-            raise RuntimeError("an Ingest can be entered only once")
-        self._entered = True
+    async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Open the sink, consume until :meth:`stop`, then finish the write in flight and
+        leave the broker; ``await ready()`` once started. The first task that fails ends
+        ingest with that task's exception, raised as itself."""
+        if self._ran:
+            raise RuntimeError("an Ingest runs only once")
+        self._ran = True
         loop = asyncio.get_running_loop()
-        self.sink = await loop.run_in_executor(self._pool, open_sink, self.s.sink, self.s.fsync)
-        if self.s.downlink:
-            path = str(state_path(self.s.sink))
-            self.state = await loop.run_in_executor(self._pool, CloudState, path)
-            self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
-                                  keepalive=self.s.keepalive, backoff_max=self.s.backoff_max,
-                                  tls=self.s.tls, password_file=self.s.password_file)
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._tasks = [
-            self._tg.create_task(self._connection_loop(), name="ingest-connection"),
-            self._tg.create_task(self._writer(), name="ingest-writer"),
-        ]
-        if self.sync is not None:
-            self._tasks.append(self._tg.create_task(self.sync.run(self._stop), name="ingest-sync"))
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._wake.set()
-        await self._idle.wait()
-        if self._client is not None and self._client.connected:
-            await self._client.close()
-        for t in self._tasks:
-            t.cancel()
-        assert self._tg is not None
+        error: BaseException | None = None
         try:
-            await self._tg.__aexit__(None, None, None)
-        except BaseExceptionGroup as eg:  # noqa: F821
-            log.error("ingest task failed at shutdown: %r", eg.exceptions)
-        if self.sink is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.sink.close)
-        if self.state is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.state.close)
-        self._pool.shutdown(wait=True)
-
-    async def wait(self) -> None:
-        await self._stop.wait()
+            self.sink = await loop.run_in_executor(self._pool, open_sink, self.s.sink, self.s.fsync)
+            if self.s.downlink:
+                path = str(state_path(self.s.sink))
+                self.state = await loop.run_in_executor(self._pool, CloudState, path)
+                self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
+                                      keepalive=self.s.keepalive, backoff_max=self.s.backoff_max,
+                                      tls=self.s.tls, password_file=self.s.password_file)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self._connection_loop(), name="ingest-connection"),
+                        tg.create_task(self._writer(), name="ingest-writer"),
+                    ]
+                    if self.sync is not None:
+                        tasks.append(tg.create_task(self.sync.run(self._stop), name="ingest-sync"))
+                    if ready is not None:
+                        await ready()
+                    await self._stop.wait()
+                    # the write in flight is acknowledged; the rest the broker redelivers
+                    await self._idle.wait()
+                    if self._client is not None and self._client.connected:
+                        await self._client.close()
+                    for t in tasks:
+                        t.cancel()
+            except BaseExceptionGroup as eg:  # noqa: F821 - builtin in 3.11
+                error = first_error(eg)
+            if error is not None:
+                raise error  # the failed task's own exception and traceback
+        finally:
+            if self._client is not None:
+                self._client.abort()  # when a task failed: no socket left open
+            if self.sink is not None:
+                await loop.run_in_executor(self._pool, self.sink.close)
+            if self.state is not None:
+                await loop.run_in_executor(self._pool, self.state.close)
+            self._pool.shutdown(wait=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -44,8 +44,9 @@ def _on_signals(stop: Callable[[], None]) -> None:
 def _serve(name: str, settings: Any, make: Callable[[Any], Any],
            started: Callable[[Any], Awaitable[list[asyncio.Server]]] | None = None,
            status_line: Callable[[dict[str, Any]], str] | None = None) -> int:
-    """Run one long-lived component (an async context manager with wait() and stop())
-    until SIGTERM/SIGINT; print '<name> ready' once it runs; OSError -> one line, exit 1.
+    """Run one long-lived component (``run(ready)`` and ``stop()``) until SIGTERM/SIGINT;
+    print '<name> ready' once it runs; OSError -> one line, exit 1. Any other failure of
+    the component propagates: its traceback and a non-zero exit status.
 
     Under systemd (``Type=notify``, deploy/systemd/) it sends READY=1 once the component's
     ``ready`` event is set (the gateway: store open and local broker connected; ingest:
@@ -64,26 +65,29 @@ def _serve(name: str, settings: Any, make: Callable[[Any], Any],
             component.stop()
 
         _on_signals(stop)
+        servers: list[asyncio.Server] = []
+        helpers: list[asyncio.Task[None]] = []
+
+        async def ready() -> None:
+            if started is not None:
+                servers.extend(await started(component))
+            print(f"{name} ready", file=sys.stderr, flush=True)
+            helpers.append(asyncio.create_task(notifier.run_watchdog(), name=f"{name}:sd-watchdog"))
+            if notifier.enabled:
+                helpers.append(asyncio.create_task(_notify_ready(notifier, name, component, status_line),
+                                                   name=f"{name}:sd-status"))
+
         try:
-            async with component:
-                servers = await started(component) if started is not None else []
-                print(f"{name} ready", file=sys.stderr, flush=True)
-                helpers = [asyncio.create_task(notifier.run_watchdog(), name=f"{name}:sd-watchdog")]
-                if notifier.enabled:
-                    helpers.append(asyncio.create_task(_notify_ready(notifier, name, component, status_line),
-                                                       name=f"{name}:sd-status"))
-                try:
-                    await component.wait()
-                finally:
-                    for task in helpers:
-                        task.cancel()
-                    await asyncio.gather(*helpers, return_exceptions=True)
-                    for srv in servers:
-                        srv.close()
+            await component.run(ready)
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            for srv in servers:
+                srv.close()
             notifier.close()
         return 0
 
@@ -134,7 +138,9 @@ def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
         return None
 
 
-def run_gateway(argv: list[str]) -> int:
+def run_gateway(argv: list[str], hooks: Any = None) -> int:
+    """``edgeferry gateway run``; ``hooks`` (a :class:`gateway.state.Hooks`) only from
+    tests/_failpoint_gateway.py."""
     from gateway.settings import gateway_settings
 
     settings = _parse(gateway_settings, argv)
@@ -142,9 +148,9 @@ def run_gateway(argv: list[str]) -> int:
         return 2
 
     def make(s: Any) -> Any:
-        from gateway.uplink import Gateway
+        from gateway.gateway import Gateway
 
-        return Gateway(s)
+        return Gateway(s, hooks)
 
     async def started(gw: Any) -> list[asyncio.Server]:
         from gateway.health import serve_metrics, serve_status

@@ -34,6 +34,11 @@ meanwhile. A wall-clock jump, forward or back, expires nothing and reorders noth
 
 All methods are blocking; the gateway calls them from one writer thread and one reader
 thread (each with its own connection), never from the event loop.
+
+Size: one class around one SQLite file. The schema and its migrations, the grouped
+commit (inserts, removals, evictions and expiry in one transaction) and the reads share
+the lanes' bookkeeping (counts, bytes, oldest record, the sequence floor, the store
+clock); split apart they would share that private state across modules.
 """
 
 from __future__ import annotations

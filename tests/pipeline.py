@@ -43,15 +43,19 @@ class Pipeline:
 
     # ------------------------------------------------------------ processes
 
-    def gateway_argv(self) -> list[str]:
-        return [PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
+    def gateway_argv(self, failpoint: str | None = None) -> list[str]:
+        """``edgeferry gateway run ...``; with a failpoint, tests/_failpoint_gateway.py."""
+        run = ([PY, "-m", "tests._failpoint_gateway", "--failpoint", failpoint] if failpoint
+               else [PY, "-m", "edgeferry", "gateway", "run"])
+        return [*run, "--local", self.edge.url,
                 "--cloud", f"mqtt://127.0.0.1:{self.proxy.port}", "--store", str(self.store),
                 "--node-id", self.node, "--backoff-max", "1s", "--keepalive", "3s",
                 "--log-level", "info", *self.gateway_args]
 
-    def start_gateway(self, env: dict[str, str] | None = None, wait: bool = True) -> Any:
+    def start_gateway(self, env: dict[str, str] | None = None, wait: bool = True,
+                      failpoint: str | None = None) -> Any:
         self._gw_runs += 1
-        self.gateway = self._procs(self.gateway_argv(), f"gateway{self._gw_runs}", env=env)
+        self.gateway = self._procs(self.gateway_argv(failpoint), f"gateway{self._gw_runs}", env=env)
         if wait:
             self.gateway.wait_for_line(r"gateway ready", 20)
         return self.gateway

@@ -85,7 +85,7 @@ def test_gateway_run_does_not_import_heavy_modules():
         "import sys\n"
         "from edgeferry.__main__ import main\n"
         "from gateway.main import run_gateway\n"
-        "import gateway.uplink, gateway.health\n"
+        "import gateway.gateway, gateway.health\n"
         "bad = [m for m in ('typer', 'rich', 'pydantic', 'prometheus_client') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

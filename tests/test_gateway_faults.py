@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.harness import wait_until
-from tests.pipeline import Pipeline, env_with
+from tests.pipeline import Pipeline
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_crash_between_commit_and_ack_is_not_stored_twice(pipe):
     """The failpoint kills the gateway right after a commit, before the PUBACKs: the
     broker redelivers those messages and the restarted gateway must recognise them."""
     pipe.start_ingest()
-    pipe.start_gateway(env=env_with(EDGEFERRY_FAILPOINT="crash_after_commit:3"))
+    pipe.start_gateway(failpoint="crash_after_commit:3")
     load = pipe.load(6000, 3000, "fp")
     first = pipe.gateway
     first.wait_for_line(r"failpoint crash_after_commit", 30)

@@ -216,7 +216,7 @@ def test_password_file_is_read_by_mosquitto_passwd_format(locked_broker: tuple[B
 
 
 def test_gateway_path_does_not_import_cryptography() -> None:
-    code = ("import sys, gateway.main, gateway.settings, gateway.uplink, edge.service, edge._runner\n"
+    code = ("import sys, gateway.main, gateway.settings, gateway.gateway, edge.service, edge._runner\n"
             "assert 'cryptography' not in sys.modules, 'cryptography on the gateway path'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

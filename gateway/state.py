@@ -1,0 +1,196 @@
+"""What the gateway's stages share: one object, read and written on the event loop.
+
+The stages (gateway/intake.py -> gateway/committer.py -> gateway/uplink.py) never call
+into each other's connections; they meet here:
+
+* the batch that waits for the next group commit (``pending*``), filled by the intake
+  and taken by the committer;
+* the events that wake a stage (``wake``: the committer; ``uplink_wake``: the uplink)
+  and say where it is (``idle``: no commit in flight);
+* how far each lane got: ``acked`` (the cloud broker acknowledged its frame),
+  ``ingested`` (ingest wrote it), ``confirmed_seq`` (the local broker has our PUBACKs),
+  ``deleted`` (removed from the store);
+* the counters and the status document that ``edgeferry gateway status`` and the
+  metrics read.
+
+The SQLite store's two threads live here too: ``writer`` (commits, the redelivery check)
+and ``reader`` (the uplink's reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from edge.mqtt import Message
+from gateway.profiles import CloudLimits
+from gateway.settings import GatewaySettings
+from gateway.store import Store
+from gateway.topics import uplink_topic
+
+__all__ = ["Hooks", "Record", "State"]
+
+Record = tuple[str, str, bytes, int, int]
+"""A message accepted for the next commit: (lane, topic, payload, ts_ms, packet id)."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Instants at which a test injects a failure (a failpoint). Production passes none;
+    tests/_failpoint_gateway.py builds a gateway process with them."""
+
+    after_commit: Callable[[int], None] | None = None
+    """Called by the committer after a commit that stored records and before they are
+    acknowledged to the local broker, with the number of records. It may raise (the
+    committer task fails with that exception) or kill the process."""
+
+
+class State:
+    """The gateway's shared state (see the module docstring)."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.s = settings
+        self.store = Store(settings.store, settings.lanes, max_bytes=settings.max_store_bytes,
+                           sync=settings.sync, node_id=settings.node_id)
+        self.lane_order = [ln.name for ln in settings.lanes]
+        self.policy = {ln.name: ln.when_full for ln in settings.lanes}
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()  # store open and the local broker connected (systemd READY=1)
+        self.closing = False  # shutting down: take no new messages
+        # the batch for the next group commit (intake -> committer)
+        self.pending: list[Record] = []
+        self.pending_bytes: dict[str, int] = {}
+        self.pending_size = 0
+        self.pending_since = 0.0
+        self.full = asyncio.Event()  # the batch is big enough to commit at once
+        self.used = 0  # record bytes in the store plus the pending batch
+        self.held: dict[str, deque[Message]] = {}  # per block lane that is full: unacknowledged
+        self.new_drops: dict[str, int] = {}
+        self.drops_committing: dict[str, int] = {}
+        # the committer
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()  # no commit in flight
+        self.idle.set()
+        self.last_delete = 0.0
+        # how far each lane got (see the module docstring)
+        self.confirmed_seq = 0
+        self.acked: dict[str, int] = {}
+        self.ingested: dict[str, int] = {}
+        self.deleted: dict[str, int] = {}
+        # the uplink
+        self.uplink_wake = asyncio.Event()
+        self.resend = False  # ingest lost its queue: send again what it has not confirmed
+        self.rewind: dict[str, int] = {}  # per lane: ingest asked to resend after this seq
+        # links
+        self.local_up = False
+        self.cloud_up = False
+        self.cloud_error: tuple[str, str] | None = None  # (kind, line) of the last failure
+        # the cloud broker's limits: frame size, publish rate (gateway/profiles.py)
+        self.limits = CloudLimits(settings.profile, settings.frame_max_bytes,
+                                  partial(uplink_topic, settings.node_id), settings.node_id)
+        self.offline_since: float | None = time.time()  # wall clock, for display
+        self.offline_mono: float | None = time.monotonic()  # durations
+        # counters (the persisted drops live in store.drops)
+        self.counters: dict[str, int] = {
+            "received": 0, "stored": 0, "acked_local": 0, "uplinked_records": 0, "frames": 0,
+            "redelivered_duplicates": 0, "retained_skipped": 0, "held": 0, "commits": 0,
+            "cloud_connects": 0, "local_connects": 0,
+        }
+        self.rejected: dict[str, int] = {}
+
+    def opened(self) -> None:
+        """Take the store's figures once it is open."""
+        self.used = self.store.total_bytes
+        for lane in self.lane_order:
+            self.acked[lane] = self.deleted[lane] = self.ingested[lane] = 0
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        self.uplink_wake.set()
+
+    # ------------------------------------------------------------ the batch
+
+    def discard_pending(self) -> None:
+        """Forget messages not yet committed (their connection is gone: the broker
+        redelivers them)."""
+        for b in self.pending_bytes.values():
+            self.used -= b
+        self.pending = []
+        self.pending_bytes = {}
+        self.pending_size = 0
+
+    def drop(self, reason: str) -> None:
+        """Count one dropped message (persisted by the next commit)."""
+        self.new_drops[reason] = self.new_drops.get(reason, 0) + 1
+        self.wake.set()
+
+    # ------------------------------------------------------------ progress
+
+    def delivered(self, lane: str) -> int:
+        """Highest seq of a lane that may leave the store."""
+        if self.s.confirm == "ingest":
+            return self.ingested[lane]
+        return self.acked[lane]
+
+    def due_deletes(self, force: bool = False) -> dict[str, int]:
+        """Per lane, the seq up to which records may be removed (at most once a second
+        unless ``force``): delivered, and the local broker has our acknowledgements."""
+        now = time.monotonic()
+        if not force and now - self.last_delete < 1.0:
+            return {}
+        out = {}
+        for lane in self.acked:
+            upto = min(self.delivered(lane), self.confirmed_seq)
+            if upto > self.deleted[lane]:
+                out[lane] = upto
+        if out:
+            self.last_delete = now
+        return out
+
+    # ------------------------------------------------------------ health
+
+    def status(self) -> dict[str, Any]:
+        lanes = {}
+        for name, st in self.store.lanes.items():
+            lanes[name] = {
+                "records": st.count,
+                "bytes": st.bytes,
+                "oldest_age_s": None if (age := self.store.age_s(name)) is None else round(age, 3),
+                "policy": st.spec.when_full,
+                "held_at_broker": len(self.held.get(name, ())),
+            }
+        drops = dict(self.store.drops)
+        for pending in (self.drops_committing, self.new_drops):
+            for k, v in pending.items():
+                drops[k] = drops.get(k, 0) + v
+        return {
+            "node_id": self.s.node_id,
+            "epoch": self.store.epoch,
+            "store": str(self.store.path),
+            "running": True,
+            "link": {"cloud": "up" if self.cloud_up else "down", "local": "up" if self.local_up else "down"},
+            # why the cloud link is down: kind (tls_unknown_ca, tls_expired, tls_hostname,
+            # tls_cert_refused, refused, unreachable, lost, ...) and the logged line
+            "cloud_state": "up" if self.cloud_up else (self.cloud_error or ("down", ""))[0],
+            "cloud_error": None if self.cloud_up or not self.cloud_error else self.cloud_error[1],
+            "cloud_limits": self.limits.status(),
+            "offline_since": self.offline_since,
+            "offline_for_s": round(time.monotonic() - self.offline_mono, 3) if self.offline_mono else 0.0,
+            "lanes": lanes,
+            "store_bytes": self.used,
+            "pending_commit": len(self.pending),
+            "max_store_bytes": self.s.max_store_bytes,
+            "drops": drops,
+            "rejected": dict(self.rejected),
+            "counters": dict(self.counters),
+            "next_seq": self.store.next_seq,
+        }
