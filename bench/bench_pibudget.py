@@ -36,7 +36,7 @@ from typing import Any
 
 from bench._util import PY, Workdir, cpu_seconds, machine_info, mem_kb
 from edgeferry.procs import EDGE_CONF, MOSQUITTO, Broker, Proc
-from firmware_sim.chaos import ThreadedChaosProxy
+from firmware_sim.chaos_thread import ThreadedChaosProxy
 from gateway.health import query_status
 
 CG_ROOT = Path("/sys/fs/cgroup")
