@@ -170,7 +170,7 @@ def test_balena_variables_are_settings_that_exist() -> None:
     for item in BALENA["data"]["applicationEnvironmentVariables"]:
         assert isinstance(item, dict) and len(item) == 1
         env.update({k: str(v) for k, v in item.items()})
-    assert {"EDGEFERRY_CLOUD", "EDGEFERRY_LANES", "EDGEFERRY_MAX_STORE_BYTES"} <= set(env)
+    assert {"EDGEFERRY_CLOUD", "EDGEFERRY_CLOUD_PROFILE", "EDGEFERRY_LANES", "EDGEFERRY_MAX_STORE_BYTES"} <= set(env)
     gateway_envs = {o.env for o in GATEWAY_OPTIONS}
     entrypoint = (DOCKER / "edgeferry-entrypoint.sh").read_text()
     for name in env:
@@ -178,6 +178,7 @@ def test_balena_variables_are_settings_that_exist() -> None:
     settings = gateway_settings(["--node-id", "pi-01"], environ={k: v for k, v in env.items() if k in gateway_envs})
     assert [lane.name for lane in settings.lanes] == ["events", "telemetry"]
     assert settings.max_store_bytes == 256 * 1024 * 1024
+    assert settings.cloud_profile == "generic"
 
 
 # ------------------------------------------------------------------ Dockerfiles
