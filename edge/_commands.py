@@ -204,9 +204,9 @@ class Commands:
             self.counters["commands_rejected"] += 1
             await self._status(cid, "rejected", error=f"bad arguments: {_one_line(e)}")
             return self._done(cid)
-        journal.add("s:" + cid)
-        journal.commit()  # before running: a crash from here on means "interrupted"
         await self._status(cid, "accepted")
+        journal.add("s:" + cid)
+        journal.commit()  # right before running: a crash from here on means "interrupted"
         self.counters["commands_run"] += 1
         try:
             result = await spec.fn(**kwargs)
