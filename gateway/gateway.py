@@ -8,10 +8,12 @@ Each stage is a class with an ``async def run()``; they share a :class:`~gateway
 opens the store, starts every stage as a named task in one ``asyncio.TaskGroup`` and
 lives inside it: the first task that fails ends the gateway with that task's exception.
 
-A downlink stage (cloud commands and desired state -> store -> ``cmd/...`` and
-``shadow/...`` on the local broker) goes beside these as ``gateway/downlink.py``: a class
-on the same state, started as one more task in :meth:`Gateway.run`, fed by the cloud
-session's messages (gateway/uplink.py dispatches them by topic).
+The downlink stage (cloud commands and desired state -> its own store,
+``<store>.downlink`` -> ``cmd/...`` and ``shadow/...`` on the local broker) runs beside
+these as one more task in :meth:`Gateway.run` (gateway/downlink.py). It shares only the
+stop event: it has its own connections to both brokers (a clean session on the cloud)
+and its own store, and its statuses and reports reach the cloud through the intake and
+the events lane like any other event (docs/commands.md).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ retained acks on ``ef/<node>/ack``) or the cloud broker acknowledged its frame
 (``confirm: broker``). Ingest may ask for a resend: after a gap it saw (``nack``), or
 of everything unconfirmed when it lost its session (``hello``).
 
-The cloud session is this stage's; a downlink stage (commands and desired state from
-the cloud) would subscribe on it and get its messages from :meth:`Uplink._on_message`,
-which dispatches by topic.
+The cloud session is this stage's alone: the downlink stage (gateway/downlink.py) has
+connections of its own, a clean session on the cloud so that no command with a stale
+time to live can wait in the cloud broker's queue for it (docs/commands.md).
 """
 
 from __future__ import annotations
