@@ -522,3 +522,107 @@ async def test_ack_many_batches_in_order_whatever_came_before(fake):
     client.ack_many([1, 99])  # acknowledged already, and never received: ignored
     client.ping()
     await conn.expect(0xC0)
+
+
+# ------------------------------------------------------------------ the client, fuzzed
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    close = abort
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def _stream_events() -> st.SearchStrategy[bytes]:
+    pub = st.builds(
+        lambda t, p, q, pid, r: publish(t, p, q, pid if q else 0, retain=r),
+        st.sampled_from([b"a", b"dt/x/y", b"\xc3\xa9"]), st.binary(max_size=4),
+        st.sampled_from([0, 1]), st.integers(1, 6), st.booleans())
+    return st.one_of(pub, st.builds(puback, st.integers(1, 4)), st.just(b"\xd0\x00"),
+                     st.just(b"\x90\x03\x00\x05\x01"), st.just(b"\xb0\x02\x00\x06"))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_stream_events(), max_size=8), st.data())
+def test_no_bytes_make_the_client_complete_or_deliver_what_they_do_not_hold(parts, data):
+    """After the handshake, with three publishes (pids 1-3) waiting for PUBACK and a ping
+    out: whatever bytes come (valid packets, changed here and there, in any reads),
+    nothing escapes data_received, every delivered message and every completed publish
+    is one the bytes hold whole, and a connection that refused something is closed."""
+    from edge._codec import Decoder, PubAck  # the reference: the bytes' own packets
+    from edge.errors import ProtocolError
+
+    stream = bytearray(b"".join(parts))
+    for _ in range(data.draw(st.integers(0, 2))):
+        at = data.draw(st.integers(0, max(0, len(stream) - 1)))
+        if stream:
+            stream[at] = (stream[at] + data.draw(st.sampled_from([1, 2, 255, 128]))) % 256
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+
+    async def run() -> tuple[list[tuple[object, ...]], list[int], bool]:
+        delivered: list[tuple[object, ...]] = []
+        c = MQTTClient("mqtt://127.0.0.1:1", "fuzz", on_message=lambda m: delivered.append(
+            (m.topic, m.payload, m.qos, m.retain, m.pid)))
+        loop = asyncio.get_running_loop()
+        c._closed, c._connack = loop.create_future(), loop.create_future()
+        c._window = asyncio.Semaphore(64)
+        c._alive = True
+        c._transport = _Transport()  # type: ignore[assignment]
+        proto = mqtt._Protocol(c)
+        proto.data_received(CONNACK)
+        await c._connack
+        futs = [await c.publish_nowait("t", b"x", 1) for _ in range(3)]
+        c.ping()
+        pos = 0
+        for cut in [*cuts, len(stream)]:
+            proto.data_received(bytes(stream[pos:cut]))  # must not raise
+            pos = cut
+        done = [i + 1 for i, f in enumerate(futs) if f is not None and f.done() and not f.cancelled()
+                and f.exception() is None]
+        if c._closed.done():
+            c._closed.exception()
+        return delivered, done, c.connected
+
+    delivered, completed, connected = asyncio.run(run())
+    # the bytes' own packets, as far as they are whole and well-formed
+    ref = Decoder()
+    events: list[object] = []
+    refused = False
+    try:
+        for i in range(len(stream)):
+            events += ref.feed(bytes(stream[i : i + 1]))
+    except ProtocolError:
+        refused = True
+    from edge._codec import encode_event
+
+    # ... which are exactly bytes of the stream, not bytes borrowed from a neighbour
+    assert bytes(stream).startswith(b"".join(encode_event(e) for e in events))  # type: ignore[arg-type]
+    msgs = [(m.topic, m.payload, m.qos, m.retain, m.pid) for m in events if isinstance(m, mqtt.Message)]
+    assert delivered == msgs[: len(delivered)], "delivered a message the bytes do not hold"
+    acked = {e.pid for e in events if type(e) is PubAck}
+    assert set(completed) <= acked, "completed a publish no PUBACK in the bytes answers"
+    if refused:
+        assert not connected, "a malformed packet left the connection up"
