@@ -210,8 +210,11 @@ class GatewaySettings(_Identity):
             raise ConfigError(f"default lane {self.default_lane!r} is not one of the lanes ({', '.join(names)})")
         if not 1 <= self.frame_max_records <= 65535:
             raise ConfigError("--frame-max-records must be between 1 and 65535")
-        if self.window < 1:
-            raise ConfigError("--window must be at least 1")
+        if not 1 <= self.window <= 65535:
+            raise ConfigError("--window must be 1 to 65535 (MQTT packet ids)")
+        for flag, v in (("--keepalive", self.keepalive), ("--local-keepalive", self.local_keepalive)):
+            if not 1 <= v <= 65535:
+                raise ConfigError(f"{flag} must be 1 s to 65535 s (MQTT's two-byte field), not {v:g} s")
         if self.max_message_bytes + 64 > self.max_store_bytes:
             raise ConfigError("--max-store-bytes must be larger than --max-message-bytes")
         if not 0 <= self.metrics_port < 65536:
@@ -291,6 +294,8 @@ class IngestSettings(_Identity):
         if kind not in ("jsonl", "sqlite") or not path:
             raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH or sqlite:PATH")
         check_filter(self.filter)
+        if not 1 <= self.keepalive <= 65535:
+            raise ConfigError(f"--keepalive must be 1 s to 65535 s (MQTT's two-byte field), not {self.keepalive:g} s")
 
 
 def ingest_settings(argv: list[str], environ: dict[str, str] | None = None) -> IngestSettings:

@@ -91,3 +91,14 @@ def test_sizes_durations_urls():
     for bad in ("localhost:18830", "mqtt://", "mqtt://h:1/path"):
         with pytest.raises(ConfigError):
             parse_url(bad)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--keepalive", "100000s"], "--keepalive must be 1 s to 65535 s"),
+    (["--local-keepalive", "0.2s"], "--local-keepalive must be 1 s to 65535 s"),
+    (["--window", "70000"], "--window must be 1 to 65535"),
+])
+def test_values_mqtt_cannot_carry_are_refused_at_start(argv, match):
+    """Before, a keepalive over 65535 s overflowed inside the reconnect loop (issue 8)."""
+    with pytest.raises(ConfigError, match=match):
+        gateway_settings(BASE + argv, {})
