@@ -626,3 +626,24 @@ def test_no_bytes_make_the_client_complete_or_deliver_what_they_do_not_hold(part
     assert set(completed) <= acked, "completed a publish no PUBACK in the bytes answers"
     if refused:
         assert not connected, "a malformed packet left the connection up"
+
+
+async def test_unsubscribe_and_answers_of_the_wrong_kind(fake):
+    client, conn = await fake.session()
+    task = asyncio.create_task(client.unsubscribe(["a/#"]))
+    body = await conn.expect(0xA2)
+    assert body[2:] == b"\x00\x03a/#"
+    conn.send(b"\xb0\x02" + body[:2])
+    await asyncio.wait_for(task, 5)
+    # a SUBACK that answers an UNSUBSCRIBE, and a grant above what was asked
+    task = asyncio.create_task(client.unsubscribe(["b/#"]))
+    body = await conn.expect(0xA2)
+    conn.send(b"\x90\x03" + body[:2] + b"\x00")
+    with pytest.raises(ConnectionLost, match="SUBACK: packet id .* answers no SUBSCRIBE"):
+        await asyncio.wait_for(task, 5)
+    client, conn = await fake.session()
+    task = asyncio.create_task(client.subscribe([("a/#", 0)]))
+    body = await conn.expect(0x82)
+    conn.send(b"\x90\x03" + body[:2] + b"\x01")
+    with pytest.raises(ConnectionLost, match="granted QoS 1 above the QoS 0"):
+        await asyncio.wait_for(task, 5)
