@@ -98,6 +98,33 @@ def ingest_run(ctx: typer.Context) -> None:
     raise typer.Exit(run_ingest(list(ctx.args)))
 
 
+@ingest_app.command("status")
+def ingest_status(
+    sink: str = typer.Option(..., "--sink", help="the sink ingest writes: jsonl:PATH or sqlite:PATH"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of text"),
+) -> None:
+    """Counters and gaps (records gateways no longer held) of a running ingest.
+
+    Example: edgeferry ingest status --sink jsonl:/var/lib/edgeferry/events.jsonl
+    """
+    from gateway.health import query_status
+
+    st: dict[str, Any] | None = query_status(sink.partition(":")[2])
+    if st is None:
+        _fail(f"no ingest answers for sink {sink} (is it running?)")
+        return
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return
+    out = Console()
+    out.print(f"sink {st.get('sink')}  connected: {st.get('connected')}")
+    out.print(", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())), highlight=False)
+    t = Table("node", "lane", "gaps", "records lost", "of unknown size")
+    for g in st.get("gaps", []):
+        t.add_row(g["node"], g["lane"], str(g["notices"]), str(g["records"]), str(g["unknown"]))
+    out.print(t)
+
+
 @app.command("chaos")
 def chaos(
     listen: int = typer.Option(..., "--listen", help="local port to listen on"),

@@ -15,6 +15,7 @@ import logging
 import time
 
 from edge.backoff import sleep_unless
+from gateway.gaps import STORE_FULL, TTL
 from gateway.intake import Intake
 from gateway.state import Hooks, State
 
@@ -87,6 +88,10 @@ class Committer:
                     st.used -= b
             if res.evicted:
                 log.warning("store full: evicted %s", {k: v[0] for k, v in res.evicted.items()})
+            for lane, seqs in res.evicted_seqs.items():
+                st.ledger.removed(lane, seqs, STORE_FULL)
+            for lane, seqs in res.expired_seqs.items():
+                st.ledger.removed(lane, seqs, TTL)
             if batch:
                 st.counters["stored"] += len(batch)
                 if self._hooks.after_commit is not None:

@@ -26,6 +26,7 @@ from typing import Any
 from edge._lifecycle import first_error
 from gateway.committer import Committer
 from gateway.downlink import Downlink
+from gateway.gaps import Ledger
 from gateway.intake import Intake
 from gateway.settings import GatewaySettings
 from gateway.state import Hooks, State
@@ -64,6 +65,11 @@ class Gateway:
         try:
             await loop.run_in_executor(st.writer, st.store.open)
             st.opened()
+            known = {}
+            for lane in st.lane_order:  # nothing is known of what left before this start
+                first = await loop.run_in_executor(st.reader, st.store.read, lane, 0, 1, 1)
+                known[lane] = first[0][0] - 1 if first else st.store.next_seq - 1
+            st.ledger = Ledger(known)
             log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d",
                      self.s.node_id, st.store.path, st.store.epoch,
                      sum(ln.count for ln in st.store.lanes.values()), st.store.total_bytes,

@@ -24,8 +24,9 @@ from gateway import frames
 from gateway.cloudstate import CloudState, state_path
 from gateway.cloudsync import CloudSync
 from gateway.errors import FrameError
+from gateway.frames import Gap
 from gateway.settings import IngestSettings
-from gateway.sinks import JsonlSink, Row, SqliteSink, open_sink
+from gateway.sinks import GapRow, JsonlSink, Row, SqliteSink, open_sink, read_gaps
 from gateway.topics import INGEST_HELLO, ack_topic, nack_topic, uplink_topic
 
 __all__ = ["Ingest"]
@@ -61,8 +62,10 @@ class Ingest:
         self.sync: CloudSync | None = None
         self.counters = {"downlink_applied": 0, "frames": 0, "records": 0, "written": 0, "duplicates": 0,
                          "bad_frames": 0, "gap_frames": 0, "spoofed_frames": 0,
-                         "connects": 0}
+                         "connects": 0, "gaps": 0, "gap_records": 0, "gaps_unknown": 0}
         self.ready = asyncio.Event()  # sink open and the cloud broker connected (systemd READY=1)
+        # per (node, lane): [gap notices recorded, records missing, notices of unknown size]
+        self.gaps: dict[tuple[str, str], list[int]] = {}
 
     async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
         """Open the sink, consume until :meth:`stop`, then finish the write in flight and
@@ -75,6 +78,13 @@ class Ingest:
         error: BaseException | None = None
         try:
             self.sink = await loop.run_in_executor(self._pool, open_sink, self.s.sink, self.s.fsync)
+            for g in await loop.run_in_executor(self._pool, read_gaps, self.s.sink):
+                per = self.gaps.setdefault((str(g["node"]), str(g["lane"])), [0, 0, 0])
+                per[0] += 1
+                if g["missing"] is None:
+                    per[2] += 1
+                else:
+                    per[1] += int(g["missing"])  # type: ignore[call-overload]
             if self.s.downlink:
                 path = str(state_path(self.s.sink))
                 self.state = await loop.run_in_executor(self._pool, CloudState, path)
@@ -202,10 +212,11 @@ class Ingest:
         high = self.sink.high
         moved: dict[tuple[str, int, str], int] = {}
         gaps: dict[tuple[str, int, str], int] = {}
+        gap_rows: list[GapRow] = []
         counters = self.counters
         for m in batch:
             try:
-                f = frames.decode(m.payload)
+                f = frames.decode_message(m.payload)
             except FrameError as e:
                 counters["bad_frames"] += 1
                 log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
@@ -222,6 +233,17 @@ class Ingest:
                 continue
             key = (node, epoch, lane)
             have = moved.get(key, high.get(key, 0))
+            if isinstance(f, Gap):
+                # the gateway no longer holds (after, upto]: count it, and go on after it
+                if have >= f.upto:
+                    continue  # recorded already (the notice came again)
+                if f.after > have:
+                    counters["gap_frames"] += 1
+                    gaps[key] = have
+                    continue
+                gap_rows.append((node, epoch, lane, f.after, f.upto, f.missing, f.reason))
+                moved[key] = f.upto
+                continue
             if f.prev_seq > have:
                 # a frame before this one went missing: write nothing out of order, ask
                 # the gateway to resend from what we hold
@@ -234,6 +256,9 @@ class Ingest:
             rows.extend([(node, epoch, lane, seq, ts, topic, payload)
                          for seq, ts, topic, payload in f.records])
         written, dups = self.sink.write(rows)
+        for g in gap_rows:
+            if self.sink.write_gap(g):
+                self._count_gap(g)
         high.update(moved)
         if self.state is not None:
             # command statuses and reported state ride the events lane (docs/commands.md)
@@ -271,6 +296,25 @@ class Ingest:
     async def _sleep(self, seconds: float) -> None:
         await sleep_unless(self._stop, seconds)
 
+    def _count_gap(self, g: GapRow) -> None:
+        node, epoch, lane, after, upto, missing, reason = g
+        c = self.counters
+        c["gaps"] += 1
+        per = self.gaps.setdefault((node, lane), [0, 0, 0])
+        per[0] += 1
+        if missing is None:
+            c["gaps_unknown"] += 1
+            per[2] += 1
+        else:
+            c["gap_records"] += missing
+            per[1] += missing
+        log.warning("gap from %s lane %s (epoch %d): %s records after seq %d up to %s are lost at the "
+                    "gateway (%s); writing what follows", node, lane, epoch,
+                    "an unknown number of" if missing is None else missing, after,
+                    "the end of that store" if upto == frames.SEQ_MAX else upto, reason)
+
     def status(self) -> dict[str, Any]:
         return {"sink": self.s.sink, "connected": bool(self._client and self._client.connected),
-                "counters": dict(self.counters), "time": time.time()}
+                "counters": dict(self.counters), "time": time.time(),
+                "gaps": [{"node": node, "lane": lane, "notices": v[0], "records": v[1], "unknown": v[2]}
+                         for (node, lane), v in sorted(self.gaps.items())]}

@@ -127,7 +127,8 @@ def _gateway_status(st: dict[str, Any]) -> str:
 def _ingest_status(st: dict[str, Any]) -> str:
     c = st.get("counters", {})
     return (f"cloud {'connected' if st.get('connected') else 'down'}; written {c.get('written', 0)}, "
-            f"duplicates {c.get('duplicates', 0)}, bad frames {c.get('bad_frames', 0)}")
+            f"duplicates {c.get('duplicates', 0)}, bad frames {c.get('bad_frames', 0)}, "
+            f"gaps {c.get('gaps', 0)} ({c.get('gap_records', 0)} records)")
 
 
 def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
@@ -180,4 +181,16 @@ def run_ingest(argv: list[str]) -> int:
 
         return Ingest(s)
 
-    return _serve("ingest", settings, make, status_line=_ingest_status)
+    async def started(ing: Any) -> list[asyncio.Server]:
+        from gateway.health import render_ingest_metrics, serve_metrics, serve_status
+
+        servers = []
+        st = await serve_status(settings.sink.partition(":")[2], ing.status)
+        if st is not None:
+            servers.append(st)
+        if settings.metrics_port:
+            servers.append(await serve_metrics(settings.metrics_host, settings.metrics_port, ing.status,
+                                               render_ingest_metrics))
+        return servers
+
+    return _serve("ingest", settings, make, started, _ingest_status)

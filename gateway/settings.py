@@ -271,6 +271,8 @@ INGEST_OPTIONS = [
     Option("fsync", "bool", False, "fsync the sink before acknowledging each batch", metavar="BOOL"),
     Option("downlink", "bool", True, "answer gateways' hellos with their pending commands and desired "
            "state, and apply statuses and reports (docs/commands.md)", metavar="BOOL"),
+    Option("metrics_port", "int", 0, "serve Prometheus metrics on this port (0: off)", metavar="PORT"),
+    Option("metrics_host", "str", "127.0.0.1", "address for the metrics endpoint", metavar="HOST"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     *TLS_OPTIONS,
 ]
@@ -286,10 +288,14 @@ class IngestSettings(_Identity):
     backoff_max: float = 5.0
     fsync: bool = False
     downlink: bool = True
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     config: str | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("--metrics-port must be a TCP port")
         kind, _, path = self.sink.partition(":")
         if kind not in ("jsonl", "sqlite") or not path:
             raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH or sqlite:PATH")

@@ -10,6 +10,8 @@ into each other's connections; they meet here:
 * how far each lane got: ``acked`` (the cloud broker acknowledged its frame),
   ``ingested`` (ingest wrote it), ``confirmed_seq`` (the local broker has our PUBACKs),
   ``deleted`` (removed from the store);
+* ``ledger``: what left the store without ingest's confirmation, for gap notices
+  (gateway/gaps.py);
 * the counters and the status document that ``edgeferry gateway status`` and the
   metrics read.
 
@@ -29,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from edge.mqtt import Message
+from gateway.gaps import Ledger
 from gateway.profiles import CloudLimits
 from gateway.settings import GatewaySettings
 from gateway.store import Store
@@ -89,6 +92,9 @@ class State:
         self.uplink_wake = asyncio.Event()
         self.resend = False  # ingest lost its queue: send again what it has not confirmed
         self.rewind: dict[str, int] = {}  # per lane: ingest asked to resend after this seq
+        # nacks about a previous store (epoch, lane) -> after: answered with a gap notice
+        self.old_epoch_nacks: dict[tuple[int, str], int] = {}
+        self.ledger = Ledger({})  # made once the store is open (gateway.py)
         # links
         self.local_up = False
         self.cloud_up = False
@@ -102,7 +108,7 @@ class State:
         self.counters: dict[str, int] = {
             "received": 0, "stored": 0, "acked_local": 0, "uplinked_records": 0, "frames": 0,
             "redelivered_duplicates": 0, "retained_skipped": 0, "held": 0, "commits": 0,
-            "cloud_connects": 0, "local_connects": 0,
+            "cloud_connects": 0, "local_connects": 0, "gap_notices": 0, "gap_records": 0,
         }
         self.rejected: dict[str, int] = {}
 

@@ -6,7 +6,9 @@ while the intake keeps storing new messages. A record leaves the store (a delete
 committer's next transaction) only after ingest confirmed it (``confirm: ingest``:
 retained acks on ``ef/<node>/ack``) or the cloud broker acknowledged its frame
 (``confirm: broker``). Ingest may ask for a resend: after a gap it saw (``nack``), or
-of everything unconfirmed when it lost its session (``hello``).
+of everything unconfirmed when it lost its session (``hello``). What the gateway no
+longer holds of a resend (records that left the store unconfirmed: ``st.ledger``,
+gateway/gaps.py) is announced with a gap notice before the records it still has.
 
 The cloud session is this stage's alone: the downlink stage (gateway/downlink.py) has
 connections of its own, a clean session on the cloud so that no command with a stale
@@ -27,12 +29,16 @@ from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectError, ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
+from gateway.gaps import BROKER_ACKED
 from gateway.state import State
 from gateway.topics import INGEST_HELLO, ack_topic, nack_topic, uplink_topic
 
 __all__ = ["Uplink"]
 
 log = logging.getLogger("edgeferry.gateway")
+
+Inflight = tuple[int, "asyncio.Future[None]", list[int] | None]
+"""A frame awaiting its PUBACK: highest seq, the PUBACK future, its seqs (confirm: broker)."""
 
 
 class Uplink:
@@ -82,9 +88,10 @@ class Uplink:
         client.closed.add_done_callback(lambda _: st.uplink_wake.set())
         st.limits.connected()
         try:
-            if s.confirm == "ingest":
-                await client.subscribe([(ack_topic(s.node_id), 1), (nack_topic(s.node_id), 1),
-                                        (INGEST_HELLO, 1)])
+            # also under confirm: broker: ingest's resend requests get an answer (what is
+            # still here, and a gap notice for the rest), and its acks trim the ledger
+            await client.subscribe([(ack_topic(s.node_id), 1), (nack_topic(s.node_id), 1),
+                                    (INGEST_HELLO, 1)])
             await self._drain(client)
         except ConnectionLost as e:
             why = client.closed.exception() if client.closed.done() else None
@@ -106,7 +113,10 @@ class Uplink:
         lane_order = st.lane_order
         sent = {lane: st.delivered(lane) for lane in lane_order}
         st.resend = False
-        inflight: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {n: deque() for n in lane_order}
+        inflight: dict[str, deque[Inflight]] = {n: deque() for n in lane_order}
+        # under confirm: broker a frame's records leave the store at its PUBACK: the
+        # ledger keeps their seqs until ingest confirms them (gap notices, gaps.py)
+        keep_seqs = s.confirm == "broker"
         linger_ms = int(s.frame_linger * 1000)
         compress = s.compress == "zstd"
         store = st.store
@@ -123,12 +133,16 @@ class Uplink:
                 st.rewind.clear()
                 log.info("ingest started a new session: resending unconfirmed records")
             if st.rewind:
-                # ingest saw a frame that did not follow what it holds: resend that lane
-                for lane, after in st.rewind.items():
+                # ingest saw a frame that did not follow what it holds: resend that lane,
+                # after a gap notice for what is no longer here
+                rewind, st.rewind = st.rewind, {}
+                for lane, after in rewind.items():
                     if sent[lane] > after:
                         log.info("ingest asked to resend lane %s after seq %d", lane, after)
-                        sent[lane] = after
-                st.rewind.clear()
+                        sent[lane] = await self._gap_notice(client, lane, after)
+            while st.old_epoch_nacks:
+                (epoch, lane), after = st.old_epoch_nacks.popitem()
+                await self._send_gap(client, epoch, lane, after, frames.SEQ_MAX, None, "store re-created")
             progress = False
             deadline: float | None = None
             for name in lane_order:
@@ -153,7 +167,7 @@ class Uplink:
                 assert fut is not None
                 hi = rows[-1][0]
                 sent[name] = hi
-                inflight[name].append((hi, fut))
+                inflight[name].append((hi, fut, [r[0] for r in rows] if keep_seqs else None))
                 fut.add_done_callback(partial(self._frame_acked, name, inflight[name], len(rows)))
                 st.counters["frames"] += 1
                 progress = True
@@ -165,17 +179,42 @@ class Uplink:
             except TimeoutError:
                 pass
 
-    def _frame_acked(self, lane: str, q: deque[tuple[int, asyncio.Future[None]]], n: int,
-                     fut: asyncio.Future[None]) -> None:
+    async def _gap_notice(self, client: MQTTClient, lane: str, after: int) -> int:
+        """Before resending ``lane`` after ``after``: if records in between left the store
+        unconfirmed, send a gap notice for them; return the seq the resend follows."""
+        st = self.st
+        first = await asyncio.get_running_loop().run_in_executor(st.reader, st.store.read, lane, after, 1, 1)
+        before = first[0][0] if first else st.store.next_seq
+        missing, upto, reason = st.ledger.missing(lane, after, before)
+        if missing == 0 or upto <= after:
+            return after
+        await self._send_gap(client, st.store.epoch, lane, after, upto, missing, reason)
+        return upto
+
+    async def _send_gap(self, client: MQTTClient, epoch: int, lane: str, after: int, upto: int,
+                        missing: int | None, reason: str) -> None:
+        st, s = self.st, self.st.s
+        log.warning("lane %s: ingest asked for records after seq %d that are no longer here: %s "
+                    "records up to seq %s (%s); sending a gap notice", lane, after,
+                    "an unknown number of" if missing is None else missing,
+                    f"the end of store epoch {epoch}" if upto == frames.SEQ_MAX else upto, reason)
+        body = frames.encode_gap(s.node_id, epoch, lane, after, upto, missing, reason)
+        await client.publish_nowait(uplink_topic(s.node_id, lane), body, 1)
+        st.counters["gap_notices"] += 1
+        st.counters["gap_records"] += missing or 0
+
+    def _frame_acked(self, lane: str, q: deque[Inflight], n: int, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         st = self.st
         st.limits.frame_acked()
         st.counters["uplinked_records"] += n
         while q and q[0][1].done() and not q[0][1].cancelled() and q[0][1].exception() is None:
-            hi, _ = q.popleft()
+            hi, _, seqs = q.popleft()
             if hi > st.acked[lane]:
                 st.acked[lane] = hi
+            if seqs:
+                st.ledger.removed(lane, seqs, BROKER_ACKED)
         st.uplink_wake.set()
 
     # ------------------------------------------------------------ from the cloud
@@ -197,7 +236,13 @@ class Uplink:
         try:
             ack = json.loads(m.payload)
             if int(ack["epoch"]) != st.store.epoch:
-                return  # about a previous store of this node
+                if m.topic.endswith("/nack") and 0 <= int(ack["after"]) < frames.SEQ_MAX:
+                    # about a previous store of this node: none of it is here any more
+                    key = (int(ack["epoch"]), str(ack["lane"]))
+                    if key in st.old_epoch_nacks or len(st.old_epoch_nacks) < 64:
+                        st.old_epoch_nacks[key] = min(int(ack["after"]), st.old_epoch_nacks.get(key, 2**63))
+                        st.uplink_wake.set()
+                return
             if m.topic.endswith("/nack"):
                 lane, after = str(ack["lane"]), int(ack["after"])
                 if lane in st.ingested:
@@ -207,5 +252,6 @@ class Uplink:
             for lane, seq in ack["lanes"].items():
                 if lane in st.ingested and int(seq) > st.ingested[lane]:
                     st.ingested[lane] = int(seq)
+                    st.ledger.confirmed(lane, int(seq))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignored a malformed ingest ack on %r", m.topic)

@@ -1,0 +1,108 @@
+"""The unrecoverable gap: ingest asks for records the gateway no longer holds.
+
+Under ``--confirm broker`` a record leaves the gateway's store at the cloud broker's
+PUBACK. If that broker then loses it (killed -9 between autosaves), or acknowledges
+without delivering at all, ingest later sees frames that do not follow what it holds
+and asks for a resend. The gateway answers with a gap notice for what it no longer has
+and the records it still holds; ingest counts the gap (by node and lane, exactly),
+records it in the sink, and writes everything after it. Before, the lane stalled.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.health import query_status
+from gateway.sinks import read_gaps
+from tests.harness import wait_until
+from tests.hostile_broker import ACK_WITHOUT_DELIVERING, Background, HostileBroker, SwitchProxy
+from tests.pipeline import Pipeline
+
+
+def runs_at_sink(pipe: Pipeline) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for r in pipe.rows():
+        try:
+            p = json.loads(r["payload"])  # type: ignore[arg-type]
+        except ValueError:
+            continue
+        out.setdefault(p["run"], set()).add(p["n"])
+    return out
+
+
+def ingest_status(pipe: Pipeline) -> dict[str, Any]:
+    st = query_status(pipe.sink_path)
+    assert st is not None, "ingest does not answer on its status socket"
+    return st
+
+
+def check_gap(pipe: Pipeline, lost: int, label: str) -> None:
+    st = ingest_status(pipe)
+    gaps = read_gaps(pipe.sink)
+    at_sink = sum(int(g["missing"]) for g in gaps)  # type: ignore[call-overload]
+    gw = pipe.status()["counters"]
+    print(f"[{label}] lost={lost} ingest_gap_records={st['counters']['gap_records']} "
+          f"sink_gap_records={at_sink} gateway_gap_records={gw['gap_records']} gaps={len(gaps)}")
+    assert lost > 0
+    assert st["counters"]["gap_records"] == lost and st["counters"]["gaps_unknown"] == 0
+    assert [(g["node"], g["lane"], g["records"]) for g in st["gaps"]] == [(pipe.node, "telemetry", lost)]
+    assert at_sink == lost and {g["lane"] for g in gaps} == {"telemetry"}
+    assert gw["gap_records"] == lost
+
+
+def test_cloud_broker_killed_under_confirm_broker_gap_is_counted_and_the_lane_goes_on(
+        tmp_path, broker_factory, proc_factory, chaos):
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, gateway_args=("--confirm", "broker"))
+    pipe.cloud.stop()
+    pipe.cloud.extra.append("autosave_interval 3600")  # a kill -9 loses all it queued
+    pipe.cloud.start()
+    pipe.start()
+    n = 500
+    pipe.wait_sent(pipe.load(n, 0, "before"), 30)
+    pipe.wait_delivered(n, 30)
+    pipe.ingest.terminate()  # its session stays: the broker queues the next frames for it
+    pipe.wait_sent(pipe.load(n, 0, "lost"), 30)
+    wait_until(lambda: pipe.status()["counters"]["uplinked_records"] >= 2 * n, 30,
+               "the gateway's frames acknowledged by the cloud broker")
+    wait_until(lambda: sum(ln["records"] for ln in pipe.status()["lanes"].values()) == 0, 30,
+               "acknowledged records removed from the store")
+    pipe.cloud.kill()
+    pipe.cloud.start()
+    pipe.start_ingest()
+    pipe.wait_sent(pipe.load(n, 0, "after"), 30)
+    wait_until(lambda: len(runs_at_sink(pipe).get("after", ())) >= n, 60, "every later record at the sink")
+    got = runs_at_sink(pipe)
+    assert got["before"] == set(range(n)) and got["after"] == set(range(n))
+    lost = n - len(got.get("lost", ()))
+    assert pipe.tally("after", n, label="after the gap")["duplicated"] == 0
+    check_gap(pipe, lost, "cloud broker kill -9 under --confirm broker")
+
+
+def test_broker_that_acknowledges_without_delivering_gap_is_counted_exactly(
+        tmp_path, broker_factory, proc_factory, chaos):
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, gateway_args=("--confirm", "broker"))
+    bg = Background()
+    try:
+        acker = bg.call(HostileBroker([ACK_WITHOUT_DELIVERING]).start())
+        proxy = bg.call(SwitchProxy({"real": (pipe.cloud.host, pipe.cloud.port),
+                                     "acker": ("127.0.0.1", acker.port)}, "real").start())
+        pipe.proxy = proxy  # the gateway reaches the cloud through the switch
+        pipe.start()
+        load = pipe.load(3000, 300, "acked")
+        wait_until(lambda: pipe._count_lines() >= 300, 30, "300 rows at the sink")
+        bg.call(proxy.switch("acker"))
+        wait_until(lambda: sum(s.client_publishes for s in acker.served) >= 3, 30,
+                   "frames acknowledged by the broker that delivers nothing")
+        bg.call(proxy.switch("real"))
+        sent = pipe.wait_sent(load, 60)
+        wait_until(lambda: max(runs_at_sink(pipe).get("acked", {0})) == sent - 1, 60,
+                   "the last record at the sink")
+        pipe.wait_delivered(sent - ingest_status(pipe)["counters"]["gap_records"], 30)
+        r = pipe.tally("acked", sent, label="across a broker that acknowledges without delivering")
+        assert r["duplicated"] == 0 and r["out_of_order"] == 0 and r["unexpected"] == 0
+        check_gap(pipe, r["lost"], "broker acknowledging without delivering")
+    finally:
+        bg.call(proxy.close())
+        bg.call(acker.close())
+        bg.stop()
