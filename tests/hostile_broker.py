@@ -50,8 +50,9 @@ SCENARIOS = {
 # and delivers nothing (records acknowledged, then lost: the gap notice's case)
 ACK_WITHOUT_DELIVERING = "ack_without_delivering"
 
-# scenarios played on the client's first QoS 1 PUBLISH (they answer it); the others on
-# the first SUBSCRIBE or PUBLISH, or one second after CONNACK if neither comes
+# scenarios played on the client's first QoS 1 PUBLISH (they answer it; unprompted, for
+# packet id 1, if none comes within two seconds); the others on the first SUBSCRIBE or
+# PUBLISH, or one second after CONNACK if neither comes
 ACK_SCENARIOS = {"puback_len0_then_publish", "puback_too_long", "puback_unknown_pid"}
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
@@ -71,6 +72,17 @@ def publish(topic: bytes, payload: bytes, qos: int = 0, pid: int = 1, flags: int
     body = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if qos else b"") + payload
     first = 0x30 | (qos << 1) if flags is None else flags
     return bytes((first,)) + varint(len(body)) + body
+
+
+def suback(subscribe_body: bytes) -> bytes:
+    """The SUBACK granting each filter of a SUBSCRIBE the QoS it asked for (at most 1)."""
+    codes = bytearray()
+    i = 2
+    while i < len(subscribe_body):
+        i += 2 + int.from_bytes(subscribe_body[i : i + 2], "big")
+        codes.append(min(subscribe_body[i], 1))
+        i += 1
+    return bytes((0x90,)) + varint(2 + len(codes)) + subscribe_body[:2] + bytes(codes)
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
@@ -93,7 +105,7 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
 
 @dataclass
 class Served:
-    """One connection to the hostile broker."""
+    """One connection to the hostile broker (``scenario`` is set once its CONNECT is read)."""
 
     scenario: str
     opened: float
@@ -145,15 +157,21 @@ class HostileBroker:
             with contextlib.suppress(Exception):
                 await t
 
-    def next_scenario(self) -> str:
-        return self.scenarios[len(self.served) % len(self.scenarios)]
+    def next_scenario(self, client_id: str) -> str:
+        """Each client id goes through the scenarios in turn, one per connection."""
+        n = sum(1 for x in self.served if x.client_id == client_id and x.scenario)
+        return self.scenarios[n % len(self.scenarios)]
+
+    def played(self, client_id: str) -> list[Served]:
+        """The connections of one client id that got a scenario, in order."""
+        return [x for x in self.served if x.client_id == client_id and x.scenario]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
-        s = Served(self.next_scenario(), time.monotonic())
+        s = Served("", time.monotonic())
         self.served.append(s)
         try:
             async with asyncio.timeout(self.linger):
@@ -180,6 +198,7 @@ class HostileBroker:
         if len(body) >= 12:
             n = int.from_bytes(body[10:12], "big")
             s.client_id = body[12 : 12 + n].decode("utf-8", "replace")
+        s.scenario = self.next_scenario(s.client_id)
         if s.scenario == "connack_len0_then_pingresp":
             s.triggered = time.monotonic()
             send(b"\x20\x00\xd0\x00")
@@ -192,19 +211,19 @@ class HostileBroker:
         ack = s.scenario in ACK_SCENARIOS
         while True:
             try:
-                async with asyncio.timeout(None if ack else 1.0):
+                async with asyncio.timeout(2.0 if ack else 1.0):
                     ptype, flags, body = await read_packet(reader)
             except TimeoutError:
-                break  # a client that neither subscribes nor publishes: play it now
+                # a client that does not publish (or neither subscribes nor publishes)
+                s.triggered = time.monotonic()
+                if ack:
+                    await self._ack_scenario(s, send, writer, reader, 1)
+                    return
+                break
             if ptype == PINGREQ:
                 send(b"\xd0\x00")
             elif ptype == SUBSCRIBE:
-                pid, n = body[:2], 0
-                i = 2
-                while i < len(body):
-                    i += 2 + int.from_bytes(body[i : i + 2], "big") + 1
-                    n += 1
-                send(bytes((0x90,)) + varint(2 + n) + pid + b"\x01" * n)
+                send(suback(body))
                 if not ack:
                     break
             elif ptype == PUBLISH:
@@ -232,11 +251,7 @@ class HostileBroker:
             if ptype == PINGREQ:
                 send(b"\xd0\x00")
             elif ptype == SUBSCRIBE:
-                n, i = 0, 2
-                while i < len(body):
-                    i += 2 + int.from_bytes(body[i : i + 2], "big") + 1
-                    n += 1
-                send(bytes((0x90,)) + varint(2 + n) + body[:2] + b"\x01" * n)
+                send(suback(body))
             elif ptype == PUBLISH:
                 s.client_publishes += 1
                 if (flags >> 1) & 3:

@@ -55,12 +55,12 @@ class Hostile:
     def switch(self, name: str) -> None:
         self.bg.call(self.proxy.switch(name))
 
-    def served(self) -> list[Served]:
-        return list(self.broker.served)
+    def played(self, client_id: str) -> list[Served]:
+        return self.broker.played(client_id)[: len(SCENARIOS)]
 
-    def played_all(self) -> bool:
-        s = self.served()
-        return len(s) >= len(SCENARIOS) and all(x.closed is not None for x in s[: len(SCENARIOS)])
+    def played_all(self, client_id: str) -> bool:
+        s = self.played(client_id)
+        return len(s) == len(SCENARIOS) and all(x.closed is not None for x in s)
 
     def stop(self) -> None:
         self.bg.call(self.proxy.close())
@@ -89,20 +89,21 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-def run_hostile_phase(h: Hostile, proc: Any, label: str) -> None:
-    """Switch to the hostile broker until every scenario was played and the client closed
-    each connection, then back; check what the process did."""
+def run_hostile_phase(h: Hostile, proc: Any, label: str, client_id: str) -> None:
+    """Switch to the hostile broker until every scenario was played on the connection of
+    ``client_id`` (the process's main one; its other connections get them too) and the
+    client closed each, then back; check what the process did."""
     h.switch("hostile")
     try:
-        wait_until(h.played_all, 30 + len(SCENARIOS) * (TRICKLE_BOUND + 1),
+        wait_until(lambda: h.played_all(client_id), 30 + len(SCENARIOS) * (TRICKLE_BOUND + 1),
                    f"{label} to go through every hostile scenario")
     finally:
         h.switch("real")
-    served = h.served()[: len(SCENARIOS)]
+    served = h.played(client_id)
     rss = peak_rss_mib(proc.pid)
-    report = " ".join(f"{s.scenario}={s.noticed_after:.2f}s" if s.noticed_after is not None
-                      else f"{s.scenario}=never" for s in served)
-    print(f"[{label} vs hostile broker] connections={len(h.served())} peak_rss={rss:.1f}MiB {report}")
+    report = f"{client_id}: " + " ".join(f"{s.scenario}=" + (
+        f"{s.noticed_after:.2f}s" if s.noticed_after is not None else "never") for s in served)
+    print(f"[{label} vs hostile broker] connections={len(h.broker.served)} peak_rss={rss:.1f}MiB {report}")
     assert proc.running, f"{label} exited"
     slow = {s.scenario: s.noticed_after for s in served
             if s.noticed_after is None
@@ -135,7 +136,7 @@ def test_gateway_against_a_hostile_cloud_broker_loses_nothing(tmp_path, broker_f
     pipe.start()
     load = pipe.load(3000, 200, "hostile-gw")
     wait_until(lambda: pipe.status()["counters"]["stored"] >= 200, 30, "200 records stored")
-    run_hostile_phase(h, pipe.gateway, "gateway")
+    run_hostile_phase(h, pipe.gateway, "gateway", f"edgeferry-gw-{pipe.node}")
     sent = pipe.wait_sent(load, 60)
     pipe.wait_delivered(sent, 60)
     assert_exact(pipe.tally("hostile-gw", sent, label="gateway across a hostile cloud broker"))
@@ -152,7 +153,7 @@ def test_ingest_against_a_hostile_cloud_broker_loses_nothing(tmp_path, broker_fa
     pipe.start_gateway()
     load = pipe.load(3000, 200, "hostile-ing")
     wait_until(lambda: pipe._count_lines() >= 200, 30, "200 rows at the sink")
-    run_hostile_phase(h, pipe.ingest, "ingest")
+    run_hostile_phase(h, pipe.ingest, "ingest", "ingest-hostile")
     sent = pipe.wait_sent(load, 60)
     pipe.wait_delivered(sent, 60)
     assert_exact(pipe.tally("hostile-ing", sent, label="ingest across a hostile cloud broker"))
@@ -191,7 +192,7 @@ async def test_service_against_a_hostile_local_broker_loses_nothing(tmp_path, ed
 
         await feed(0, n // 3)
         await out.wait(n // 3, timeout=30)
-        phase = asyncio.create_task(asyncio.to_thread(run_hostile_phase, h, svc, "service"))
+        phase = asyncio.create_task(asyncio.to_thread(run_hostile_phase, h, svc, "service", "svc-relay"))
         await feed(n // 3, 2 * n // 3)  # published while the service is on the hostile broker
         await phase
         await feed(2 * n // 3, n)
