@@ -240,3 +240,16 @@ def test_a_service_with_commands_may_publish_their_statuses(tmp_path: Path) -> N
     (valve,) = [u for u in r.users if u.name == "valve"]
     assert "cmd/valve/+" in valve.read and "shadow/valve/desired" in valve.read
     assert "evt/cmd/valve" in valve.write and "shadow/valve/reported" in valve.write
+
+
+def test_node_yaml_is_a_valid_gateway_config(tmp_path: Path) -> None:
+    """node.yaml parses with the gateway's own settings (unknown keys and unusable TLS
+    files are refused there); with etc= the output directory the file paths are real."""
+    from gateway.settings import gateway_settings
+
+    out = tmp_path / "out"
+    provision("pi-12", tmp_path / "ca", out, cloud="mqtts://cloud.example:8883", etc=str(out))
+    s = gateway_settings(["--config", str(out / "node.yaml")], environ={})
+    assert (s.node_id, s.cloud) == ("pi-12", "mqtts://cloud.example:8883")
+    assert s.cert_file == str(out / "tls" / "node.crt") and s.key_file == str(out / "tls" / "node.key")
+    assert s.store == "/var/lib/edgeferry-gateway/store.db"
