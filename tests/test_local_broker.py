@@ -179,3 +179,18 @@ async def test_sim_run_logs_in_with_a_password_file(site: tuple[Broker, Path], t
                         "--password-file", str(node / "credentials" / "sim.password")], name="sim-bad")
     assert await asyncio.to_thread(bad.wait, 30) == 2
     assert "--password-file needs --username" in bad.log_text()
+
+
+async def test_gateway_logs_no_local_password(site: tuple[Broker, Path], tmp_path: Path, cloud_broker: Broker,
+                                              proc_factory: Callable[..., Proc]) -> None:
+    """The gateway's local broker URL carries its password (secrets/gateway.env on a
+    device): it connects with it and never logs it, even at debug level."""
+    broker, node = site
+    secret = _pw(node, "gateway")
+    env = {**os.environ, "EDGEFERRY_LOCAL": f"mqtt://gateway:{secret}@127.0.0.1:{broker.port}"}
+    gw = proc_factory([EDGEFERRY, "gateway", "run", "--cloud", cloud_broker.url, "--store", str(tmp_path / "gw.db"),
+                       "--node-id", "pi-10", "--log-level", "debug"], name="gateway", env=env)
+    await asyncio.to_thread(gw.wait_for_line, r"local broker .* connected", 30)
+    assert await asyncio.to_thread(gw.terminate, 20) == 0
+    assert secret not in gw.log_text()
+    assert "mqtt://127.0.0.1:" in gw.log_text()
