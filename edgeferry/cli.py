@@ -205,26 +205,11 @@ def provision(
     err.print(f"wrote {result.out} (secrets are mode 0600; never print or commit them)", highlight=False)
 
 
-@app.command("demo")
-def demo(
-    messages: int = typer.Option(2000, "--messages", help="messages the publisher sends"),
-    outage: float = typer.Option(3.0, "--outage", help="seconds the cloud link is cut mid-run"),
-) -> None:
-    """End-to-end demo: two brokers, a publisher, the gateway, a cut link, ingest.
-
-    Example: edgeferry demo --messages 5000 --outage 5
-    """
-    from edgeferry.demo import run_demo
-
-    code = run_demo(messages, outage)
-    raise typer.Exit(code)
-
-
 def _register_areas() -> None:
     """Each area adds its commands from its own module (edgeferry/cli_<area>.py)."""
     import importlib
 
-    for name in ("edgeferry.cli_service", "edgeferry.cli_sim", "edgeferry.cli_downlink"):
+    for name in ("edgeferry.cli_service", "edgeferry.cli_sim", "edgeferry.cli_downlink", "edgeferry.cli_ops"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -94,7 +94,8 @@ def test_gateway_run_does_not_import_heavy_modules():
     assert r.stdout.strip() == "", f"imported on the gateway's path: {r.stdout}"
 
 
-def test_demo_runs_end_to_end():
-    r = run("demo", "--messages", "600", "--outage", "1", timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "600" in r.stdout and "lost" in r.stdout
+def test_demo_refuses_an_outage_past_its_end():
+    r = run("demo", "--duration", "20", "--outage-at", "15", "--outage-for", "10")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: the outage must end before --duration "
+                                             "(outage-at + outage-for < duration)"], r.stderr

@@ -93,6 +93,7 @@ def test_demo_help_outside_the_checkout(venv: Path):
 
 
 def test_short_demo_outside_the_checkout(venv: Path):
-    r = _run([venv / "edgeferry", "demo", "--messages", "300", "--outage", "0.5"], venv.parent, timeout=90)
+    r = _run([venv / "edgeferry", "demo", "--devices", "3", "--duration", "8", "--outage-at", "2",
+              "--outage-for", "2", "--no-dashboard"], venv.parent, timeout=120)
     print(r.stdout[-1500:])
     assert "sent" in r.stdout and "delivered" in r.stdout
