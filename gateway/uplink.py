@@ -199,6 +199,7 @@ class Uplink:
                     "an unknown number of" if missing is None else missing,
                     f"the end of store epoch {epoch}" if upto == frames.SEQ_MAX else upto, reason)
         body = frames.encode_gap(s.node_id, epoch, lane, after, upto, missing, reason)
+        await st.limits.take()  # the cloud's publish rate counts it like a frame
         await client.publish_nowait(uplink_topic(s.node_id, lane), body, 1)
         st.counters["gap_notices"] += 1
         st.counters["gap_records"] += missing or 0

@@ -11,9 +11,11 @@ records it in the sink, and writes everything after it. Before, the lane stalled
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
-from gateway.health import query_status
+from gateway.health import query_status, render_ingest_metrics
 from gateway.sinks import read_gaps
 from tests.harness import wait_until
 from tests.hostile_broker import ACK_WITHOUT_DELIVERING, Background, HostileBroker, SwitchProxy
@@ -49,6 +51,12 @@ def check_gap(pipe: Pipeline, lost: int, label: str) -> None:
     assert [(g["node"], g["lane"], g["records"]) for g in st["gaps"]] == [(pipe.node, "telemetry", lost)]
     assert at_sink == lost and {g["lane"] for g in gaps} == {"telemetry"}
     assert gw["gap_records"] == lost
+    # the same through the command line and the metrics
+    out = subprocess.run([sys.executable, "-m", "edgeferry", "ingest", "status", "--sink", pipe.sink, "--json"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert json.loads(out)["gaps"] == st["gaps"]
+    metrics = render_ingest_metrics(st)
+    assert f'edgeferry_ingest_gap_records_total{{node="{pipe.node}",lane="telemetry"}} {lost}' in metrics
 
 
 def test_cloud_broker_killed_under_confirm_broker_gap_is_counted_and_the_lane_goes_on(
