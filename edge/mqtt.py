@@ -330,12 +330,13 @@ class MQTTClient:
         except TimeoutError:
             self._abort()
             raise ConnectError(f"{self.url}: no CONNACK within {self.connect_timeout:g} s") from None
+        except ConnectionLost as e:  # before OSError, which it is
+            self._abort()
+            why = explain(e)[1] if tls else str(e)
+            raise ConnectError(why if str(self.url) in why else f"{self.url}: {why}") from None
         except OSError as e:
             self._abort()
             raise ConnectError(f"{self.url}: {explain(e.strerror or e)[1] if tls else e.strerror or e}") from None
-        except ConnectionLost as e:
-            self._abort()
-            raise ConnectError(f"{self.url}: {explain(e)[1] if tls else e}") from None
         if code:
             self._abort()
             reason = _CONNACK_CODES.get(code, f"code {code}")
