@@ -275,6 +275,8 @@ INGEST_OPTIONS = [
     Option("metrics_host", "str", "127.0.0.1", "address for the metrics endpoint", metavar="HOST"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     *TLS_OPTIONS,
+    Option("cloud_profile", "str", "generic", "limits of the cloud broker (docs/clouds.md): "
+           "keepalive range, client id, shared subscriptions", choices=tuple(PROFILES), metavar="NAME"),
 ]
 
 
@@ -291,11 +293,17 @@ class IngestSettings(_Identity):
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
+    cloud_profile: str = "generic"
     config: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("--metrics-port must be a TCP port")
+        prof = profile(self.cloud_profile)
+        prof.check_client_id(self.client_id + "-sync")
+        if self.filter.startswith("$share/") and not prof.shared_subscriptions:
+            raise ConfigError(f"cloud profile {prof.name}: the broker has no shared subscriptions "
+                              f"(--filter {self.filter!r}): run one ingest per queue instead")
         kind, _, path = self.sink.partition(":")
         if kind not in ("jsonl", "sqlite") or not path:
             raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH or sqlite:PATH")
@@ -312,4 +320,5 @@ def ingest_settings(argv: list[str], environ: dict[str, str] | None = None) -> I
         environ=environ,
     )
     tls_from_settings(values, values["cloud"])
+    values["keepalive"] = profile(values["cloud_profile"]).keepalive(values["keepalive"])
     return IngestSettings(**values)

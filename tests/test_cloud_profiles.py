@@ -50,6 +50,38 @@ def test_a_client_id_or_topic_the_broker_would_refuse_is_a_settings_error():
         profile("aws-iot").check_topic("a/b/c/d/e/f/g/h/i", "topic")
 
 
+def test_ingest_takes_the_profile_too():
+    from gateway.settings import ingest_settings
+
+    base = ["--cloud", "mqtt://cloud.example", "--sink", "jsonl:x"]
+    assert ingest_settings([*base, "--cloud-profile", "aws-iot"], {}).keepalive == 30
+    with pytest.raises(ConfigError, match="no shared subscriptions"):
+        ingest_settings([*base, "--cloud-profile", "rabbitmq", "--filter", "$share/g/ef/+/up/+"], {})
+    assert ingest_settings([*base, "--filter", "$share/g/ef/+/up/+"], {}).filter.startswith("$share")
+
+
+def test_acknowledged_but_unconfirmed_frames_are_reported_after_a_minute(monkeypatch, caplog):
+    """A broker that acknowledges and drops (Mosquitto's message_size_limit) or an ingest
+    that is down: the gateway cannot tell which, and says both, once."""
+    import gateway.profiles as gp
+
+    now = [1000.0]
+    monkeypatch.setattr(gp.time, "monotonic", lambda: now[0])
+    limits = CloudLimits(profile("generic"), 256 * 1024, lambda lane: uplink_topic("n", lane), "n")
+    acked, ingested = {"telemetry": 50}, {"telemetry": 10}
+    for _ in range(59):
+        now[0] += 1
+        limits.watch_confirmations(acked, ingested)
+    assert limits.status()["unconfirmed"] is None
+    now[0] += 2
+    limits.watch_confirmations(acked, ingested)
+    assert "not confirmed by ingest for 6" in str(limits.status()["unconfirmed"])
+    assert "is ingest running?" in caplog.text
+    ingested["telemetry"] = 50  # confirmed: the report goes
+    limits.watch_confirmations(acked, ingested)
+    assert limits.status()["unconfirmed"] is None
+
+
 def test_frames_are_cut_to_fit_the_message_limit_with_their_header_counted():
     limits = CloudLimits(profile("generic", max_message_bytes=5000), 256 * 1024,
                          lambda lane: uplink_topic("pi-1", lane), "pi-1")
