@@ -11,9 +11,9 @@ then the records it still holds, so the lane goes on instead of stalling.
 The :class:`Ledger` remembers, per lane and in ascending order, the sequence numbers of
 records that left without ingest's confirmation, and why. Ingest's confirmations trim it
 (what ingest holds can never be missing); beyond ``limit`` numbers per lane the oldest
-are forgotten. It lives in memory: after a gateway restart (and below what was
-forgotten) it cannot tell how many records a range held, and the gap notice says so
-(``missing`` unknown).
+are forgotten. It lives in memory: below what the store removed before this start
+(``Store.removed_upto``, persisted per lane) or what was forgotten, it cannot tell how
+many records a range held, and the gap notice says so (``missing`` unknown).
 """
 
 from __future__ import annotations

@@ -65,11 +65,8 @@ class Gateway:
         try:
             await loop.run_in_executor(st.writer, st.store.open)
             st.opened()
-            known = {}
-            for lane in st.lane_order:  # nothing is known of what left before this start
-                first = await loop.run_in_executor(st.reader, st.store.read, lane, 0, 1, 1)
-                known[lane] = first[0][0] - 1 if first else st.store.next_seq - 1
-            st.ledger = Ledger(known)
+            # how many records left before this start is not known; up to which seq is
+            st.ledger = Ledger({lane: st.store.removed_upto.get(lane, 0) for lane in st.lane_order})
             log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d",
                      self.s.node_id, st.store.path, st.store.epoch,
                      sum(ln.count for ln in st.store.lanes.values()), st.store.total_bytes,

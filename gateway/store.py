@@ -9,7 +9,10 @@ WAL, then the checkpoint) instead of five times.
 
 Every record gets the node's next sequence number. Numbers never repeat: the store keeps
 ``seq_floor`` (the highest number it ever removed) in its meta table, and the next number
-is one above the larger of that and the highest number still stored. A new store file
+is one above the larger of that and the highest number still stored. Per lane it also
+keeps ``removed_upto``, the highest number of that lane it removed (delivered, evicted or
+expired): after a restart the gateway still knows whether a resend request reaches back
+to records it no longer has (gateway/gaps.py). A new store file
 gets a new *epoch* (creation time in ms times 1000 plus a random 0..999), so ``(epoch,
 seq)`` is unique for a node even when the file is lost and re-created.
 
@@ -256,6 +259,7 @@ class Store:
         self.epoch = int(meta["epoch"])
         floor = int(meta.get("seq_floor", "0"))
         self.drops = json.loads(meta.get("drops", "{}"))
+        self.removed_upto: dict[str, int] = {k: int(v) for k, v in json.loads(meta.get("removed_upto", "{}")).items()}
         self._start_clock(int(meta.get("clock_ms", "0")), float(meta.get("clock_wall", "0")))
         high = floor
         for lane in self.lanes.values():
@@ -413,6 +417,7 @@ class Store:
             seq += 1
         res.last_seq = seq - 1
         floor_changed = False
+        removed = dict(self.removed_upto)
         clock = self.now_clock()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -436,7 +441,9 @@ class Store:
                 if oldest[lane_name] is None:
                     oldest[lane_name] = clock
             for lane_name, upto in (deletes or {}).items():
-                n, b = self._remove_delivered(db, self.lanes[lane_name], upto)
+                n, b, hi = self._remove_delivered(db, self.lanes[lane_name], upto)
+                if hi > removed.get(lane_name, 0):
+                    removed[lane_name] = hi
                 if n:
                     res.deleted[lane_name] = (n, b)
                     dcount[lane_name] -= n
@@ -490,6 +497,12 @@ class Store:
                 db.execute("UPDATE meta SET value=? WHERE key='drops'", (json.dumps(new_drops),))
             if floor_changed:
                 db.execute("UPDATE meta SET value=? WHERE key='seq_floor'", (str(seq - 1),))
+            for part in (res.evicted_seqs, res.expired_seqs):
+                for lane_name, seqs in part.items():
+                    if seqs and seqs[-1] > removed.get(lane_name, 0):
+                        removed[lane_name] = seqs[-1]
+            if removed != self.removed_upto:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('removed_upto', ?)", (json.dumps(removed),))
             self._save_clock(db)
             db.execute("COMMIT")
         except BaseException:
@@ -505,19 +518,22 @@ class Store:
             if name in by_lane or dcount[name] < 0:
                 lane.oldest_ts, lane.oldest_clock = self._oldest(db, lane)
         self.drops = new_drops
+        self.removed_upto = removed
         for lane_name, recs in by_lane.items():
             self.lanes[lane_name].newest_seq = recs[-1][0]
         self.next_seq = seq
         return res
 
-    def _remove_delivered(self, db: sqlite3.Connection, lane: LaneState, upto: int) -> tuple[int, int]:
-        n, b = db.execute(
-            f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0) FROM {lane.table} WHERE last_seq <= ?",
+    def _remove_delivered(self, db: sqlite3.Connection, lane: LaneState, upto: int) -> tuple[int, int, int]:
+        """Remove the chunks all of whose records are delivered; (records, bytes, highest seq)."""
+        n, b, hi = db.execute(
+            f"SELECT coalesce(sum(n), 0), coalesce(sum(bytes), 0), coalesce(max(last_seq), 0) "
+            f"FROM {lane.table} WHERE last_seq <= ?",
             (upto,),
         ).fetchone()
         if n:
             db.execute(f"DELETE FROM {lane.table} WHERE last_seq <= ?", (upto,))
-        return n, b
+        return n, b, hi
 
     def _drop_front(self, db: sqlite3.Connection, lane: LaneState, drop: object,
                     seqs: list[int]) -> tuple[int, int]:

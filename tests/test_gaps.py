@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from gateway.errors import FrameError
 from gateway.frames import SEQ_MAX, Frame, Gap, decode, decode_message, encode, encode_gap
 from gateway.gaps import BROKER_ACKED, STORE_FULL, TTL, Ledger
 from gateway.sinks import gaps_path, open_sink, read_gaps, read_sink
+from gateway.store import LaneSpec, Store
 
 # ---------------------------------------------------------------- the notice
 
@@ -91,3 +94,36 @@ def test_sink_records_a_gap_once_and_counts_it_as_held_after_a_restart(tmp_path,
     assert len(read_sink(spec)) == 1  # the records are untouched
     if kind == "jsonl":
         assert gaps_path(tmp_path / "sink.jsonl") == tmp_path / "sink.gaps.jsonl"
+
+
+# ---------------------------------------------------------------- across a restart
+
+
+def test_store_remembers_per_lane_up_to_where_it_removed_records(tmp_path):
+    """The ledger is in memory; the store keeps, per lane, the highest seq it removed, so
+    that after a restart a resend request below it is a gap of unknown size and one above
+    it is not a gap at all (seqs of other lanes lie in between)."""
+    lanes = [LaneSpec("events", ("evt/#",), "block"), LaneSpec("telemetry", ("dt/#",), "drop_oldest")]
+    s = Store(tmp_path / "s.db", lanes, max_bytes=10_000)
+    s.open()
+
+    def rec(lane, size=10):
+        return (lane, "evt/a" if lane == "events" else "dt/a", b"x" * size, int(time.time() * 1000), 0)
+
+    s.commit([rec("telemetry") for _ in range(5)] + [rec("events") for _ in range(5)])  # 1-5, 6-10
+    s.commit([], deletes={"telemetry": 3})  # chunk 1-5 is not all delivered: nothing goes
+    assert s.removed_upto == {}
+    s.commit([], deletes={"telemetry": 5})
+    assert s.removed_upto == {"telemetry": 5}
+    res = s.commit([rec("telemetry", 3000) for _ in range(4)])  # 11-14: over 10,000 bytes
+    assert res.evicted_seqs["telemetry"] and s.removed_upto["telemetry"] == res.evicted_seqs["telemetry"][-1]
+    evicted_upto = s.removed_upto["telemetry"]
+    s.close()
+    s = Store(tmp_path / "s.db", lanes, max_bytes=10_000)
+    s.open()
+    assert s.removed_upto == {"telemetry": evicted_upto}
+    led = Ledger({lane: s.removed_upto.get(lane, 0) for lane in ("events", "telemetry")})
+    assert led.missing("telemetry", evicted_upto, 100) == (0, evicted_upto, "")
+    assert led.missing("telemetry", 5, evicted_upto + 1)[0] is None
+    assert led.missing("events", 5, 100) == (0, 5, "")
+    s.close()
