@@ -25,12 +25,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import signal
 import sqlite3
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -68,7 +66,11 @@ class Downlink:
     """``await Downlink(settings).run(stop)`` (settings: a GatewaySettings)."""
 
     def __init__(self, settings: Any, *, clock: Clock | None = None, redeliver: float | None = None,
-                 hello_retry: float = HELLO_RETRY) -> None:
+                 hello_retry: float = HELLO_RETRY, after_receive: Callable[[int], None] | None = None,
+                 fast_status: bool = True) -> None:
+        """``after_receive`` (a failpoint for tests) is called with the number of new
+        commands once they are stored, before they are acknowledged and delivered;
+        ``fast_status=False`` (tests) sends statuses by the events lane only."""
         self.s = settings
         self.node = settings.node_id
         self.clock = clock or SystemClock()
@@ -96,9 +98,8 @@ class Downlink:
         self.cloud_up = False
         self.local_up = False
         self.open_commands = 0
-        fp = os.environ.get("EDGEFERRY_FAILPOINT")
-        self._crash_after_receive = fp == "downlink_crash_after_receive"
-        self._fast = fp != "downlink_no_fast_status"  # tests: statuses by the events lane only
+        self._after_receive = after_receive
+        self._fast = fast_status
         self.counters = {"commands_received": 0, "commands_published": 0, "commands_expired": 0,
                          "desired_received": 0, "desired_stale": 0, "reports": 0, "hellos": 0,
                          "rejected": 0, "statuses_fast": 0}
@@ -254,11 +255,8 @@ class Downlink:
             cmds = [b for _, _, k, b in batch if k == "cmd"]
             desired = [b for _, _, k, b in batch if k == "desired"]
             new, applied = await self._db(self.store.receive, cmds, desired)
-            if new and self._crash_after_receive:
-                # failpoint (tests): killed after storing a command, before acknowledging
-                # it to the cloud and before delivering it
-                log.warning("failpoint downlink_crash_after_receive: SIGKILL")
-                os.kill(os.getpid(), signal.SIGKILL)
+            if new and self._after_receive is not None:
+                self._after_receive(new)  # stored, not yet acknowledged nor delivered
             self.counters["commands_received"] += new
             self.counters["desired_received"] += applied
             self.counters["desired_stale"] += len(desired) - applied

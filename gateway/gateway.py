@@ -47,10 +47,12 @@ class Gateway:
         self.s = settings
         self.state = State(settings)
         self.intake = Intake(self.state)
-        self.committer = Committer(self.state, self.intake, hooks or Hooks())
+        hooks = hooks or Hooks()
+        self.committer = Committer(self.state, self.intake, hooks)
         self.uplink = Uplink(self.state)
         # commands and desired state: its own connections and store (docs/commands.md)
-        self.downlink = Downlink(settings) if settings.downlink else None
+        self.downlink = Downlink(settings, after_receive=hooks.downlink_after_receive,
+                                 fast_status=hooks.downlink_fast_status) if settings.downlink else None
         self._ran = False
 
     async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:

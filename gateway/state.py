@@ -45,13 +45,21 @@ Record = tuple[str, str, bytes, int, int]
 
 @dataclass(frozen=True)
 class Hooks:
-    """Instants at which a test injects a failure (a failpoint). Production passes none;
-    tests/_failpoint_gateway.py builds a gateway process with them."""
+    """What a test injects into a gateway: failpoints (instants at which it fails) and
+    test-only switches. Production passes none; tests/_failpoint_gateway.py builds a
+    gateway process with them."""
 
     after_commit: Callable[[int], None] | None = None
     """Called by the committer after a commit that stored records and before they are
     acknowledged to the local broker, with the number of records. It may raise (the
     committer task fails with that exception) or kill the process."""
+
+    downlink_after_receive: Callable[[int], None] | None = None
+    """Called by the downlink once it stored new commands, before it acknowledges them
+    to the cloud and delivers them, with their number (gateway/downlink.py)."""
+
+    downlink_fast_status: bool = True
+    """False: the downlink sends command statuses by the events lane only."""
 
 
 class State:

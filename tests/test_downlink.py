@@ -214,7 +214,7 @@ def versions_seen(watcher: Any) -> list[int]:
 
 def test_gateway_kill9_between_receiving_and_delivering_runs_once(pipe, proc_factory):
     pipe.start_ingest()
-    pipe.start_gateway(env={"EDGEFERRY_FAILPOINT": "downlink_crash_after_receive"})
+    pipe.start_gateway(failpoint="downlink_crash_after_receive")
     start_target(pipe, proc_factory)
     pipe.gateway.wait_for_line(r"cloud broker .* connected", 20)
     cid = send(pipe, {"interval": 3})
@@ -243,7 +243,7 @@ def test_target_killed_after_executing_is_not_run_again(pipe, proc_factory):
 def test_cloud_broker_restarted_without_persistence_while_site_away(pipe, proc_factory):
     # statuses by the events lane only here: the reliable path, without the fast one
     pipe.start_ingest()
-    pipe.start_gateway(env={"EDGEFERRY_FAILPOINT": "downlink_no_fast_status"})
+    pipe.start_gateway(failpoint="downlink_no_fast_status")
     pipe.gateway.wait_for_line(r"cloud broker .* connected", 20)
     start_target(pipe, proc_factory)
     pipe.proxy.cut()
