@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgeferry-installed
 
-.PHONY: demo test bench lint setup mosquitto cloud-brokers chromium clean
+.PHONY: demo test bench lint setup mosquitto cloud-brokers chromium postgresql clean
 
 setup: $(STAMP) mosquitto cloud-brokers
 
@@ -45,6 +45,16 @@ cloud-brokers:
 	  else echo "warning:$$missing missing: their tests will be skipped"; fi; \
 	fi
 
+# The PostgreSQL sink's tests use the machine's server (127.0.0.1:5432, tests/postgres.py):
+# started here when it is installed but stopped (as root); without one they are skipped
+postgresql:
+	@if [ "$$(id -u)" = 0 ] && command -v pg_lsclusters >/dev/null; then \
+	  pg_lsclusters -h | awk '$$4 != "online" {print $$1, $$2}' | while read v c; do \
+	    echo "starting PostgreSQL $$v/$$c"; \
+	    pg_ctlcluster "$$v" "$$c" start || echo "warning: PostgreSQL $$v/$$c did not start: its tests will be skipped"; \
+	  done; \
+	fi
+
 # headless Chromium opens the demo's HTML report in tests/test_demo.py (Debian package;
 # the check is skipped, saying why, without it)
 chromium:
@@ -57,7 +67,7 @@ chromium:
 	fi
 
 # lint first: a lint or type error fails `make test` like a failing test does
-test: setup chromium lint
+test: setup chromium lint postgresql
 	$(PY) -m pytest
 
 # the demo's data (brokers, store, cloud.db, manifest, logs) and report stay in demo-data/

@@ -100,15 +100,25 @@ def ingest_run(ctx: typer.Context) -> None:
 
 @ingest_app.command("status")
 def ingest_status(
-    sink: str = typer.Option(..., "--sink", help="the sink ingest writes: jsonl:PATH or sqlite:PATH"),
+    sink: str = typer.Option(..., "--sink", envvar="EDGEFERRY_SINK",
+                             help="the sink ingest writes: jsonl:PATH, sqlite:PATH or postgresql://..."),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of text"),
+    limit: int = typer.Option(1000, "--limit", help="postgresql: at most this many lanes"),
+    node: str = typer.Option(None, "--node", help="postgresql: only this node"),
 ) -> None:
-    """Counters and gaps (records gateways no longer held) of a running ingest.
+    """Counters and gaps (records gateways no longer held) of a running ingest; for a
+    postgresql:// sink, every node's lanes from the database (all workers): last seen,
+    lag (highest seq received minus written with nothing missing), frames waiting ahead
+    of a hole, gaps recorded.
 
     Example: edgeferry ingest status --sink jsonl:/var/lib/edgeferry/events.jsonl
     """
     from gateway.health import query_status
+    from gateway.sinks import is_postgres
 
+    if is_postgres(sink):
+        _fleet_status(sink, as_json, limit, node)
+        return
     st: dict[str, Any] | None = query_status(sink.partition(":")[2])
     if st is None:
         _fail(f"no ingest answers for sink {sink} (is it running?)")
@@ -123,6 +133,56 @@ def ingest_status(
     for g in st.get("gaps", []):
         t.add_row(g["node"], g["lane"], str(g["notices"]), str(g["records"]), str(g["unknown"]))
     out.print(t)
+
+
+def _fleet_status(sink: str, as_json: bool, limit: int, node: str | None) -> None:
+    from gateway.errors import SinkError
+    from gateway.pgsink import fleet_status
+
+    try:
+        rows = fleet_status(sink, limit, node)
+    except SinkError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        for r in rows:
+            r["last_seen"] = r["last_seen"].isoformat()
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("node", "epoch", "lane", "last seen", "received", "written", "lag", "waiting", "gaps")
+    for r in rows:
+        t.add_row(r["node"], str(r["epoch"]), r["lane"], r["last_seen"].strftime("%Y-%m-%d %H:%M:%S"),
+                  str(r["received"]), str(r["high"]), str(r["lag"]), str(r["waiting"]), str(r["gaps"]))
+    Console().print(t)
+
+
+@ingest_app.command("retention")
+def ingest_retention(
+    sink: str = typer.Option(..., "--sink", envvar="EDGEFERRY_SINK", help="postgresql://USER@HOST/DB"),
+    keep: str = typer.Option(..., "--keep", help="how much to keep: 90d, 12w or 48h"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be dropped, drop nothing"),
+) -> None:
+    """Drop the daily partitions of a PostgreSQL sink older than --keep (run it daily, e.g.
+    from cron or a systemd timer; docs/cloud.md).
+
+    Example: edgeferry ingest retention --sink postgresql://postgres@127.0.0.1/fleet --keep 90d
+    """
+    from gateway.errors import SinkError
+    from gateway.sinks import is_postgres
+
+    if not is_postgres(sink):
+        _fail(f"--sink {sink!r}: retention works on a postgresql://... sink", 2)
+    try:
+        from gateway.pgsink import parse_keep, retention
+
+        dropped, deleted = retention(sink, parse_keep(keep), dry_run=dry_run)
+    except ValueError as e:
+        _fail(str(e), 2)
+    except SinkError as e:
+        _fail(str(e))
+    verb = "would drop" if dry_run else "dropped"
+    typer.echo(f"{verb} {len(dropped)} partitions{': ' + ', '.join(dropped) if dropped else ''}; "
+               f"{deleted} rows of the default partition deleted")
 
 
 @app.command("chaos")

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge._lifecycle import first_error
 from edge.backoff import Backoff, connect_retrying, sleep_unless
@@ -26,7 +26,10 @@ from gateway.cloudsync import CloudSync
 from gateway.errors import FrameError
 from gateway.frames import Gap
 from gateway.settings import IngestSettings
-from gateway.sinks import GapRow, JsonlSink, Row, SqliteSink, open_sink, read_gaps
+from gateway.sinks import GapRow, JsonlSink, Row, SqliteSink, is_postgres, open_sink, read_gaps
+
+if TYPE_CHECKING:
+    from gateway.pgsink import PgSink
 from gateway.topics import INGEST_HELLO, ack_topic, nack_topic, uplink_topic
 
 __all__ = ["Ingest"]
@@ -35,6 +38,12 @@ log = logging.getLogger("edgeferry.ingest")
 
 MAX_BATCH = 16
 """Frames decoded and written per sink write (up to 16,000 records by default)."""
+
+GAP_WAIT = 2.0
+"""With a database sink: how long frames written ahead of a hole wait for it to fill
+(frames of one lane reach several workers in any order) before ingest asks for a resend."""
+
+Acks = dict[tuple[str, int], dict[str, int]]  # (node, epoch) -> lane -> high
 
 
 def _from_sender(topic: str, node: str, lane: str) -> bool:
@@ -47,7 +56,8 @@ class Ingest:
 
     def __init__(self, settings: IngestSettings) -> None:
         self.s = settings
-        self.sink: JsonlSink | SqliteSink | None = None
+        self.sink: JsonlSink | SqliteSink | PgSink | None = None
+        self._db_sink = is_postgres(settings.sink)  # continuity decided by the database
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sink")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -97,6 +107,8 @@ class Ingest:
                         tg.create_task(self._connection_loop(), name="ingest-connection"),
                         tg.create_task(self._writer(), name="ingest-writer"),
                     ]
+                    if self._db_sink:
+                        tasks.append(tg.create_task(self._hole_watch(), name="ingest-holes"))
                     if self.sync is not None:
                         tasks.append(tg.create_task(self.sync.run(self._stop), name="ingest-sync"))
                     if ready is not None:
@@ -187,8 +199,8 @@ class Ingest:
             try:
                 while True:
                     try:
-                        written, dups, moved, gaps = await loop.run_in_executor(
-                            self._pool, self._process, batch)
+                        written, dups, acks, gaps = await loop.run_in_executor(
+                            self._pool, self._process_db if self._db_sink else self._process, batch)
                         break
                     except OSError as e:
                         log.error("sink write failed (%s); retrying in 1 s", e)
@@ -199,15 +211,14 @@ class Ingest:
             self.counters["duplicates"] += dups
             if client is not None and client is self._client and client.connected:
                 client.ack_many([m.pid for m in batch if m.qos])
-                await self._confirm(client, {(k[0], k[1]) for k in moved})
+                await self._confirm(client, acks)
                 await self._nack(client, gaps)
             # else: the broker redelivers them on the next connection; the sink drops them
 
-    def _process(self, batch: list[Message]) -> tuple[int, int, dict[tuple[str, int, str], int],
-                                                     dict[tuple[str, int, str], int]]:
+    def _process(self, batch: list[Message]) -> tuple[int, int, Acks, dict[tuple[str, int, str], int]]:
         """Decode frames and write their records (in the sink thread). A frame that does
         not follow what the sink holds for its lane is not written (see ``gaps``)."""
-        assert self.sink is not None
+        assert self.sink is not None and not self._db_sink
         rows: list[Row] = []
         high = self.sink.high
         moved: dict[tuple[str, int, str], int] = {}
@@ -260,19 +271,79 @@ class Ingest:
             if self.sink.write_gap(g):
                 self._count_gap(g)
         high.update(moved)
+        self._apply_downlink(rows)
+        acks: Acks = {}
+        for node, epoch in {(k[0], k[1]) for k in moved}:
+            acks[(node, epoch)] = {k[2]: v for k, v in high.items() if k[0] == node and k[1] == epoch}
+        return written, dups, acks, gaps
+
+    def _apply_downlink(self, rows: list[Row]) -> None:
         if self.state is not None:
             # command statuses and reported state ride the events lane (docs/commands.md)
             down = [(r[0], r[5], r[6]) for r in rows if r[5].startswith(("evt/cmd/", "evt/shadow/"))]
             if down:
-                counters["downlink_applied"] += self.state.apply_records(down)
-        return written, dups, moved, gaps
+                self.counters["downlink_applied"] += self.state.apply_records(down)
 
-    async def _confirm(self, client: MQTTClient, nodes: set[tuple[str, int]]) -> None:
+    def _process_db(self, batch: list[Message]) -> tuple[int, int, Acks, dict[tuple[str, int, str], int]]:
+        """Decode frames and write them in one transaction of the database sink, which
+        decides continuity and duplicates for every worker (gateway/pgsink.py)."""
+        from gateway.pgsink import PgSink
+
+        sink = self.sink
+        assert isinstance(sink, PgSink)
+        counters = self.counters
+        batch_frames = []
+        gap_rows: list[GapRow] = []
+        for m in batch:
+            try:
+                f = frames.decode_message(m.payload)
+            except FrameError as e:
+                counters["bad_frames"] += 1
+                log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
+                continue
+            if not _from_sender(m.topic, f.node, f.lane):
+                counters["spoofed_frames"] += 1
+                n = counters["spoofed_frames"]
+                if n <= 10 or n % 1000 == 0:
+                    log.warning("refused a frame on %r claiming node %r lane %r: the topic names "
+                                "the sender (%d refused so far)", m.topic, f.node, f.lane, n)
+                continue
+            if isinstance(f, Gap):  # (after, upto] is lost at the gateway: held, once recorded
+                gap_rows.append((f.node, f.epoch, f.lane, f.after, f.upto, f.missing, f.reason))
+                continue
+            counters["frames"] += 1
+            counters["records"] += len(f.records)
+            batch_frames.append((f.node, f.epoch, f.lane, f.prev_seq, f.records))
+        done = sink.write_frames(batch_frames, gap_rows)
+        for g in done.new_gaps:
+            self._count_gap(g)
+        if self.state is not None:
+            self._apply_downlink([(n, e, lane, s, ts, t, p) for n, e, lane, _prev, recs in batch_frames
+                                  for s, ts, t, p in recs])
+        return done.written, done.duplicates, done.acks, {}
+
+    async def _hole_watch(self) -> None:
+        """Database sink: ask for a resend of every hole open longer than GAP_WAIT."""
+        from gateway.pgsink import PgSink
+
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            await self._sleep(GAP_WAIT / 2)
+            client, sink = self._client, self.sink
+            if client is None or not client.connected or not isinstance(sink, PgSink):
+                continue
+            try:
+                holes = await loop.run_in_executor(self._pool, sink.waiting, GAP_WAIT)
+            except OSError as e:
+                log.error("cannot read the holes waiting: %s", e)
+                continue
+            self.counters["gap_frames"] += len(holes)
+            await self._nack(client, holes)
+
+    async def _confirm(self, client: MQTTClient, acks: Acks) -> None:
         """Tell each gateway (retained, QoS 1) the highest seq per lane that the sink holds
         with nothing missing before it, so the gateway can remove those records."""
-        assert self.sink is not None
-        for node, epoch in nodes:
-            lanes = {k[2]: v for k, v in self.sink.high.items() if k[0] == node and k[1] == epoch}
+        for (node, epoch), lanes in acks.items():
             body = json.dumps({"epoch": epoch, "lanes": lanes}).encode()
             try:
                 await client.publish_nowait(ack_topic(node), body, 1, retain=True)
@@ -281,6 +352,8 @@ class Ingest:
 
     async def _nack(self, client: MQTTClient, gaps: dict[tuple[str, int, str], int]) -> None:
         now = time.monotonic()
+        if len(self._nacked) > 10_000:  # bounded with many nodes: forget the old asks
+            self._nacked = {k: v for k, v in self._nacked.items() if now - v[1] < 1.0}
         for (node, epoch, lane), after in gaps.items():
             last = self._nacked.get((node, epoch, lane))
             if last is not None and last[0] == after and now - last[1] < 1.0:

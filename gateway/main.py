@@ -185,9 +185,11 @@ def run_ingest(argv: list[str]) -> int:
         from gateway.health import render_ingest_metrics, serve_metrics, serve_status
 
         servers = []
-        st = await serve_status(settings.sink.partition(":")[2], ing.status)
-        if st is not None:
-            servers.append(st)
+        if not settings.sink.startswith(("postgresql://", "postgres://")):
+            # a database sink's workers are many: `ingest status` reads the database
+            st = await serve_status(settings.sink.partition(":")[2], ing.status)
+            if st is not None:
+                servers.append(st)
         if settings.metrics_port:
             servers.append(await serve_metrics(settings.metrics_host, settings.metrics_port, ing.status,
                                                render_ingest_metrics))

@@ -263,7 +263,8 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
 
 INGEST_OPTIONS = [
     Option("cloud", "url", None, "cloud broker URL", required=True, metavar="URL"),
-    Option("sink", "str", None, "jsonl:PATH or sqlite:PATH", required=True, metavar="SINK"),
+    Option("sink", "str", None, "jsonl:PATH, sqlite:PATH or postgresql://USER@HOST/DB",
+           required=True, metavar="SINK"),
     Option("client_id", "str", "edgeferry-ingest", "client id (one persistent session)", metavar="ID"),
     Option("filter", "str", "ef/+/up/+", "frames to consume", metavar="FILTER"),
     Option("keepalive", "duration", 10.0, "keepalive", metavar="DURATION"),
@@ -305,8 +306,13 @@ class IngestSettings(_Identity):
             raise ConfigError(f"cloud profile {prof.name}: the broker has no shared subscriptions "
                               f"(--filter {self.filter!r}): run one ingest per queue instead")
         kind, _, path = self.sink.partition(":")
-        if kind not in ("jsonl", "sqlite") or not path:
-            raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH or sqlite:PATH")
+        if self.sink.startswith(("postgresql://", "postgres://")):
+            if self.downlink:
+                raise ConfigError("--sink postgresql://...: the command and shadow state has no "
+                                  "PostgreSQL store yet; pass --downlink false")
+        elif kind not in ("jsonl", "sqlite") or not path:
+            raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH, sqlite:PATH or "
+                              "postgresql://USER@HOST/DB")
         check_filter(self.filter)
         if not 1 <= self.keepalive <= 65535:
             raise ConfigError(f"--keepalive must be 1 s to 65535 s (MQTT's two-byte field), not {self.keepalive:g} s")

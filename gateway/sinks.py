@@ -29,10 +29,13 @@ import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edge.events import rfc3339_ms
 from gateway.errors import SinkError
+
+if TYPE_CHECKING:
+    from gateway.pgsink import PgSink
 
 try:
     import orjson
@@ -52,7 +55,9 @@ except ImportError:  # pragma: no cover - orjson is a dependency; keep working w
         return json.loads(data)
 
 
-__all__ = ["SeqSet", "JsonlSink", "SqliteSink", "gaps_path", "open_sink", "read_gaps", "rfc3339"]
+SINK_FORMS = "expected jsonl:PATH, sqlite:PATH or postgresql://USER@HOST/DB"
+
+__all__ = ["SeqSet", "is_postgres", "JsonlSink", "SqliteSink", "gaps_path", "open_sink", "read_gaps", "rfc3339"]
 
 Row = tuple[str, int, str, int, int, str, bytes]  # node, epoch, lane, seq, ts_ms, topic, payload
 GapRow = tuple[str, int, str, int, int, int | None, str]  # node, epoch, lane, after, upto, missing, reason
@@ -343,14 +348,23 @@ class SqliteSink:
             self._db = None
 
 
-def open_sink(spec: str, fsync: bool = False) -> JsonlSink | SqliteSink:
+def is_postgres(spec: str) -> bool:
+    """Is a sink spec a PostgreSQL URL (``postgresql://...``, gateway/pgsink.py)?"""
+    return spec.startswith(("postgresql://", "postgres://"))
+
+
+def open_sink(spec: str, fsync: bool = False) -> JsonlSink | SqliteSink | PgSink:
     kind, _, path = spec.partition(":")
-    if kind == "jsonl" and path:
-        sink: JsonlSink | SqliteSink = JsonlSink(path, fsync)
+    if is_postgres(spec):
+        from gateway.pgsink import PgSink  # the driver only when this sink is used
+
+        sink: JsonlSink | SqliteSink | PgSink = PgSink(spec, fsync)
+    elif kind == "jsonl" and path:
+        sink = JsonlSink(path, fsync)
     elif kind == "sqlite" and path:
         sink = SqliteSink(path, fsync)
     else:
-        raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")
+        raise SinkError(f"sink {spec!r}: {SINK_FORMS}")
     sink.open()
     return sink
 
@@ -360,6 +374,9 @@ def read_sink(spec: str) -> list[dict[str, object]]:
     import json
 
     kind, _, path = spec.partition(":")
+    if is_postgres(spec):
+        return _read_pg(spec, "SELECT node, epoch, seq, lane, topic, payload, ts FROM records"
+                              " ORDER BY node, epoch, seq")
     if kind == "jsonl":
         with open(path, "rb") as f:
             return [json.loads(line) for line in f if line.endswith(b"\n")]
@@ -370,12 +387,15 @@ def read_sink(spec: str) -> list[dict[str, object]]:
             return [dict(r) for r in db.execute("SELECT * FROM records ORDER BY node, epoch, seq")]
         finally:
             db.close()
-    raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")
+    raise SinkError(f"sink {spec!r}: {SINK_FORMS}")
 
 
 def read_gaps(spec: str) -> list[dict[str, object]]:
     """Every gap a sink recorded, as dicts (for tests and inspection)."""
     kind, _, path = spec.partition(":")
+    if is_postgres(spec):
+        return _read_pg(spec, "SELECT node, epoch, lane, after, upto, missing, reason, ts FROM gaps"
+                              " ORDER BY node, epoch, lane, upto")
     if kind == "jsonl":
         try:
             with open(gaps_path(path), "rb") as f:
@@ -391,4 +411,28 @@ def read_gaps(spec: str) -> list[dict[str, object]]:
             return []
         finally:
             db.close()
-    raise SinkError(f"sink {spec!r}: expected jsonl:PATH or sqlite:PATH")
+    raise SinkError(f"sink {spec!r}: {SINK_FORMS}")
+
+
+def _read_pg(spec: str, query: str) -> list[dict[str, object]]:
+    """Rows of a PostgreSQL sink as the other sinks give them (payload as text, or
+    base64 with ``encoding``; ts in RFC 3339)."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    try:
+        with psycopg.connect(spec, row_factory=dict_row) as db:
+            rows = db.execute(query).fetchall()  # type: ignore[arg-type]
+    except psycopg.Error as e:
+        raise SinkError(f"cannot read sink: {str(e).strip().splitlines()[0]}") from None
+    out: list[dict[str, object]] = []
+    for r in rows:
+        d = dict(r)
+        if "payload" in d:
+            text, enc = _payload_fields(bytes(d["payload"]))
+            d["payload"] = text
+            if enc:
+                d["encoding"] = enc
+        d["ts"] = rfc3339(int(d["ts"].timestamp() * 1000))
+        out.append(d)
+    return out

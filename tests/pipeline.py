@@ -25,7 +25,8 @@ PY = sys.executable
 
 class Pipeline:
     def __init__(self, tmp_path: Path, broker_factory: Any, proc_factory: Any, chaos: Any,
-                 node: str = "pi-1", gateway_args: tuple[str, ...] = (), sink: str = "jsonl") -> None:
+                 node: str = "pi-1", gateway_args: tuple[str, ...] = (), sink: str = "jsonl",
+                 ingest_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp_path
         self.node = node
         self.edge = broker_factory("edge")
@@ -34,6 +35,9 @@ class Pipeline:
         self.store = tmp_path / "store.db"
         self.sink_path = tmp_path / ("sink.jsonl" if sink == "jsonl" else "sink.db")
         self.sink = f"{sink}:{self.sink_path}"
+        if "://" in sink:  # a database (postgresql://...)
+            self.sink = sink
+        self.ingest_args = list(ingest_args)
         self.gateway_args = list(gateway_args)
         self._procs = proc_factory
         self.gateway: Any = None
@@ -63,7 +67,7 @@ class Pipeline:
     def start_ingest(self) -> Any:
         self._ing_runs += 1
         self.ingest = self._procs([PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
-                                   "--sink", self.sink, "--client-id", "ingest-test"],
+                                   "--sink", self.sink, "--client-id", "ingest-test", *self.ingest_args],
                                   f"ingest{self._ing_runs}")
         self.ingest.wait_for_line(r"ingest connected", 20)
         return self.ingest
@@ -93,7 +97,7 @@ class Pipeline:
     def rows(self) -> list[dict[str, Any]]:
         from gateway.sinks import read_sink
 
-        if not self.sink_path.exists():
+        if "://" not in self.sink and not self.sink_path.exists():
             return []
         return read_sink(self.sink)
 

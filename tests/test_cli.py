@@ -48,7 +48,7 @@ def test_every_command_has_help_with_an_example(path):
         (["gateway", "run", "--cloud", "nope", "--node-id", "x"], "is not of the form mqtt://HOST:PORT"),
         (["gateway", "run", "--node-id", "x"], "--cloud is required"),
         (["gateway", "run", "--cloud", "mqtt://h:1", "--node-id", "x", "--window", "abc"], "--window"),
-        (["ingest", "run", "--cloud", "mqtt://h:1", "--sink", "csv:x"], "jsonl:PATH or sqlite:PATH"),
+        (["ingest", "run", "--cloud", "mqtt://h:1", "--sink", "csv:x"], "jsonl:PATH, sqlite:PATH or postgresql://"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, message):

@@ -79,7 +79,7 @@ def test_bad_yaml(tmp_path):
 def test_ingest_settings():
     s = ingest_settings(["--cloud", "mqtt://h:1", "--sink", "sqlite:/tmp/x.db"], environ={})
     assert s.filter == "ef/+/up/+"
-    with pytest.raises(ConfigError, match="jsonl:PATH or sqlite:PATH"):
+    with pytest.raises(ConfigError, match="jsonl:PATH, sqlite:PATH or postgresql:"):
         ingest_settings(["--cloud", "mqtt://h:1", "--sink", "csv:x"], environ={})
 
 
