@@ -58,12 +58,11 @@ class TLSPipeline(Pipeline):
         return ["--ca-file", str(d / f"{who}-trust.pem"), "--cert-file", str(d / f"{who}.pem"),
                 "--key-file", str(d / f"{who}.key"), "--tls-server-name", SERVER_NAME]
 
-    def gateway_argv(self) -> list[str]:
-        return [PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
-                "--cloud", f"mqtts://gw@127.0.0.1:{self.proxy.port}", "--store", str(self.store),
-                "--node-id", self.node, "--backoff-max", "0.5s", "--keepalive", "3s",
-                "--password-file", str(self.d / "gw.pass"), "--metrics-port", str(self.metrics_port),
-                "--log-level", "info", *self.tls_args("gw")]
+    def gateway_argv(self, failpoint: str | None = None) -> list[str]:
+        argv = super().gateway_argv(failpoint)
+        argv[argv.index("--cloud") + 1] = f"mqtts://gw@127.0.0.1:{self.proxy.port}"
+        return [*argv, "--backoff-max", "0.5s", "--password-file", str(self.d / "gw.pass"),
+                "--metrics-port", str(self.metrics_port), *self.tls_args("gw")]
 
     def start_ingest(self) -> Any:
         self._ing_runs += 1
