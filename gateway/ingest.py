@@ -155,13 +155,14 @@ class Ingest:
                 break
             self.counters["connects"] += 1
             try:
-                granted = await client.subscribe([(self.s.filter, 1)])
+                flt = f"$share/{self.s.group}/{self.s.filter}" if self.s.group else self.s.filter
+                granted = await client.subscribe([(flt, 1)])
                 if granted and granted[0] == 0x80:
-                    log.error("the cloud broker refused the subscription to %r", self.s.filter)
+                    log.error("the cloud broker refused the subscription to %r", flt)
                 # gateways resend what we have not confirmed when our queue was lost
                 hello = {"client_id": self.s.client_id, "session_present": client.session_present}
                 await client.publish(INGEST_HELLO, json.dumps(hello).encode(), 1)
-                log.info("ingest connected to %s, consuming %s", client.url, self.s.filter)
+                log.info("ingest connected to %s, consuming %s", client.url, flt)
                 self.ready.set()
                 await client.closed
             except ConnectionLost as e:

@@ -175,6 +175,11 @@ def run_ingest(argv: list[str]) -> int:
     settings = _parse(ingest_settings, argv)
     if settings is None:
         return 2
+    if settings.workers > 1:
+        from gateway.workers import run_workers
+
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_workers(argv, settings)
 
     def make(s: Any) -> Any:
         from gateway.ingest import Ingest

@@ -267,6 +267,11 @@ INGEST_OPTIONS = [
            required=True, metavar="SINK"),
     Option("client_id", "str", "edgeferry-ingest", "client id (one persistent session)", metavar="ID"),
     Option("filter", "str", "ef/+/up/+", "frames to consume", metavar="FILTER"),
+    Option("workers", "int", 1, "ingest processes on this host, sharing the frames (postgresql sink)",
+           metavar="N"),
+    Option("group", "str", "", "consume as one of a shared subscription group ($share/GROUP/FILTER), "
+           "with other workers anywhere (postgresql sink); --workers > 1 uses the client id",
+           metavar="GROUP"),
     Option("keepalive", "duration", 10.0, "keepalive", metavar="DURATION"),
     Option("backoff_max", "duration", 5.0, "cap of the reconnect backoff", metavar="DURATION"),
     Option("fsync", "bool", False, "fsync the sink before acknowledging each batch", metavar="BOOL"),
@@ -287,6 +292,8 @@ class IngestSettings(_Identity):
     sink: str
     client_id: str = "edgeferry-ingest"
     filter: str = "ef/+/up/+"
+    workers: int = 1
+    group: str = ""
     keepalive: float = 10.0
     backoff_max: float = 5.0
     fsync: bool = False
@@ -306,6 +313,10 @@ class IngestSettings(_Identity):
             raise ConfigError(f"cloud profile {prof.name}: the broker has no shared subscriptions "
                               f"(--filter {self.filter!r}): run one ingest per queue instead")
         kind, _, path = self.sink.partition(":")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("--workers must be 1 to 64")
+        if self.group and ("/" in self.group or "+" in self.group or "#" in self.group):
+            raise ConfigError(f"--group {self.group!r}: one topic level, without + or #")
         if self.sink.startswith(("postgresql://", "postgres://")):
             if self.downlink:
                 raise ConfigError("--sink postgresql://...: the command and shadow state has no "
@@ -313,6 +324,9 @@ class IngestSettings(_Identity):
         elif kind not in ("jsonl", "sqlite") or not path:
             raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH, sqlite:PATH or "
                               "postgresql://USER@HOST/DB")
+        elif self.workers > 1 or self.group:
+            raise ConfigError("--workers and --group need a postgresql:// sink: a JSONL or SQLite "
+                              "sink keeps continuity in one process")
         check_filter(self.filter)
         if not 1 <= self.keepalive <= 65535:
             raise ConfigError(f"--keepalive must be 1 s to 65535 s (MQTT's two-byte field), not {self.keepalive:g} s")
