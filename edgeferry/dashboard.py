@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -26,7 +27,8 @@ from edgeferry.siteview import SiteWatcher
 __all__ = ["render", "run_top", "print_status", "sparkline", "human_bytes", "human_secs"]
 
 _BARS = " ▁▂▃▄▅▆▇█"
-_STATE_STYLE = {"queued": "yellow", "delivered": "cyan", "accepted": "cyan", "succeeded": "green",
+_STATE_STYLE = {"pending": "yellow", "in sync": "green",
+                "queued": "yellow", "delivered": "cyan", "accepted": "cyan", "succeeded": "green",
                 "failed": "red", "rejected": "red", "expired": "red"}
 
 
@@ -35,7 +37,7 @@ def sparkline(values: Sequence[float], width: int = 30) -> str:
     if not vals:
         return ""
     top = max(vals) or 1.0
-    return "".join(_BARS[min(8, round(v / top * 8))] for v in vals)
+    return "".join(_BARS[max(1 if v > 0 else 0, min(8, round(v / top * 8)))] for v in vals)
 
 
 def human_bytes(n: float) -> str:
@@ -135,15 +137,18 @@ def render(snap: dict[str, Any], history: Sequence[dict[str, Any]] = (), title: 
         state = str(c.get("state"))
         cmds.add_row(f"{c.get('name') or '?'} {str(c.get('id'))[-6:]}", str(c.get("target")),
                      Text(state, style=_STATE_STYLE.get(state, "white")))
+    for sh in snap.get("shadows") or []:
+        cmds.add_row(f"desired v{sh['desired_version']} {json.dumps(sh['desired'])}"[:40], str(sh["thing"]),
+                     Text(sh["state"], style=_STATE_STYLE.get(sh["state"], "white")))
     pending = snap.get("pending_commands") or []
-    if not snap.get("commands"):
+    if not snap.get("commands") and not snap.get("shadows"):
         cmds.add_row(Text("none", style="dim"), "", "")
     cmds_caption = f"{len(pending)} held at the site" if pending else ""
 
     alerts = Text()
     al = snap["alerts"]
     alerts.append(f"raised {al['raised']}, firing {al['firing']}\n", style="bold")
-    for a in list(al["recent"])[-4:]:
+    for a in reversed(list(al["recent"])[-4:]):
         style = "red" if a["state"] == "firing" else "green"
         alerts.append(f"{a['rule']} {a['device']} {a['state']} ({a.get('condition') or ''})\n", style=style)
 

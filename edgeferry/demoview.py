@@ -41,7 +41,8 @@ def _compact(snap: dict[str, Any]) -> dict[str, Any]:
         "lanes": {n: [v["records"], v["bytes"]] for n, v in snap["lanes"].items()},
         "devices": snap["devices"]["online"],
         "alerts": snap["alerts"]["raised"],
-        "commands": {c["id"]: c["state"] for c in snap.get("commands") or []},
+        "commands": {**{c["id"]: c["state"] for c in snap.get("commands") or []},
+                     **{f"desired:{sh['thing']}": sh["state"] for sh in snap.get("shadows") or []}},
     }
 
 
@@ -74,6 +75,12 @@ async def sample_loop(watcher: SiteWatcher, run: Run, opts: DemoOptions, out: Co
                 if states.get(c["id"]) != c["state"]:
                     states[c["id"]] = c["state"]
                     run.note(f"command {c['name']} -> {c['target']}: [bold]{c['state']}[/bold]")
+            for sh in snap.get("shadows") or []:
+                key = f"desired:{sh['thing']}"
+                if states.get(key) != sh["state"]:
+                    states[key] = sh["state"]
+                    run.note(f"desired state of {sh['thing']} v{sh['desired_version']}: [bold]{sh['state']}[/bold]"
+                             + (f" (reported {json.dumps(sh['reported'])})" if sh["state"] == "in sync" else ""))
             if live is not None:
                 live.update(render(snap, list(watcher.history), title="edgeferry demo", events=run.events,
                                    footer="Ctrl-C stops the demo and every process it started", width=out.width),

@@ -23,7 +23,8 @@ __all__ = ["write_report", "svg_chart"]
 W, H = 880, 230
 ML, MR, MT, MB = 64, 16, 34, 34  # margins
 LANE_COLORS = ["#d9480f", "#5f3dc4", "#0b7285", "#e67700"]
-STATE_COLORS = {"queued": "#fab005", "delivered": "#15aabf", "accepted": "#4dabf7", "succeeded": "#2f9e44",
+STATE_COLORS = {"pending": "#fab005", "in sync": "#2f9e44",
+                "queued": "#fab005", "delivered": "#15aabf", "accepted": "#4dabf7", "succeeded": "#2f9e44",
                 "failed": "#e03131", "rejected": "#e03131", "expired": "#868e96"}
 
 Point = tuple[float, float]
@@ -34,7 +35,7 @@ def _nice(v: float) -> float:
     if v <= 0:
         return 1.0
     p = 10 ** len(str(int(v))) / 10
-    for m in (1, 2, 2.5, 5, 10):
+    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if m * p >= v:
             return m * p
     return 10 * p
@@ -46,9 +47,11 @@ def _fmt(v: float) -> str:
 
 def svg_chart(series: Sequence[tuple[str, str, Sequence[Point]]], x_max: float,
               bands: Sequence[tuple[float, float, str]] = (), area: bool = False, stacked: bool = False,
-              y_label: str = "", height: int = H) -> str:
+              y_label: str = "", height: int = H, clip: bool = False) -> str:
     """An SVG line (or stacked area) chart of ``(name, colour, [(x, y), ...])`` series over
-    0..x_max seconds, with shaded ``(x0, x1, label)`` bands (the outage)."""
+    0..x_max seconds, with shaded ``(x0, x1, label)`` bands (the outage). ``clip``: a short
+    burst far above the rest (the drain after an outage) is cut at the top of a scale that
+    keeps the steady rates readable, and labelled with its value."""
     pw, ph = W - ML - MR, height - MT - MB
     if stacked:
         acc: dict[float, float] = {}
@@ -62,7 +65,12 @@ def svg_chart(series: Sequence[tuple[str, str, Sequence[Point]]], x_max: float,
             stacked_series.append((name, color, new))
         y_top = _nice(max(acc.values(), default=0.0))
     else:
-        y_top = _nice(max((y for _, _, pts in series for _, y in pts), default=0.0))
+        ys = sorted(y for _, _, pts in series for _, y in pts)
+        y_top = _nice(ys[-1] if ys else 0.0)
+        if clip and ys:
+            typical = _nice(ys[int(len(ys) * 0.9)] * 2)
+            if typical * 2 < ys[-1]:
+                y_top = typical
     x_max = max(x_max, 1.0)
 
     def sx(x: float) -> float:
@@ -102,7 +110,11 @@ def svg_chart(series: Sequence[tuple[str, str, Sequence[Point]]], x_max: float,
         for name, color, pts in series:
             if not pts:
                 continue
-            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            line = " ".join(f"{sx(x):.1f},{sy(min(y, y_top)):.1f}" for x, y in pts)
+            peak_x, peak = max(pts, key=lambda p: p[1])
+            if peak > y_top:
+                out.append(f'<text x="{sx(peak_x) + 6:.1f}" y="{MT + 28}" class="peak" fill="{color}">'
+                           f'peak {peak:,.0f} ↑</text>')
             if area:
                 out.append(f'<polygon points="{sx(pts[0][0]):.1f},{sy(0):.1f} {line} {sx(pts[-1][0]):.1f},'
                            f'{sy(0):.1f}" fill="{color}" fill-opacity="0.15"/>')
@@ -155,7 +167,8 @@ def _commands(samples: Sequence[dict[str, Any]], t0: float, x_max: float, names:
     for row, cid in enumerate(ids):
         y = 8 + row * 30
         label = html.escape(names.get(cid, cid[-6:]))
-        out.append(f'<text x="{ML - 6}" y="{y + 15}" text-anchor="end" class="tick">command</text>')
+        kind = "desired" if cid.startswith("desired:") else "command"
+        out.append(f'<text x="{ML - 6}" y="{y + 15}" text-anchor="end" class="tick">{kind}</text>')
         for st, x0, x1 in _runs([(s["t"], s["commands"].get(cid)) for s in samples]):
             if st is None:
                 continue
@@ -181,13 +194,13 @@ main{max-width:940px;margin:0 auto;padding:24px}
 h1{font-size:26px;margin:0 0 4px} h2{font-size:17px;margin:0 0 8px}
 .sub{color:#6c757d;margin:0 0 18px}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:18px}
-.card{background:#fff;border-radius:10px;padding:12px 16px;min-width:120px;box-shadow:0 1px 3px #0001}
+.card{flex:1 1 0;background:#fff;border-radius:10px;padding:12px 14px;box-shadow:0 1px 3px #0001}
 .card b{display:block;font-size:24px} .card span{color:#6c757d;font-size:13px}
 .good b{color:#2f9e44} .bad b{color:#e03131}
 section{background:#fff;border-radius:10px;padding:14px 16px;margin-bottom:16px;box-shadow:0 1px 3px #0001}
 svg.chart{width:100%;height:auto;display:block}
 .grid{stroke:#e9ecef} .axis{stroke:#adb5bd} .tick{font-size:11px;fill:#6c757d}
-.legend{font-size:12px;fill:#343a40}
+.legend{font-size:12px;fill:#343a40} .peak{font-size:12px;font-weight:600}
 .inbar{font-size:12px;fill:#fff;font-weight:600} .bandlabel{font-size:11px;fill:#c92a2a;font-weight:600}
 table{border-collapse:collapse;width:100%;font-size:14px}
 td,th{padding:5px 8px;border-bottom:1px solid #e9ecef;text-align:left}
@@ -215,7 +228,7 @@ def write_report(path: Path, run: Run, summary: dict[str, Any]) -> Path:
 
     rates = svg_chart([("at the site (local broker)", "#1c7ed6", pts("local")),
                        ("to the cloud (confirmed)", "#2f9e44", pts("uplink"))], x_max, bands, area=True,
-                      y_label="messages / s")
+                      y_label="messages / s", clip=True)
     lanes = sorted({n for s in samples for n in s["lanes"]})
     backlog = svg_chart([(f"{n} lane", LANE_COLORS[i % len(LANE_COLORS)],
                           [(s["t"] - t0, float(s["lanes"].get(n, [0, 0])[0])) for s in samples])
@@ -224,7 +237,8 @@ def write_report(path: Path, run: Run, summary: dict[str, Any]) -> Path:
                          ("alerts raised (rules)", "#e8590c", pts("alerts"))], x_max, bands,
                         y_label="count", height=180)
     cmd = summary.get("command") or {}
-    names = {cmd.get("id", ""): f"set_interval → {summary.get('command_target')}"}
+    names = {cmd.get("id", ""): f"set_interval → {summary.get('command_target')}",
+             f"desired:{summary.get('shadow_target')}": f"interval → {summary.get('shadow_target')}"}
     commands = _commands(samples, t0, x_max, names)
     lost, dups = summary["lost"], summary["duplicated"]
     cards = [("sent", f"{summary['sent']:,}", ""), ("delivered", f"{summary['delivered']:,}", "good"),

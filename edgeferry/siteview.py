@@ -208,6 +208,25 @@ class SiteWatcher:
         return [{k: r.get(k) for k in ("id", "target", "name", "state", "created", "delivered_at",
                                          "finished_at", "reply", "error")} for r in rows]
 
+    def _cloud_shadows(self) -> list[dict[str, Any]]:
+        """Things with a desired document, and whether their report matches it yet."""
+        if self._cloud is None:
+            return []
+        from edge.downlink import delta
+
+        out = []
+        try:
+            for thing, version, doc in self._cloud.desired_for(self.node)[:10]:
+                row = self._cloud.shadow(self.node, thing) or {}
+                reported = row.get("reported")
+                in_sync = isinstance(reported, dict) and not delta(doc, reported)
+                out.append({"thing": thing, "desired_version": version, "desired": doc, "reported": reported,
+                            "reported_version": row.get("reported_version"),
+                            "state": "in sync" if in_sync else "pending"})
+        except (sqlite3.Error, OSError, ValueError) as e:
+            log.debug("site view: cloud shadows: %s", e)
+        return out
+
     def close(self) -> None:
         if self._cloud is not None:
             self._cloud.close()
@@ -259,6 +278,7 @@ class SiteWatcher:
                           "recent": list(self.alerts)}
         snap["pending_commands"] = site_commands(self.store)
         cloud = self._cloud_commands()
+        snap["shadows"] = self._cloud_shadows()
         if cloud:
             for c in cloud:
                 seen = self.statuses.get(c["id"])
