@@ -134,7 +134,7 @@ def test_gateway_against_a_hostile_cloud_broker_loses_nothing(tmp_path, broker_f
     h = hostile_for(pipe.cloud)
     pipe.proxy = h  # the gateway reaches the cloud through the switch
     pipe.start()
-    load = pipe.load(3000, 200, "hostile-gw")
+    load = pipe.load(2000, 250, "hostile-gw")
     wait_until(lambda: pipe.status()["counters"]["stored"] >= 200, 30, "200 records stored")
     run_hostile_phase(h, pipe.gateway, "gateway", f"edgeferry-gw-{pipe.node}")
     sent = pipe.wait_sent(load, 60)
@@ -151,7 +151,7 @@ def test_ingest_against_a_hostile_cloud_broker_loses_nothing(tmp_path, broker_fa
                                 "--keepalive", f"{KEEPALIVE:g}s", "--backoff-max", "1s"], "ingest")
     pipe.ingest.wait_for_line(r"ingest connected", 20)
     pipe.start_gateway()
-    load = pipe.load(3000, 200, "hostile-ing")
+    load = pipe.load(2000, 250, "hostile-ing")
     wait_until(lambda: pipe._count_lines() >= 200, 30, "200 rows at the sink")
     run_hostile_phase(h, pipe.ingest, "ingest", "ingest-hostile")
     sent = pipe.wait_sent(load, 60)
