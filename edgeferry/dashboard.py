@@ -119,6 +119,9 @@ def render(snap: dict[str, Any], history: Sequence[dict[str, Any]] = (), title: 
         svc_text.append(f"\n  {s['name']} ", style=f"bold {style}")
         svc_text.append(("online" if s["online"] else "offline") +
                         (f", heartbeat {hb:.0f} s ago" if hb is not None else ""), style=style)
+    if devs.get("offline"):
+        names = ", ".join(devs["offline"][:4]) + (" ..." if len(devs["offline"]) > 4 else "")
+        traffic.add_row("offline", str(len(devs["offline"])), Text(names, style="red"))
     svc_text.rstrip()
     site = Group(traffic, Text.assemble(("services ", "bold"), svc_text if svc else Text("none seen", style="dim")))
 

@@ -72,6 +72,13 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     site = DemoSite(data, opts.devices, opts.duration, opts.seed)
+    if len(str(site.store).encode()) + 5 > 100:  # gateway/health.py: <store>.sock
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]error:[/red] --data {data} is too long a path: the gateway's status socket "
+            f"({site.store}.sock) must fit in a Unix socket path (about 100 bytes)", highlight=False)
+        if temporary:
+            shutil.rmtree(data, ignore_errors=True)
+        return 2
     code = 1
     try:
         out.print(f"[bold]edgeferry demo[/bold]: {opts.devices} devices, {opts.duration:g} s, cloud link cut "

@@ -268,7 +268,10 @@ class SiteWatcher:
         snap["drops"] = {k: v for k, v in sorted(drops.items()) if v}
         snap["downlink"] = (st or {}).get("downlink")
         devices = [c for c in self.clients.values() if c.kind == "device"]
-        snap["devices"] = {"online": sum(c.online for c in devices), "known": len(devices)}
+        snap["devices"] = {"online": sum(c.online for c in devices), "known": len(devices),
+                           "offline": sorted(c.name for c in devices if not c.online)[:50],
+                           "list": [{"name": c.name, "online": c.online, "since": round(c.since, 3)}
+                                    for c in sorted(devices, key=lambda c: c.name)[:500]]}
         snap["services"] = [
             {"name": c.name, "online": c.online, "since": round(c.since, 3),
              "heartbeat_age_s": None if c.heartbeat is None else round(now - c.heartbeat, 1),
