@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from edge._lifecycle import first_error
 from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectionLost
-from edge.mqtt import Message, MQTTClient
+from edge.mqtt import Message, MQTTClient, parse_url
 from gateway import frames
 from gateway.cloudstate import CloudState, state_path
 from gateway.cloudsync import CloudSync
@@ -84,6 +84,9 @@ class Ingest:
         if self._ran:
             raise RuntimeError("an Ingest runs only once")
         self._ran = True
+        if parse_url(self.s.cloud).password is not None:
+            log.warning("the --cloud URL holds a password, which other processes can read "
+                        "(ps, /proc): use --password-file")
         loop = asyncio.get_running_loop()
         error: BaseException | None = None
         try:

@@ -9,6 +9,7 @@ from typing import Any
 from edge._tls import TLSOptions
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
+from edge.mqtt import parse_url
 from gateway.profiles import PROFILES, CloudProfile, profile
 from gateway.store import LaneSpec
 from gateway.topics import uplink_topic
@@ -254,6 +255,9 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
         notes.append(f"window {values['window']} is more than the {prof.max_inflight} QoS 1 messages "
                      f"in flight {prof.name} takes: using {prof.max_inflight}")
         values["window"] = prof.max_inflight
+    if parse_url(values["cloud"]).password is not None:
+        notes.append("the --cloud URL holds a password, which other processes can read (ps, "
+                     "/proc): use --password-file")
     values["notes"] = tuple(notes)
     lanes = values.pop("lanes")
     if not lanes:

@@ -166,6 +166,7 @@ def test_tls_failures_each_refused_with_its_line_then_delivery_resumes(tls_pipe)
     shown = pipe.gateway.log_text() + pipe.ingest.log_text() + json.dumps(pipe.status()) + pipe.metrics()
     assert PASSWORD not in shown and URL_PASSWORD not in shown
     assert PASSWORD not in " ".join(pipe.gateway_argv())
+    assert "holds a password" in pipe.ingest.log_text()  # the URL's password: said, not shown
 
 
 async def _socket_closed(*clients: Any) -> None:
