@@ -1,7 +1,8 @@
 """The cloud side's record of commands and shadows, in the database ingest writes.
 
 For a ``sqlite:PATH`` sink the tables live in PATH itself; for a ``jsonl:PATH`` sink in
-``PATH.state.db`` beside it. The CLI (``cmd send``, ``shadow set``) and ingest's sync
+``PATH.state.db`` beside it; for a ``postgresql://`` sink in its database
+(gateway/pgstate.py runs these methods there). The CLI (``cmd send``, ``shadow set``) and ingest's sync
 open the same file (WAL, a busy timeout), so status survives restarts of everything.
 docs/commands.md and docs/shadow.md give the rules this module enforces:
 
@@ -96,7 +97,18 @@ class CloudState:
 
     @classmethod
     def for_sink(cls, sink: str) -> CloudState:
-        return cls(state_path(sink))
+        """The cloud state of a sink spec: beside a JSONL or SQLite sink, or in the
+        PostgreSQL sink's database (gateway/pgstate.py)."""
+        return cls.open(sink if sink.startswith(("postgresql://", "postgres://")) else str(state_path(sink)))
+
+    @classmethod
+    def open(cls, where: str) -> CloudState:
+        """A database file's path, or a ``postgresql://`` URL."""
+        if where.startswith(("postgresql://", "postgres://")):
+            from gateway.pgstate import PgCloudState  # the driver only for such a sink
+
+            return PgCloudState(where)
+        return cls(where)
 
     def close(self) -> None:
         self._db.close()

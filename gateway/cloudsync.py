@@ -66,7 +66,7 @@ class CloudSync:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._state = await self._db(CloudState, self.state_path)
+        self._state = await self._db(CloudState.open, self.state_path)
         try:
             backoff = Backoff(0.2, self.backoff_max)
 

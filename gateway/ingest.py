@@ -99,8 +99,8 @@ class Ingest:
                 else:
                     per[1] += int(g["missing"])  # type: ignore[call-overload]
             if self.s.downlink:
-                path = str(state_path(self.s.sink))
-                self.state = await loop.run_in_executor(self._pool, CloudState, path)
+                path = self.s.sink if self._db_sink else str(state_path(self.s.sink))
+                self.state = await loop.run_in_executor(self._pool, CloudState.open, path)
                 self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
                                       keepalive=self.s.keepalive, backoff_max=self.s.backoff_max,
                                       tls=self.s.tls, password_file=self.s.password_file)

@@ -322,9 +322,7 @@ class IngestSettings(_Identity):
         if self.group and ("/" in self.group or "+" in self.group or "#" in self.group):
             raise ConfigError(f"--group {self.group!r}: one topic level, without + or #")
         if self.sink.startswith(("postgresql://", "postgres://")):
-            if self.downlink:
-                raise ConfigError("--sink postgresql://...: the command and shadow state has no "
-                                  "PostgreSQL store yet; pass --downlink false")
+            pass
         elif kind not in ("jsonl", "sqlite") or not path:
             raise ConfigError(f"--sink {self.sink!r}: expected jsonl:PATH, sqlite:PATH or "
                               "postgresql://USER@HOST/DB")

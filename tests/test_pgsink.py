@@ -216,3 +216,28 @@ def test_ingest_kill9_under_load_postgresql(tmp_path, broker_factory, proc_facto
     assert lanes and {ln["node"] for ln in lanes} == {"pi-1"}
     assert all(ln["lag"] == 0 and ln["waiting"] == 0 for ln in lanes), lanes
     assert sum(ln["high"] for ln in lanes) >= sent
+
+
+def test_cloudstate_rules_in_postgresql(pg_url, tmp_path, monkeypatch):  # noqa: F811
+    """The command and shadow rules (tests/test_downlink_units.py) on the PostgreSQL store."""
+    import tests.test_downlink_units as units
+    from gateway.cloudstate import CloudState
+    from gateway.pgstate import PgCloudState
+
+    monkeypatch.setattr(units, "CloudState", lambda _path: CloudState.for_sink(pg_url))
+    units.test_cloudstate_rules(tmp_path)
+    st = CloudState.for_sink(pg_url)
+    assert isinstance(st, PgCloudState)
+    assert st.shadow("n1", "d")["desired_version"] == 2  # type: ignore[index]
+    st.close()
+
+
+def test_command_round_trip_with_the_postgresql_sink(tmp_path, broker_factory, proc_factory, chaos, pg_url):  # noqa: F811
+    """A command sent from the CLI to a site and its status back, the state kept in the
+    PostgreSQL sink's database (tests/test_downlink.py's round trip)."""
+    import tests.test_downlink as down
+    from tests.pipeline import Pipeline
+
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, node="site-1",
+                    gateway_args=("--redeliver", "1s"), sink=pg_url)
+    down.test_command_online_round_trip(pipe, proc_factory)
