@@ -105,9 +105,12 @@ class CloudState:
     def open(cls, where: str) -> CloudState:
         """A database file's path, or a ``postgresql://`` URL."""
         if where.startswith(("postgresql://", "postgres://")):
-            from gateway.pgstate import PgCloudState  # the driver only for such a sink
+            from gateway.pgstate import PgConn  # the driver only for such a sink
 
-            return PgCloudState(where)
+            st = cls.__new__(cls)
+            conn = PgConn(where)
+            st.path, st._db = Path(conn.label), conn  # type: ignore[assignment]
+            return st
         return cls(where)
 
     def close(self) -> None:

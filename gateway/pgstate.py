@@ -1,9 +1,9 @@
 """Command and shadow state in the PostgreSQL sink's database (``--sink postgresql://...``).
 
 The same rules and statements as :class:`gateway.cloudstate.CloudState` (its methods run
-unchanged) on a connection that speaks its dialect: ``?`` placeholders become ``%s``,
-and SQLite's ``BEGIN IMMEDIATE`` (one writer at a time) becomes a transaction holding an
-advisory lock, so two CLIs, the sync task and several ingest workers serialise their
+unchanged, on :class:`PgConn` instead of a sqlite3 connection) in PostgreSQL's dialect:
+``?`` placeholders become ``%s``, and SQLite's ``BEGIN IMMEDIATE`` (one writer at a time)
+becomes a transaction holding an advisory lock, so two CLIs, the sync task and several ingest workers serialise their
 read-then-write steps exactly as they do on SQLite. The tables get PostgreSQL types
 (``double precision`` times, ``bigint`` epochs and versions) and their own migrations.
 """
@@ -15,11 +15,10 @@ from typing import Any
 
 import psycopg
 
-from gateway.cloudstate import CloudState
 from gateway.errors import SinkError
 from gateway.pgsink import _first_line, _redact
 
-__all__ = ["PgCloudState"]
+__all__ = ["PgConn"]
 
 _LOCK = 0x6566_6364  # "efcd": one writer of command and shadow state at a time
 
@@ -46,63 +45,45 @@ MIGRATIONS = [
 _QMARK = re.compile(r"\?")
 
 
-class _Conn:
-    """The part of sqlite3.Connection that CloudState uses, over psycopg."""
+class PgConn:
+    """The part of sqlite3.Connection that CloudState uses, over psycopg; a database error
+    comes out as :class:`SinkError` (an OSError, as the callers of CloudState expect)."""
 
-    def __init__(self, db: psycopg.Connection[Any]) -> None:
-        self.db = db
+    def __init__(self, url: str) -> None:
+        self.label = _redact(url)
+        try:
+            self.db = psycopg.connect(url, autocommit=True, application_name="edgeferry-cloudstate")
+        except psycopg.Error as e:
+            raise SinkError(f"cannot open the cloud state in {self.label}: {_first_line(e)}") from None
+        self._migrate()
 
     def execute(self, query: str, params: Any = ()) -> psycopg.Cursor[Any]:
-        q = query.strip()
-        if q == "BEGIN IMMEDIATE":
-            self.db.execute("BEGIN")
-            return self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-        return self.db.execute(_QMARK.sub("%s", query.replace("%", "%%")), params)  # type: ignore[arg-type]
+        try:
+            if query.strip() == "BEGIN IMMEDIATE":
+                self.db.execute("BEGIN")
+                return self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            return self.db.execute(_QMARK.sub("%s", query.replace("%", "%%")), params)  # type: ignore[arg-type]
+        except psycopg.Error as e:
+            raise SinkError(f"cloud state in {self.label}: {_first_line(e)}") from None
 
     def close(self) -> None:
         self.db.close()
 
-
-class PgCloudState(CloudState):
-    """CloudState in PostgreSQL: same methods, same rules."""
-
-    def __init__(self, url: str) -> None:  # noqa: D107 - no super().__init__: no file
-        # shown in errors only
-        self.path = _redact(url)  # type: ignore[assignment]
-        try:
-            db = psycopg.connect(url, autocommit=True, application_name="edgeferry-cloudstate")
-            self._db = _Conn(db)  # type: ignore[assignment]
-            self._migrate()
-        except psycopg.Error as e:
-            raise SinkError(f"cannot open the cloud state in {self.path}: {_first_line(e)}") from None
-
     def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        self.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("CREATE TABLE IF NOT EXISTS cloudstate_meta (key text PRIMARY KEY, value bigint)")
-            row = db.execute("SELECT value FROM cloudstate_meta WHERE key='schema'").fetchone()
+            self.execute("CREATE TABLE IF NOT EXISTS cloudstate_meta (key text PRIMARY KEY, value bigint)")
+            row = self.execute("SELECT value FROM cloudstate_meta WHERE key='schema'").fetchone()
             have = row[0] if row else 0
             if have > len(MIGRATIONS):
-                raise SinkError(f"{self.path}: cloud state schema {have} is newer than this edgeferry")
+                raise SinkError(f"{self.label}: cloud state schema {have} is newer than this edgeferry")
             for n in range(have, len(MIGRATIONS)):
                 for stmt in MIGRATIONS[n].split(";"):
                     if stmt.strip():
-                        db.execute(stmt)
-            db.execute("INSERT INTO cloudstate_meta VALUES ('schema', ?) ON CONFLICT (key)"
-                       " DO UPDATE SET value = excluded.value", (len(MIGRATIONS),))
-            db.execute("COMMIT")
+                        self.execute(stmt)
+            self.execute("INSERT INTO cloudstate_meta VALUES ('schema', ?) ON CONFLICT (key)"
+                         " DO UPDATE SET value = excluded.value", (len(MIGRATIONS),))
+            self.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self.execute("ROLLBACK")
             raise
-
-    def apply_records(self, rows: list[tuple[str, str, bytes]], now: float | None = None) -> int:
-        try:
-            return self._apply_records(rows, now)
-        except psycopg.Error as e:
-            # an OSError: ingest's writer retries the batch (the sink drops what it has)
-            raise SinkError(f"cannot apply statuses to the cloud state in {self.path}: "
-                            f"{_first_line(e)}") from None
-
-    def close(self) -> None:
-        self._db.close()

@@ -222,12 +222,12 @@ def test_cloudstate_rules_in_postgresql(pg_url, tmp_path, monkeypatch):  # noqa:
     """The command and shadow rules (tests/test_downlink_units.py) on the PostgreSQL store."""
     import tests.test_downlink_units as units
     from gateway.cloudstate import CloudState
-    from gateway.pgstate import PgCloudState
+    from gateway.pgstate import PgConn
 
     monkeypatch.setattr(units, "CloudState", lambda _path: CloudState.for_sink(pg_url))
     units.test_cloudstate_rules(tmp_path)
     st = CloudState.for_sink(pg_url)
-    assert isinstance(st, PgCloudState)
+    assert isinstance(st._db, PgConn)
     assert st.shadow("n1", "d")["desired_version"] == 2  # type: ignore[index]
     st.close()
 
