@@ -3,8 +3,8 @@
 The same rules and statements as :class:`gateway.cloudstate.CloudState` (its methods run
 unchanged, on :class:`PgConn` instead of a sqlite3 connection) in PostgreSQL's dialect:
 ``?`` placeholders become ``%s``, and SQLite's ``BEGIN IMMEDIATE`` (one writer at a time)
-becomes a transaction holding an advisory lock, so two CLIs, the sync task and several ingest workers serialise their
-read-then-write steps exactly as they do on SQLite. The tables get PostgreSQL types
+becomes a transaction holding an advisory lock, so two CLIs, the sync task and several
+ingest workers serialise their read-then-write steps exactly as they do on SQLite. The tables get PostgreSQL types
 (``double precision`` times, ``bigint`` epochs and versions) and their own migrations.
 """
 
