@@ -89,13 +89,64 @@ def _backlog(history: Iterable[dict[str, Any]]) -> list[float]:
     return [float(sum(lane["records"] for lane in h.get("lanes", {}).values())) for h in history]
 
 
+def _compact(snap: dict[str, Any], history: Sequence[dict[str, Any]], head: Text, events: Sequence[str],
+             footer: str, lines: int) -> RenderableType:
+    """The dashboard in a small terminal (80x24): one line per subject."""
+    g = Table.grid(padding=(0, 1))
+    g.add_column(style="bold", no_wrap=True)
+    g.add_column()
+    devs, rates = snap["devices"], snap["rates"]
+    g.add_row("devices", Text.assemble(f"{devs['online']}/{devs['known']} online",
+                                       (f", offline: {', '.join(devs['offline'][:3])}" if devs.get("offline")
+                                        else "", "red")))
+    local, up = sparkline(_series(history, "rates", "local"), 14), sparkline(_series(history, "rates", "uplink"), 14)
+    g.add_row("msg/s", Text.assemble(f"local {rates['local']:,.0f} ", (local, "cyan"),
+                                     f"  uplink {rates['uplink']:,.0f} ", (up, "green")))
+    lanes = " · ".join(f"{n} {v['records']:,} ({human_bytes(v['bytes'])}, oldest {human_secs(v.get('oldest_age_s'))}"
+                       + (f", drain ~{human_secs(v['drain_s'])}" if v.get("drain_s") else "") + ")"
+                       for n, v in snap["lanes"].items())
+    g.add_row("backlog", Text(lanes or "(no gateway)", style="magenta"))
+    svc = " · ".join(f"{s['name']} {'online' if s['online'] else 'OFFLINE'}"
+                     + (f" ({s['heartbeat_age_s']:.0f} s)" if s.get("heartbeat_age_s") is not None else "")
+                     for s in snap.get("services") or [])
+    g.add_row("services", svc or "none seen")
+    al = snap["alerts"]
+    last = al["recent"][-1] if al["recent"] else None
+    g.add_row("alerts", f"raised {al['raised']}, firing {al['firing']}"
+              + (f"; last: {last['rule']} {last['device']} {last['state']}" if last else ""))
+    cmds = Text()
+    for c in (snap.get("commands") or [])[:3]:
+        cmds.append(f"{c.get('name') or '?'} → {c.get('target')} ")
+        cmds.append(str(c.get("state")), style=_STATE_STYLE.get(str(c.get("state")), "white"))
+        cmds.append("  ")
+    for sh in (snap.get("shadows") or [])[:2]:
+        cmds.append(f"desired v{sh['desired_version']} → {sh['thing']} ")
+        cmds.append(sh["state"], style=_STATE_STYLE.get(sh["state"], "white"))
+        cmds.append("  ")
+    g.add_row("commands", cmds if cmds.plain else Text("none", style="dim"))
+    drops = snap.get("drops") or {}
+    g.add_row("drops", ", ".join(f"{k} {v:,}" for k, v in drops.items()) or "none")
+    parts: list[RenderableType] = [head, g]
+    room = max(0, lines - 16)
+    if events and room:
+        parts.append(Text("what happened", style="bold"))
+        parts.append(Text.from_markup("\n".join(events[-room:])))
+    if footer:
+        parts.append(Text(footer, style="dim"))
+    return Group(*parts)
+
+
 def render(snap: dict[str, Any], history: Sequence[dict[str, Any]] = (), title: str = "edgeferry top",
-           events: Sequence[str] = (), footer: str = "q or Ctrl-C quits", width: int = 120) -> RenderableType:
-    """The whole dashboard for one snapshot; panels side by side from ``width`` 110 on."""
+           events: Sequence[str] = (), footer: str = "q or Ctrl-C quits", width: int = 120,
+           height: int = 60) -> RenderableType:
+    """The whole dashboard for one snapshot: panels side by side from ``width`` 110 on,
+    one line per subject in a terminal of fewer than 40 lines."""
     head = Text.assemble((f"{title}", "bold"), "  node ", (str(snap.get("node") or "?"), "bold cyan"), "  ")
     head.append_text(_link_text(snap))
     if "elapsed_s" in snap:
         head.append(f"   t = {snap['elapsed_s']:.0f} s", style="dim")
+    if height < 40:
+        return _compact(snap, history, head, events, footer, height)
 
     # traffic: rates with sparklines, devices, services
     traffic = Table.grid(padding=(0, 2))

@@ -100,18 +100,21 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
                 b.close()
         if temporary:
             shutil.rmtree(data, ignore_errors=True)
-        elif code != 130:
+    try:
+        if not temporary and code != 130:
             out.print(f"data kept in {data}: sink sqlite:{site.sink_path}, manifest {site.manifest}, "
                       f"logs {site.logs}", highlight=False, soft_wrap=True)
-    if code == 130:
-        out.print("interrupted: every process stopped")
+        if code == 130:
+            out.print("interrupted: every process stopped")
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
     return code
 
 
 async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
     loop = asyncio.get_running_loop()
     abort = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
         loop.add_signal_handler(sig, abort.set)
     run = Run()
     watcher: SiteWatcher | None = None

@@ -83,7 +83,8 @@ async def sample_loop(watcher: SiteWatcher, run: Run, opts: DemoOptions, out: Co
                              + (f" (reported {json.dumps(sh['reported'])})" if sh["state"] == "in sync" else ""))
             if live is not None:
                 live.update(render(snap, list(watcher.history), title="edgeferry demo", events=run.events,
-                                   footer="Ctrl-C stops the demo and every process it started", width=out.width),
+                                   footer="Ctrl-C stops the demo and every process it started", width=out.width,
+                                   height=out.height),
                             refresh=True)
             else:
                 for line in run.events[shown:]:
