@@ -48,14 +48,14 @@ DEVICES = 50
 class Cgroup:
     """A cpu and a memory cgroup (v1) of one name, and a wrapper that joins both, then execs."""
 
-    def __init__(self, name: str, wd: Workdir) -> None:
+    def __init__(self, name: str, wd: Workdir, quota_us: int = QUOTA_US, memory: int = MEMORY) -> None:
         self.cpu = CG_ROOT / "cpu" / name
         self.mem = CG_ROOT / "memory" / name
         self.cpu.mkdir()
         self.mem.mkdir()
         (self.cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (self.cpu / "cpu.cfs_quota_us").write_text(str(QUOTA_US))
-        (self.mem / "memory.limit_in_bytes").write_text(str(MEMORY))
+        (self.cpu / "cpu.cfs_quota_us").write_text(str(quota_us))
+        (self.mem / "memory.limit_in_bytes").write_text(str(memory))
         self.wrapper = wd / "in-cgroup.sh"
         self.wrapper.write_text(
             "#!/bin/sh\n"

@@ -1,0 +1,300 @@
+"""The edge side on a Pi's CPU: edgeferry against Mosquitto's bridge, jailed in a cgroup.
+
+The edge side of each pipeline runs inside a cgroup (v1) with a CPU quota of a tenth or
+a quarter of one core (``cpu.cfs_quota_us`` 10,000 or 25,000 per 100,000 us) and 512 MiB
+(``memory.limit_in_bytes``); the cgroup code is bench/bench_pibudget.py's:
+
+    edgeferry: [ edge mosquitto + gateway ]          -> proxy -> cloud mosquitto -> ingest
+    bridge:    [ edge mosquitto with its bridge ]    -> proxy -> cloud mosquitto -> bridge_sink
+
+Outside the cgroup: the load generator (``firmware_sim.loadgen``, QoS 1, window 1000,
+100-byte payloads, 10 device topics), the proxy, the cloud broker and the sink. Per
+quota, both pipelines in the same run, interleaved (the order alternates per round):
+
+- live: 30,000 messages as fast as the jailed broker acknowledges them; delivered/s at
+  the sink (first loadgen message to last sink row), lost, duplicated, CPU s per
+  100,000 and peak RSS of each jailed process, throttled periods.
+- outage: the same, with the cloud link cut once a third has reached the sink and
+  restored after ``outage`` s (60; 10 with --quick): what the edge side took in while
+  offline, then the drain (``up()`` to the last row), lost and duplicated.
+
+Beside them the load generator's own ceiling: alone against an unjailed broker, and
+against a jailed broker nobody subscribes to (the broker's own ceiling in the quota).
+Needs root and cgroup v1 (skips otherwise). Never part of ``make test``.
+
+    python -m bench --only jail [--quick]      or     python -m bench.bench_jail [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from bench._uplink_pipelines import BRIDGE_ID, Bridge, Edgeferry, Pipeline, bridge_lines
+from bench._util import PY, Loadgen, Workdir, count_run, cpu_seconds, machine_info, mem_kb, run_loadgen, wait_line
+from bench.bench_pibudget import MEMORY, PERIOD_US, Cgroup, _available
+from edgeferry.procs import EDGE_CONF, Broker
+
+NAME = "jail"
+__all__ = ["run", "summary"]
+
+QUOTAS = (10, 25)  # % of one core
+SIZE = 100
+
+
+def log(msg: str) -> None:
+    print(f"  [jail {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cgroup(wd: Workdir, tag: str, pct: int) -> Cgroup:
+    return Cgroup(f"edgeferry-jail-{os.getpid()}-{tag}", wd, PERIOD_US * pct // 100, MEMORY)
+
+
+def _jailed_edge(p: Pipeline, cg: Cgroup, extra: list[str] | None = None) -> Broker:
+    b = Broker(EDGE_CONF, p.wd / "edge", name="edge", binary=str(cg.mosquitto), extra=extra or (),
+               die_with_parent=True)
+    p.wd._started.append(b)
+    return b
+
+
+class JailedEdgeferry(Edgeferry):
+    """Edge mosquitto and gateway in the cgroup; everything else as bench_uplink's."""
+
+    pct = 10
+
+    def _start(self, sync: str, extra: tuple[str, ...]) -> None:
+        self.cg = _cgroup(self.wd, "ef", self.pct)
+        self._start_common()
+        self.sync = sync
+        self.store = self.wd / "store.db"
+        self.edge = _jailed_edge(self, self.cg).start(timeout=30)
+        self.ingest = self.wd.proc("ingest", [
+            PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
+            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"]).start()
+        wait_line(self.ingest, "ingest ready", 60)
+        self.gateway_argv = [
+            str(self.cg.wrapper), PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
+            "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
+            "--uplink", "dt/#", "--backoff-max", "1s", "--keepalive", "10s", "--sync", sync, *extra]
+        self.gateway = self.wd.proc("gateway", self.gateway_argv).start()
+        wait_line(self.gateway, "gateway ready", timeout=120)
+        self.wait_links(local=True, cloud=True, timeout=60)
+
+    def jailed(self) -> dict[str, int]:
+        return {"edge_broker": self.edge.pid or 0, "gateway": self.gateway.pid}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if hasattr(self, "cg"):
+                self.cg.remove()
+
+
+class JailedBridge(Bridge):
+    """Edge mosquitto with its bridge in the cgroup."""
+
+    pct = 10
+
+    def _start(self) -> None:
+        self.cg = _cgroup(self.wd, "br", self.pct)
+        self._start_common()
+        self.sinkp = self.wd.proc("bridge_sink", [
+            PY, "-m", "bench.bridge_sink", "--cloud", self.cloud.url, "--sink", str(self.sink),
+            "--client-id", "bench-bridge-sink", "--filter", "dt/#"]).start()
+        wait_line(self.sinkp, "sink ready", 60)
+        assert self.proxy is not None
+        self.edge = _jailed_edge(self, self.cg, bridge_lines(self.proxy.port))
+        mark = self.cloud.mark()
+        self.edge.start(timeout=30)
+        self.cloud.wait_for_log(f" as {BRIDGE_ID} ", 60, since=mark)
+
+    def jailed(self) -> dict[str, int]:
+        return {"edge_broker": self.edge.pid or 0}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if hasattr(self, "cg"):
+                self.cg.remove()
+
+
+def _make(kind: str, pct: int, tag: str) -> JailedEdgeferry | JailedBridge:
+    cls: type[JailedEdgeferry] | type[JailedBridge] = JailedEdgeferry if kind == "edgeferry" else JailedBridge
+    sub = type(cls.__name__, (cls,), {"pct": pct})
+    return sub(tag)
+
+
+def _usage(pids: dict[str, int]) -> dict[str, tuple[float, int]]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = (cpu_seconds(pid), mem_kb(pid).get("VmHWM", 0))
+        except OSError:
+            out[name] = (float("nan"), 0)
+    return out
+
+
+def _per100k(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]], n: int) -> dict[str, float]:
+    return {k: round((b[k][0] - a[k][0]) * 100_000 / max(1, n), 3) for k in a}
+
+
+def _loadavg() -> float:
+    return float(open("/proc/loadavg").read().split()[0])
+
+
+def _one(kind: str, pct: int, n: int, rnd: int, outage: float | None) -> dict[str, Any]:
+    tag = f"{'out' if outage else 'live'}{pct}-{rnd}"
+    run = f"jail-{kind}-{tag}"
+    p = _make(kind, pct, tag)
+    try:
+        pids = p.jailed()
+        u0, cg0, la0 = _usage(pids), p.cg.stats(), _loadavg()
+        lg = Loadgen(p.edge.url, n, run, size=SIZE).start()
+        row: dict[str, Any] = {}
+        if outage:
+            w1 = p.tail.wait(n // 3, timeout=300, quiet=30, busy_pids=p.sink_pids())
+            p.cut()
+            t_cut = time.monotonic()
+            u_cut = _usage(pids)
+            sink_at_cut = int(w1["lines"] or 0)
+            # the edge side takes messages in while offline; the loadgen ends (or not) meanwhile
+            while time.monotonic() - t_cut < outage:
+                if lg.p is not None and lg.p.poll() is not None and "intake_s" not in row:
+                    row["intake_s"] = round(time.monotonic() - t_cut, 2)
+                time.sleep(0.05)  # a bench schedules its faults on the clock
+            u_up = _usage(pids)
+            t_up = time.monotonic()
+            p.up()
+            row["intake_offline_msgs"] = n - sink_at_cut
+            row["loadgen_done_during_outage"] = "intake_s" in row
+            w = p.tail.wait(n, timeout=600, quiet=30, busy_pids=p.sink_pids())
+            res = lg.result(timeout=900)
+            u1 = _usage(pids)
+            row["drain_s"] = round(w["last"] - t_up, 2) if w["last"] else None
+            row["cpu_s_per_100k_offline_intake"] = _per100k(u_cut, u_up, n - sink_at_cut)
+            row["cpu_s_per_100k_drain"] = _per100k(u_up, u1, n - sink_at_cut)
+        else:
+            w = p.tail.wait(n, timeout=600, quiet=30, busy_pids=p.sink_pids())
+            res = lg.result(timeout=900)
+            u1 = _usage(pids)
+        cg1 = p.cg.stats()
+        c = count_run(p.sink, run, n)
+        if c["lost"] or c["duplicated"]:
+            p.flag(f"run {run}: lost {c['lost']}, duplicated {c['duplicated']}")
+        span = (w["last"] - lg.t_start) if w["last"] else None
+        row.update({
+            **c,
+            "delivered_msg_s": round(c["delivered"] / span) if span else None,
+            "loadgen_msg_s": res["rate"],
+            "cpu_s_per_100k": _per100k(u0, u1, c["delivered"]),
+            "cpu_pct_one_core": {k: round(100 * (u1[k][0] - u0[k][0]) / span, 1) for k in u0} if span else {},
+            "peak_rss_mib": {k: round(u1[k][1] / 1024, 1) for k in u1},
+            "throttled_pct_of_periods": round(100 * (cg1["nr_throttled"] - cg0["nr_throttled"])
+                                              / max(1, cg1["nr_periods"] - cg0["nr_periods"]), 1),
+            "cgroup_peak_mib": round(cg1["mem_max_usage"] / 2**20, 1),
+            "oom_kills": cg1["oom_kills"],
+            "loadavg": [la0, _loadavg()],
+        })
+        log(f"{pct}% {kind}{' outage' if outage else ''}: {row}")
+        return row
+    finally:
+        p.close()
+
+
+def _ceilings(n: int, pct: int) -> dict[str, Any]:
+    """The loadgen alone against a free broker, and against a jailed one nobody reads."""
+    wd = Workdir("efbench-jailceil-")
+    cg = _cgroup(wd, "ceil", pct)
+    try:
+        free = wd.broker("edge", "free").start()
+        jailed = Broker(EDGE_CONF, wd / "jailed", name="jailed", binary=str(cg.mosquitto), die_with_parent=True)
+        wd._started.append(jailed)
+        jailed.start(timeout=30)
+        return {"loadgen_alone_msg_s": run_loadgen(free.url, n, "ceil-free")["rate"],
+                "jailed_broker_no_subscriber_msg_s": run_loadgen(jailed.url, n, "ceil-jail")["rate"],
+                "loadavg": _loadavg()}
+    finally:
+        wd.cleanup()
+        cg.remove()
+
+
+def run(quick: bool, n: int = 30_000, rounds: int | None = None, outage: float | None = None,
+        quotas: tuple[int, ...] = QUOTAS, live_only: bool = False) -> dict[str, Any]:
+    why = _available()
+    if why is not None:
+        return {"skipped": why}
+    rounds = rounds or (1 if quick else 2)
+    outage = outage or (10.0 if quick else 60.0)
+    out: dict[str, Any] = {
+        "command": "python -m bench --only jail" + (" --quick" if quick else ""),
+        "machine": machine_info(), "messages": n, "size": SIZE, "outage_s": outage,
+        "memory_mib": MEMORY // 2**20, "quotas": {},
+    }
+    for pct in quotas:
+        q: dict[str, Any] = {"ceiling": _ceilings(n, pct)}
+        log(f"{pct}%: ceilings {q['ceiling']}")
+        scen = ("live",) if live_only else ("live", "outage")
+        for sc in scen:
+            for rnd in range(rounds):
+                order = ("bridge", "edgeferry") if rnd % 2 == 0 else ("edgeferry", "bridge")
+                for kind in order:
+                    row = _one(kind, pct, n, rnd, outage if sc == "outage" else None)
+                    q.setdefault(sc, {}).setdefault(kind, []).append(row)
+        out["quotas"][str(pct)] = q
+    return out
+
+
+def _med(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def summary(res: dict[str, Any]) -> str:
+    if "skipped" in res:
+        return f"  skipped: {res['skipped']}"
+    lines = [f"  {res['messages']} QoS 1 messages of {res['size']} B; edge side in a cgroup of "
+             f"{res['memory_mib']} MiB; outage {res['outage_s']:.0f} s"]
+    for pct, q in res["quotas"].items():
+        c = q["ceiling"]
+        lines.append(f"  {pct}% of one core: loadgen alone {c['loadgen_alone_msg_s']:.0f} msg/s, "
+                     f"jailed broker with no subscriber {c['jailed_broker_no_subscriber_msg_s']:.0f} msg/s "
+                     f"(load {c['loadavg']})")
+        for sc in ("live", "outage"):
+            for kind, rows in q.get(sc, {}).items():
+                rates = [r["delivered_msg_s"] or 0 for r in rows]
+                lost = sum(r["lost"] for r in rows)
+                dup = sum(r["duplicated"] for r in rows)
+                cpu = {k: _med([r["cpu_s_per_100k"][k] for r in rows]) for k in rows[0]["cpu_s_per_100k"]}
+                rss = {k: max(r["peak_rss_mib"][k] for r in rows) for k in rows[0]["peak_rss_mib"]}
+                extra = ""
+                if sc == "outage":
+                    extra = (" drain " + "/".join(str(r["drain_s"]) for r in rows) + " s; offline CPU/100k "
+                             + json.dumps({k: _med([r["cpu_s_per_100k_offline_intake"][k] for r in rows])
+                                           for k in cpu}))
+                lines.append(f"    {sc:<6} {kind:<9} {'/'.join(f'{x:.0f}' for x in rates)} msg/s "
+                             f"lost {lost} dup {dup}; CPU s/100k {json.dumps(cpu)}; peak RSS MiB "
+                             f"{json.dumps(rss)}; load {[r['loadavg'][1] for r in rows]}{extra}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--messages", type=int, default=30_000)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--outage", type=float)
+    p.add_argument("--quotas", default=",".join(map(str, QUOTAS)), help="% of one core, e.g. 10,25")
+    p.add_argument("--live-only", action="store_true")
+    a = p.parse_args()
+    res = run(a.quick, a.messages, a.rounds, a.outage, tuple(int(x) for x in a.quotas.split(",")), a.live_only)
+    print(json.dumps(res, indent=2))
+    print(summary(res))
+
+
+if __name__ == "__main__":
+    main()
