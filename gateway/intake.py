@@ -46,6 +46,9 @@ REDELIVERY_WINDOW = 20000
 """Newest stored records checked against redeliveries after a restart (more than
 Mosquitto's in-flight window; packet ids repeat only every 65535 messages)."""
 
+ROUTE_CACHE = 4096
+"""Topics whose lane and size limit the intake keeps (the cache is dropped when full)."""
+
 
 class Intake:
     """The local broker session; :meth:`run` until the state's ``stop`` is set."""
@@ -60,6 +63,8 @@ class Intake:
         # broker may redeliver when a session resumes (hashes, not payloads)
         self._candidates: dict[int, int] = {}
         self._redelivery = False
+        self._routes: dict[str, tuple[str, int, int]] = {}  # topic -> see _route
+        self._ts: int | None = None  # see _arrival
 
     async def run(self) -> None:
         st, s = self.st, self.st.s
@@ -137,13 +142,80 @@ class Intake:
 
     # ------------------------------------------------------------ messages in
 
+    def _route(self, topic: str) -> tuple[str, int, int]:
+        """(lane, largest payload accepted, store bytes of the record but its payload) of a
+        topic: the same for every message on it, so computed once per topic."""
+        st = self.st
+        lane = self._router(topic)
+        most = st.s.max_message_bytes
+        cloud = st.limits.max_payload(lane, topic)
+        if cloud is not None:
+            most = min(most, cloud)
+        route = (lane, most, len(topic) + RECORD_OVERHEAD)
+        if len(self._routes) >= ROUTE_CACHE:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
     def _on_message(self, m: Message) -> None:
         st = self.st
-        counters = st.counters
-        counters["received"] += 1
+        st.counters["received"] += 1
         client = self.client
         if client is None or st.closing:
             return
+        topic = m.topic
+        payload = m.payload
+        route = self._routes.get(topic)
+        if route is None:
+            route = self._route(topic)
+        lane, most, base = route
+        size = base + len(payload)
+        if (m.retain or len(payload) > most or self._redelivery or st.held
+                or st.used + size > st.s.max_store_bytes):
+            self._on_message_slow(m, lane, size, client)
+            return
+        # the common case: a new message that fits
+        st.used += size
+        pending_bytes = st.pending_bytes
+        pending_bytes[lane] = pending_bytes.get(lane, 0) + size
+        pending = st.pending
+        if not pending:
+            # the first of a batch wakes the committer (later ones find it awake)
+            st.pending_since = time.monotonic()
+            st.wake.set()
+        ts = self._ts
+        if ts is None:
+            ts = self._arrival()
+        pending.append((lane, topic, payload, ts, m.pid))
+        st.pending_size += size
+        if len(pending) >= COMMIT_RECORDS or st.pending_size >= COMMIT_BYTES:
+            self._batch_full(client)
+
+    def _arrival(self) -> int:
+        """The wall-clock ms of the messages of this read: taken once and forgotten when
+        the event loop moves on (a clock read costs more than the rest of a message)."""
+        ts = self._ts = int(time.time() * 1000)
+        asyncio.get_running_loop().call_soon(self._forget_ts)
+        return ts
+
+    def _forget_ts(self) -> None:
+        self._ts = None
+
+    def _batch_full(self, client: MQTTClient) -> None:
+        st = self.st
+        pending = st.pending
+        st.full.set()
+        if (len(pending) >= MAX_PENDING or st.pending_size >= MAX_PENDING_BYTES) and not self._paused:
+            # Mosquitto 2.0.11 does not apply max_inflight_messages to a resumed session's
+            # queue: stop reading until the committer took this batch (TCP holds the rest)
+            self._paused = True
+            client.pause_reading()
+
+    def _on_message_slow(self, m: Message, lane: str, size: int, client: MQTTClient) -> None:
+        """Retained, too large, a possible redelivery, a lane holding messages, a full
+        store: every rule checked in order."""
+        st = self.st
+        counters = st.counters
         if m.retain:
             # a retained message replayed by (re)subscribing is a snapshot, not a new event
             counters["retained_skipped"] += 1
@@ -153,7 +225,7 @@ class Intake:
         if len(m.payload) > st.s.max_message_bytes:
             self._reject("oversize", m, client)
             return
-        if not st.limits.record_fits(self._router(m.topic), m.topic, m.payload):
+        if not st.limits.record_fits(lane, m.topic, m.payload):
             self._reject("too_large_for_cloud", m, client)  # no frame the broker takes holds it
             return
         if self._redelivery and m.pid in self._candidates:
@@ -161,13 +233,11 @@ class Intake:
                 counters["redelivered_duplicates"] += 1
                 client.ack(m.pid)
                 return
-        lane = self._router(m.topic)
         held = st.held.get(lane)
         if held:
             held.append(m)
             counters["held"] += 1
             return
-        size = len(m.topic) + len(m.payload) + RECORD_OVERHEAD
         if st.used + size > st.s.max_store_bytes and not self._room_for(lane, size):
             if st.policy[lane] == "block":
                 log.warning("lane %s is full: holding messages unacknowledged at the local broker", lane)
@@ -186,12 +256,7 @@ class Intake:
         pending.append((lane, m.topic, m.payload, int(time.time() * 1000), m.pid))
         st.pending_size += size
         if len(pending) >= COMMIT_RECORDS or st.pending_size >= COMMIT_BYTES:
-            st.full.set()
-        if (len(pending) >= MAX_PENDING or st.pending_size >= MAX_PENDING_BYTES) and not self._paused:
-            # Mosquitto 2.0.11 does not apply max_inflight_messages to a resumed session's
-            # queue: stop reading until the committer took this batch (TCP holds the rest)
-            self._paused = True
-            client.pause_reading()
+            self._batch_full(client)
         if not st.wake.is_set():
             st.wake.set()
 

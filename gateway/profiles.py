@@ -204,11 +204,16 @@ class CloudLimits:
         return max(cap, MIN_FRAME_CAP)
 
     def record_fits(self, lane: str, topic: str, payload: bytes) -> bool:
+        most = self.max_payload(lane, topic)
+        return most is None or len(payload) <= most
+
+    def max_payload(self, lane: str, topic: str) -> int | None:
+        """The largest payload on ``topic`` that a frame of ``lane`` can carry (None: no
+        limit); the same for every message on that topic (the intake caches it)."""
         budget = self.profile.message_budget(self._topic_for(lane))
         if not budget:
-            return True
-        need = FRAME_OVERHEAD + len(self._node) + len(lane) + len(topic.encode()) + len(payload)
-        return need <= budget
+            return None
+        return budget - (FRAME_OVERHEAD + len(self._node) + len(lane) + len(topic.encode()))
 
     def fit(self, lane: str, rows: list[tuple[int, int, str, bytes]],
             encode: Callable[[list[tuple[int, int, str, bytes]]], bytes],
