@@ -257,10 +257,11 @@ async def run_top(watcher: SiteWatcher, refresh: float = 1.0, console: Console |
             async with asyncio.timeout(2):
                 await watcher.connected.wait()  # the retained states first
         watcher.snapshot()
-        with Live(console=console or Console(), auto_refresh=False, screen=False) as live:
+        out = console or Console()
+        with Live(console=out, auto_refresh=False, screen=False) as live:
             while not stop.is_set():
                 snap = watcher.snapshot()
-                live.update(render(snap, list(watcher.history)), refresh=True)
+                live.update(render(snap, list(watcher.history), width=out.width, height=out.height), refresh=True)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(refresh):
                         await stop.wait()
