@@ -146,7 +146,9 @@ class Ingest:
         def make() -> MQTTClient:
             self._batch = []
             self._paused = False
-            self._client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=False,
+            # a worker of a group: a clean session, so that a dead or removed worker is no
+            # longer handed frames (Mosquitto queues shared messages for an offline session)
+            self._client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=bool(self.s.group),
                                       keepalive=self.s.keepalive, on_message=self._on_message,
                                       tls=tls, password_file=self.s.password_file)
             return self._client

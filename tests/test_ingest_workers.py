@@ -51,8 +51,47 @@ def test_workers_killed_added_removed_under_load(tmp_path, broker_factory, proc_
     sent = pipe.wait_sent(load, 60)
     pipe.wait_delivered(sent, 60)
     r = pipe.tally("wk", sent, label="workers: kill -9 one, add one, remove one")
+    nacks = sum(w.log_text().count("asking for a resend") for w in (w2, w3))
+    print(f"[workers] holes asked for again={nacks} frames uplinked={pipe.status()['counters']['frames']}")
     _exact(r)
-    assert w3.log_text()
+
+
+def test_frames_a_worker_took_and_never_confirmed_go_to_another(tmp_path, broker_factory, proc_factory, chaos,
+                                                                 pg_url):  # noqa: F811
+    """w1 takes frames and dies inside its transaction (held on a lock the test takes):
+    w2, started after, writes them (the gateway resends what no worker confirmed)."""
+    import psycopg
+
+    pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, sink=pg_url)
+
+    def worker(name: str):  # noqa: ANN202
+        p = proc_factory([PY, "-m", "edgeferry", "ingest", "run", "--cloud", pipe.cloud.url, "--sink", pg_url,
+                          "--downlink", "false", "--group", "fleet", "--client-id", name], name)
+        p.wait_for_line(r"ingest connected", 20)
+        return p
+
+    w1 = worker("w1")
+    pipe.start_gateway()
+    with psycopg.connect(pg_url) as lock:
+        lock.execute("LOCK TABLE lanes IN ACCESS EXCLUSIVE MODE")  # w1's batch waits on it
+
+        def waiting() -> bool:
+            q = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'edgeferry-ingest'"
+                 " AND wait_event_type = 'Lock'")
+            with psycopg.connect(pg_url) as db:
+                return db.execute(q).fetchone()[0] > 0  # type: ignore[index]
+
+        load = pipe.load(3000, 3000, "tk")
+        sent = pipe.wait_sent(load, 20)
+        wait_until(waiting, 20, "w1 holding frames, its transaction waiting")
+        w1.kill9()
+        lock.rollback()
+    assert pipe.rows() == []
+    worker("w2")
+    pipe.wait_delivered(sent, 30)
+    r = pipe.tally("tk", sent, label="frames taken by a killed worker, written by another")
+    _exact(r)
+    assert "resending unconfirmed records" in pipe.gateway_log()
 
 
 def test_workers_supervisor_two_processes(tmp_path, broker_factory, proc_factory, chaos, pg_url):  # noqa: F811
