@@ -111,21 +111,24 @@ def test_dashboard_in_tmux_shows_the_outage_and_the_drain_and_top_quits_on_q(tmp
     session, top_session = f"efdemo{os.getpid()}", f"eftop{os.getpid()}"
     log = tmp_path / "demo.out"
     # the size rich sees: a tmux server started from a test passes on LINES=24 COLUMNS=80
-    cmd = (f"env LINES=60 COLUMNS=130 {PY} -m edgeferry demo --devices 5 --duration 16 --outage-at 4 --outage-for 5 "
-           f"--data {data}; echo EXIT=$? > {log}; sleep 60")
+    cmd = (f"env LINES=60 COLUMNS=130 {PY} -m edgeferry demo --devices 5 --duration 18 --outage-at 5 "
+           f"--outage-for 8 --data {data}; echo EXIT=$? > {log}; sleep 60")
     _tmux("new-session", "-d", "-s", session, "-x", "130", "-y", "60", cmd)
     try:
         def pane(name: str = session) -> str:
             return _tmux("capture-pane", "-p", "-J", "-t", name)
 
         try:
-            wait_until(lambda: "devices online" in pane(), 60, "the dashboard")
+            wait_until(lambda: re.search(r"devices online\s+5/5", pane()), 60, "the dashboard")
         except AssertionError:
             print(pane())
             raise
         site = re.search(r"edgeferry top --local (\S+) --store (\S+)", pane())
         assert site, pane()
         local, store = site.groups()
+        _tmux("new-session", "-d", "-s", top_session, "-x", "130", "-y", "50",
+              f"env LINES=24 COLUMNS=80 {PY} -m edgeferry top --local {local} --store {store}; "
+              "echo TOP-EXIT=$?; sleep 30")
         st = subprocess.run([PY, "-m", "edgeferry", "status", "--local", local, "--store", store, "--json"],
                             capture_output=True, text=True, timeout=30)
         assert st.returncode == 0, st.stdout + st.stderr
@@ -133,13 +136,10 @@ def test_dashboard_in_tmux_shows_the_outage_and_the_drain_and_top_quits_on_q(tmp
         assert snap["gateway"] and snap["devices"]["online"] == 5
         assert {s["name"] for s in snap["services"]} >= {"aggregator", "rules"}
         assert set(snap["lanes"]) == {"events", "telemetry"}
-        _tmux("new-session", "-d", "-s", top_session, "-x", "130", "-y", "50",
-              f"env LINES=24 COLUMNS=80 {PY} -m edgeferry top --local {local} --store {store}; "
-              "echo TOP-EXIT=$?; sleep 30")
         wait_until(lambda: "CLOUD LINK DOWN" in pane(), 40, "the outage on the dashboard")
         down = pane()
         assert re.search(r"offline for \d", down), down
-        wait_until(lambda: "CLOUD LINK DOWN" in pane(top_session), 20, "the outage in edgeferry top")
+        wait_until(lambda: "CLOUD LINK DOWN" in pane(top_session), 30, "the outage in edgeferry top")
         assert "backlog  events" in pane(top_session)  # 80x24: one line per subject
         _tmux("send-keys", "-t", top_session, "q")
         wait_until(lambda: "TOP-EXIT=0" in pane(top_session), 15, "edgeferry top to quit on q")
