@@ -51,7 +51,8 @@ async def sample_loop(watcher: SiteWatcher, run: Run, opts: DemoOptions, out: Co
     """One snapshot a second: kept for the report, shown, and turned into notes."""
     from rich.live import Live
 
-    live = Live(console=out, auto_refresh=False, transient=False) if opts.dashboard else None
+    # not a terminal (make demo | tee): Live would print only its last frame; lines instead
+    live = Live(console=out, auto_refresh=False, transient=False) if opts.dashboard and out.is_terminal else None
     if live is not None:
         live.start()
     shown = 0

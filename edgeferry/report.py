@@ -85,8 +85,9 @@ def svg_chart(series: Sequence[tuple[str, str, Sequence[Point]]], x_max: float,
                    f'height="{ph}" fill="#ffe3e3"/>')
         out.append(f'<text x="{(sx(x0) + sx(x1)) / 2:.1f}" y="{MT + 14}" text-anchor="middle" '
                    f'class="bandlabel">{html.escape(label)}</text>')
-    for i in range(5):
-        y = y_top * i / 4
+    n = next((k for k in (4, 5, 3, 2) if (y_top / k).is_integer()), 4)  # whole-number ticks
+    for i in range(n + 1):
+        y = y_top * i / n
         out.append(f'<line x1="{ML}" x2="{W - MR}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
         out.append(f'<text x="{ML - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{_fmt(y)}</text>')
     step = _nice(x_max / 8)
@@ -138,6 +139,42 @@ def _runs(points: Sequence[tuple[float, Any]]) -> list[tuple[Any, float, float]]
         else:
             out.append((st, t, t_next))
     return out
+
+
+def _pipeline(summary: dict[str, Any]) -> str:
+    """What ran: the site, the chaos link that was cut, the cloud."""
+    boxes = [(f"{summary['devices']} devices", "6 sensors each", "#1c7ed6"),
+             ("local broker", "Mosquitto", "#495057"),
+             ("gateway", "SQLite store", "#5f3dc4"),
+             ("chaos link", f"cut {summary['outage_at']:g}–{summary['outage_at'] + summary['outage_for']:g} s",
+              "#e03131"),
+             ("cloud broker", "Mosquitto", "#495057"),
+             ("ingest", "SQLite sink", "#2f9e44")]
+    bw, gap, y = 118, 28, 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} 130" class="diagram" role="img">',
+           '<defs><marker id="arr" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+           'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#868e96"/></marker></defs>']
+    for i, (name, sub, color) in enumerate(boxes):
+        x = 12 + i * (bw + gap)
+        dash = ' stroke-dasharray="6 4"' if name == "chaos link" else ""
+        out.append(f'<rect x="{x}" y="{y}" width="{bw}" height="54" rx="8" fill="#fff" stroke="{color}" '
+                   f'stroke-width="2"{dash}/>')
+        out.append(f'<text x="{x + bw / 2}" y="{y + 23}" text-anchor="middle" class="boxname" fill="{color}">'
+                   f'{html.escape(name)}</text>')
+        out.append(f'<text x="{x + bw / 2}" y="{y + 41}" text-anchor="middle" class="tick">{html.escape(sub)}</text>')
+        if i:
+            out.append(f'<line x1="{x - gap + 2}" y1="{y + 27}" x2="{x - 3}" y2="{y + 27}" stroke="#868e96" '
+                       f'stroke-width="2" marker-end="url(#arr)"/>')
+    x_svc = 12 + (bw + gap)
+    out.append(f'<text x="{x_svc + bw / 2}" y="{y + 82}" text-anchor="middle" class="tick">aggregator, rules '
+               f'(services)</text>')
+    out.append(f'<line x1="{x_svc + bw / 2}" y1="{y + 56}" x2="{x_svc + bw / 2}" y2="{y + 70}" stroke="#868e96" '
+               f'stroke-width="2"/>')
+    x_cmd = 12 + 3 * (bw + gap)
+    out.append(f'<text x="{x_cmd + bw / 2}" y="{y + 82}" text-anchor="middle" class="tick">commands and desired '
+               f'state ← cloud</text>')
+    out.append("</svg>")
+    return "\n".join(out)
 
 
 def _strip(samples: Sequence[dict[str, Any]], t0: float, x_max: float) -> str:
@@ -198,9 +235,9 @@ h1{font-size:26px;margin:0 0 4px} h2{font-size:17px;margin:0 0 8px}
 .card b{display:block;font-size:24px} .card span{color:#6c757d;font-size:13px}
 .good b{color:#2f9e44} .bad b{color:#e03131}
 section{background:#fff;border-radius:10px;padding:14px 16px;margin-bottom:16px;box-shadow:0 1px 3px #0001}
-svg.chart{width:100%;height:auto;display:block}
+svg.chart,svg.diagram{width:100%;height:auto;display:block}
 .grid{stroke:#e9ecef} .axis{stroke:#adb5bd} .tick{font-size:11px;fill:#6c757d}
-.legend{font-size:12px;fill:#343a40} .peak{font-size:12px;font-weight:600}
+.legend{font-size:12px;fill:#343a40} .boxname{font-size:14px;font-weight:700} .peak{font-size:12px;font-weight:600}
 .inbar{font-size:12px;fill:#fff;font-weight:600} .bandlabel{font-size:11px;fill:#c92a2a;font-weight:600}
 table{border-collapse:collapse;width:100%;font-size:14px}
 td,th{padding:5px 8px;border-bottom:1px solid #e9ecef;text-align:left}
@@ -263,6 +300,7 @@ def write_report(path: Path, run: Run, summary: dict[str, Any]) -> Path:
 {summary['outage_at']:g} s for {summary['outage_for']:g} s. Run {html.escape(time.strftime('%Y-%m-%d %H:%M:%S',
 time.localtime(t0)))}.</p>
 <div class="cards">{card_html}</div>
+<section><h2>What ran on this machine</h2>{_pipeline(summary)}</section>
 <section><h2>Messages per second</h2>{rates}</section>
 <section><h2>Backlog in the gateway's store</h2>{backlog}{_strip(samples, t0, x_max)}</section>
 <section><h2>Devices and alerts</h2>{devices}</section>
