@@ -26,6 +26,7 @@ from edge.backoff import Backoff, connect_retrying, sleep_unless
 from edge.errors import ConnectionLost
 from edge.mqtt import BrokerURL, Message, MQTTClient
 from gateway.cloudstate import CloudState
+from gateway.settings import UrlRing
 from gateway.topics import SYNC_HELLO, cmd_topic, desired_topic, down_topic
 
 __all__ = ["CloudSync", "REOFFER"]
@@ -41,12 +42,13 @@ _DOWN = re.compile(r"^ef/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/down/(hello|state|sta
 class CloudSync:
     """``await CloudSync(cloud_url, state_path, client_id).run(stop)``."""
 
-    def __init__(self, cloud: str, state_path: str, client_id: str, *, keepalive: float = 10.0,
+    def __init__(self, cloud: str | tuple[str, ...], state_path: str, client_id: str, *, keepalive: float = 10.0,
                  backoff_max: float = 5.0, reoffer: float = REOFFER, tls: Any = None,
                  password_file: str | None = None) -> None:
         self.tls = tls
         self.password_file = password_file
-        self.cloud = cloud
+        self.cloud = cloud if isinstance(cloud, str) else cloud[0]
+        self._clouds = UrlRing((cloud,) if isinstance(cloud, str) else cloud)  # tried in turn
         self.state_path = state_path
         self.client_id = client_id
         self.keepalive = keepalive
@@ -71,7 +73,7 @@ class CloudSync:
             backoff = Backoff(0.2, self.backoff_max)
 
             def make() -> MQTTClient:
-                self._client = MQTTClient(self.cloud, self.client_id, clean_session=True,
+                self._client = MQTTClient(self._clouds.next(), self.client_id, clean_session=True,
                                           keepalive=self.keepalive, on_message=self._on_message,
                                           tls=self.tls, password_file=self.password_file)
                 return self._client

@@ -148,8 +148,11 @@ class Downlink:
         will = Will(down_topic(self.node, "state"), b"offline", 1, True)
         tls = getattr(self.s, "tls", None)
 
+        clouds = getattr(self.s, "clouds", None)
+
         def make() -> MQTTClient:
-            self._cloud = MQTTClient(self.s.cloud, self.client_id, clean_session=True,
+            url = clouds.next() if clouds is not None else self.s.cloud  # --cloud in turn
+            self._cloud = MQTTClient(url, self.client_id, clean_session=True,
                                      keepalive=self.s.keepalive, will=will, on_message=self._on_cloud,
                                      tls=tls, password_file=getattr(self.s, "password_file", None))
             return self._cloud

@@ -101,7 +101,7 @@ class Ingest:
             if self.s.downlink:
                 path = self.s.sink if self._db_sink else str(state_path(self.s.sink))
                 self.state = await loop.run_in_executor(self._pool, CloudState.open, path)
-                self.sync = CloudSync(self.s.cloud, path, f"{self.s.client_id}-sync",
+                self.sync = CloudSync(self.s.cloud_urls or self.s.cloud, path, f"{self.s.client_id}-sync",
                                       keepalive=self.s.keepalive, backoff_max=self.s.backoff_max,
                                       tls=self.s.tls, password_file=self.s.password_file)
             try:
@@ -148,12 +148,13 @@ class Ingest:
             self._paused = False
             # a worker of a group: a clean session, so that a dead or removed worker is no
             # longer handed frames (Mosquitto queues shared messages for an offline session)
-            self._client = MQTTClient(self.s.cloud, self.s.client_id, clean_session=bool(self.s.group),
+            self._client = MQTTClient(clouds.next(), self.s.client_id, clean_session=bool(self.s.group),
                                       keepalive=self.s.keepalive, on_message=self._on_message,
                                       tls=tls, password_file=self.s.password_file)
             return self._client
 
         tls = self.s.tls
+        clouds = self.s.clouds  # --cloud given more than once: the nodes, in turn
         while not self._stop.is_set():
             client = await connect_retrying(make, backoff, self._stop, "cloud broker", log)
             if client is None:

@@ -37,6 +37,31 @@ def check_filter(f: str) -> str:
     return f
 
 
+def _urls(v: Any) -> list[str]:
+    """``--cloud`` given once or more (a comma-separated list in the environment)."""
+    urls = [v] if isinstance(v, str) and "," not in v else v
+    out = [str(u).strip() for u in (urls if isinstance(urls, list) else str(urls).split(",")) if str(u).strip()]
+    for u in out:
+        parse_url(u)
+    if not out:
+        raise ValueError("no URL given")
+    return out
+
+
+class UrlRing:
+    """The cloud brokers of ``--cloud`` (repeatable: a cluster's nodes), tried in turn:
+    ``next()`` gives the first URL, then the following one at each call (a connect that
+    failed or a connection that ended moves on to the next node)."""
+
+    def __init__(self, urls: tuple[str, ...] | list[str]) -> None:
+        self.urls = tuple(urls)
+        self._i = -1
+
+    def next(self) -> str:
+        self._i = (self._i + 1) % len(self.urls)
+        return self.urls[self._i]
+
+
 def _node_id(v: Any) -> str:
     s = str(v)
     if not _NODE.match(s):
@@ -92,7 +117,8 @@ def _lane_specs(v: Any) -> list[LaneSpec]:
 
 GATEWAY_OPTIONS = [
     Option("local", "url", "mqtt://127.0.0.1:1883", "local broker URL", metavar="URL"),
-    Option("cloud", "url", None, "cloud broker URL", required=True, metavar="URL"),
+    Option("cloud", "list", None, "cloud broker URL (repeatable: the nodes of a clustered broker, "
+           "tried in turn)", required=True, metavar="URL", parse=_urls),
     Option("store", "str", "edgeferry-store.db", "path of the SQLite store", metavar="PATH"),
     Option("node_id", "str", None, "this node's id (letters, digits, _ . -)", required=True,
            metavar="ID", parse=_node_id),
@@ -165,7 +191,7 @@ class _Identity:
 @dataclass(frozen=True)
 class GatewaySettings(_Identity):
     local: str
-    cloud: str
+    cloud: str  # the first of cloud_urls
     store: str
     node_id: str
     uplink: list[str]
@@ -195,6 +221,12 @@ class GatewaySettings(_Identity):
     cloud_publish_rate: float | None = None
     cloud_max_inflight: int | None = None
     config: str | None = None
+    cloud_urls: tuple[str, ...] = ()  # every --cloud, tried in turn (empty: cloud alone)
+
+    @property
+    def clouds(self) -> UrlRing:
+        """A new ring of the cloud URLs (each connection loop keeps its own)."""
+        return UrlRing(self.cloud_urls or (self.cloud,))
     notes: tuple[str, ...] = ()  # settings the cloud profile moved (logged at start)
 
     def __post_init__(self) -> None:
@@ -242,6 +274,8 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
                "--node-id pi-01 --uplink 'dt/#' --uplink 'evt/#'",
         environ=environ,
     )
+    values["cloud_urls"] = tuple(values["cloud"])
+    values["cloud"] = values["cloud_urls"][0]
     tls_from_settings(values, values["cloud"])  # the files are usable now (ConfigError)
     prof = profile(values["cloud_profile"], max_message_bytes=values["cloud_max_message_bytes"],
                    publishes_per_s=values["cloud_publish_rate"], max_inflight=values["cloud_max_inflight"])
@@ -255,7 +289,7 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
         notes.append(f"window {values['window']} is more than the {prof.max_inflight} QoS 1 messages "
                      f"in flight {prof.name} takes: using {prof.max_inflight}")
         values["window"] = prof.max_inflight
-    if parse_url(values["cloud"]).password is not None:
+    if any(parse_url(u).password is not None for u in values["cloud_urls"]):
         notes.append("the --cloud URL holds a password, which other processes can read (ps, "
                      "/proc): use --password-file")
     values["notes"] = tuple(notes)
@@ -266,7 +300,8 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
 
 
 INGEST_OPTIONS = [
-    Option("cloud", "url", None, "cloud broker URL", required=True, metavar="URL"),
+    Option("cloud", "list", None, "cloud broker URL (repeatable: the nodes of a clustered broker, "
+           "tried in turn)", required=True, metavar="URL", parse=_urls),
     Option("sink", "str", None, "jsonl:PATH, sqlite:PATH or postgresql://USER@HOST/DB",
            required=True, metavar="SINK"),
     Option("client_id", "str", "edgeferry-ingest", "client id (one persistent session)", metavar="ID"),
@@ -292,7 +327,7 @@ INGEST_OPTIONS = [
 
 @dataclass(frozen=True)
 class IngestSettings(_Identity):
-    cloud: str
+    cloud: str  # the first of cloud_urls
     sink: str
     client_id: str = "edgeferry-ingest"
     filter: str = "ef/+/up/+"
@@ -307,15 +342,22 @@ class IngestSettings(_Identity):
     log_level: str = "info"
     cloud_profile: str = "generic"
     config: str | None = None
+    cloud_urls: tuple[str, ...] = ()  # every --cloud, tried in turn (empty: cloud alone)
+
+    @property
+    def clouds(self) -> UrlRing:
+        """A new ring of the cloud URLs (each connection loop keeps its own)."""
+        return UrlRing(self.cloud_urls or (self.cloud,))
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("--metrics-port must be a TCP port")
         prof = profile(self.cloud_profile)
         prof.check_client_id(self.client_id + "-sync")
-        if self.filter.startswith("$share/") and not prof.shared_subscriptions:
+        if (self.filter.startswith("$share/") or self.group or self.workers > 1) and not prof.shared_subscriptions:
             raise ConfigError(f"cloud profile {prof.name}: the broker has no shared subscriptions "
-                              f"(--filter {self.filter!r}): run one ingest per queue instead")
+                              f"(--filter {self.filter!r}, --group, --workers): run one ingest per "
+                              "queue instead (e.g. one per lane: --filter 'ef/+/up/telemetry')")
         kind, _, path = self.sink.partition(":")
         if not 1 <= self.workers <= 64:
             raise ConfigError("--workers must be 1 to 64")
@@ -341,6 +383,8 @@ def ingest_settings(argv: list[str], environ: dict[str, str] | None = None) -> I
         epilog="example:\n  edgeferry ingest run --cloud mqtt://127.0.0.1:1883 --sink jsonl:events.jsonl",
         environ=environ,
     )
+    values["cloud_urls"] = tuple(values["cloud"])
+    values["cloud"] = values["cloud_urls"][0]
     tls_from_settings(values, values["cloud"])
     values["keepalive"] = profile(values["cloud_profile"]).keepalive(values["keepalive"])
     return IngestSettings(**values)

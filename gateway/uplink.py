@@ -30,6 +30,7 @@ from edge.errors import ConnectError, ConnectionLost
 from edge.mqtt import Message, MQTTClient
 from gateway import frames
 from gateway.gaps import BROKER_ACKED
+from gateway.settings import UrlRing
 from gateway.state import State
 from gateway.topics import INGEST_HELLO, ack_topic, nack_topic, uplink_topic
 
@@ -47,6 +48,7 @@ class Uplink:
     def __init__(self, state: State) -> None:
         self.st = state
         self.client: MQTTClient | None = None
+        self._ring: UrlRing | None = None  # --cloud URLs, tried in turn
 
     async def run(self) -> None:
         st, s = self.st, self.st.s
@@ -66,7 +68,9 @@ class Uplink:
 
     def _new_client(self) -> MQTTClient:
         s = self.st.s
-        self.client = MQTTClient(s.cloud, s.gateway_client_id, clean_session=False,
+        if self._ring is None:
+            self._ring = s.clouds
+        self.client = MQTTClient(self._ring.next(), s.gateway_client_id, clean_session=False,
                                  keepalive=s.keepalive, max_inflight=s.window,
                                  on_message=self._on_message, tls=s.tls,
                                  password_file=s.password_file)
