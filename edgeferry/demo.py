@@ -103,7 +103,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     try:
         if not temporary and code != 130:
             out.print(f"data kept in {data}: sink sqlite:{site.sink_path}, manifest {site.manifest}, "
-                      f"logs {site.logs}", highlight=False, soft_wrap=True)
+                      f"the run's time series {data / 'run.json'}, logs {site.logs}", highlight=False, soft_wrap=True)
         if code == 130:
             out.print("interrupted: every process stopped")
     except OSError:  # the terminal is gone (SIGHUP)

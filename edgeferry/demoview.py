@@ -197,6 +197,9 @@ def finish(site: DemoSite, opts: DemoOptions, run: Run, out: Console) -> int:
                   highlight=False)
     out.print(f"per device: edgeferry sim verify --manifest {site.manifest} --sink {site.sink} --all",
               highlight=False)
+    timeline = {"t0": run.t0, "marks": run.marks, "events": run.events, "samples": run.samples,
+                "checks": checks, "command": cmd, "shadow": shadow}
+    (site.data / "run.json").write_text(json.dumps(timeline, indent=1, default=str))
     if opts.report is not None:
         from edgeferry.report import write_report
 
