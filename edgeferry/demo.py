@@ -120,8 +120,10 @@ async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
     watcher: SiteWatcher | None = None
     tasks: list[asyncio.Task[Any]] = []
     try:
-        starting = asyncio.create_task(site.start())
-        await asyncio.wait([starting, asyncio.create_task(abort.wait())], return_when=asyncio.FIRST_COMPLETED)
+        starting = asyncio.create_task(site.start(), name="start")
+        stopper = asyncio.create_task(abort.wait(), name="abort")
+        await asyncio.wait([starting, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
         if abort.is_set():
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
@@ -142,7 +144,7 @@ async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
 
         story = asyncio.create_task(_story(site, opts, run, fleet, watcher), name="story")
         tasks.append(asyncio.create_task(sample_loop(watcher, run, opts, out, story), name="samples"))
-        stopper = asyncio.create_task(abort.wait())
+        stopper = asyncio.create_task(abort.wait(), name="abort")
         await asyncio.wait([story, stopper], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if abort.is_set():

@@ -65,7 +65,7 @@ async def sample_loop(watcher: SiteWatcher, run: Run, opts: DemoOptions, out: Co
             snap = watcher.snapshot(extra={"elapsed_s": time.time() - run.t0})
             run.samples.append(_compact(snap))
             backlog = sum(lane["records"] for lane in snap["lanes"].values())
-            if "outage_start" in run.marks and "outage_end" not in run.marks:
+            if "outage_start" in run.marks and not drained:
                 peak = max(peak, backlog)
             if "outage_end" in run.marks and not drained and snap["link"]["state"] == "up" and _fresh(snap):
                 drained = True
