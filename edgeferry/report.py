@@ -90,7 +90,7 @@ def svg_chart(series: Sequence[tuple[str, str, Sequence[Point]]], x_max: float,
         y = y_top * i / n
         out.append(f'<line x1="{ML}" x2="{W - MR}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
         out.append(f'<text x="{ML - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{_fmt(y)}</text>')
-    step = _nice(x_max / 8)
+    step = next((t for t in (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600) if t >= x_max / 8), 7200)
     x = 0.0
     while x <= x_max + 1e-9:
         out.append(f'<text x="{sx(x):.1f}" y="{height - MB + 16}" text-anchor="middle" class="tick">{x:g} s</text>')
