@@ -57,10 +57,11 @@ class Committer:
             deletes = st.due_deletes()
             if not st.pending and not deletes and not st.new_drops:
                 continue
-            client = self._intake.took_batch()
+            client = self._intake.client  # the connection that delivered this batch
             batch, st.pending = st.pending, []
             batch_bytes, st.pending_bytes = st.pending_bytes, {}
             st.pending_size = 0
+            self._intake.took_batch()
             drops, st.new_drops = st.new_drops, {}
             st.drops_committing = drops  # still shown by status() until committed
             st.idle.clear()

@@ -286,15 +286,12 @@ class Intake:
 
     # ------------------------------------------------------------ from the committer
 
-    def took_batch(self) -> MQTTClient | None:
-        """The committer took the pending batch: read again if we had paused. Returns the
-        connection that delivered the batch (for :meth:`committed`)."""
-        client = self.client
+    def took_batch(self) -> None:
+        """The committer took the pending batch: read again if we had paused."""
         if self._paused:
             self._paused = False
-            if client is not None:
-                client.resume_reading()
-        return client
+            if self.client is not None:
+                self.client.resume_reading()
 
     def committed(self, client: MQTTClient | None, batch: list[Record], last_seq: int) -> None:
         """The batch is in the store: acknowledge it to the broker that delivered it."""
