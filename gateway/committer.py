@@ -112,7 +112,10 @@ class Committer:
             ):
                 st.wake.set()
             if st.s.confirm == "ingest":
-                st.limits.watch_confirmations(st.acked, st.ingested)
+                for lane in st.limits.watch_confirmations(st.acked, st.ingested):
+                    # frames lost after the broker's acknowledgement: resend, smaller
+                    st.rewind[lane] = min(st.ingested[lane], st.rewind.get(lane, st.ingested[lane]))
+                    st.uplink_wake.set()
 
     async def flush_deletes(self) -> None:
         """Remove what the cloud side confirmed (at shutdown, so a restart does not

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -156,6 +157,12 @@ lengths, a one-topic table, the record header, and room for zstd's own framing."
 
 MIN_FRAME_CAP = 1024
 
+RETRY_AFTER_FRAMES = 500
+"""Frames confirmed in cautious mode before larger frames are tried again."""
+
+PROBE_WAIT = 3.0
+"""Seconds a probe frame (cautious mode) may take to be confirmed by ingest."""
+
 UNCONFIRMED_WARN = 60.0
 """Seconds frames may stay acknowledged by the broker but unconfirmed by ingest before
 the gateway says so."""
@@ -190,13 +197,20 @@ class CloudLimits:
         self._first_sent: int | None = None
         self._acks = 0
         self._ok_since_cut = 0
+        self._sent: deque[tuple[str, int, int, int]] = deque(maxlen=4096)  # lane, first, hi, size
+        self.good_size = 0  # the largest frame ingest confirmed
+        self.dropped_size: int | None = None  # the smallest frame acknowledged and lost
+        self.cautious = False
+        self._probe: tuple[str, int, int, int] | None = None
+        self._probe_at = 0.0
+        self.probe_done = False
+        self._cautious_ok = 0
         self._confirmed_seen: tuple[tuple[str, int], ...] = ()
         self._unconfirmed_since: float | None = None
         self._warned_at: float | None = None
         self.unconfirmed: str | None = None
 
-    def cap(self, lane: str) -> int:
-        """Largest frame for a lane now."""
+    def _normal_cap(self, lane: str) -> int:
         cap = self.frame_max_bytes
         budget = self.profile.message_budget(self._topic_for(lane))
         if budget:
@@ -204,6 +218,20 @@ class CloudLimits:
         if self.learnt_cap is not None:
             cap = min(cap, self.learnt_cap)
         return max(cap, MIN_FRAME_CAP)
+
+    def cap(self, lane: str) -> int:
+        """Largest frame for a lane now. In cautious mode (frames were acknowledged by the
+        broker and lost): the largest size ingest confirmed, and one probe frame at a time
+        halfway to the smallest size lost, so the limit is found by bisection."""
+        cap = self._normal_cap(lane)
+        if not self.cautious:
+            return cap
+        good = max(self.good_size, MIN_FRAME_CAP)
+        if self._probe is not None or self.dropped_size is None:
+            return min(cap, good)
+        if self.dropped_size - good <= max(MIN_FRAME_CAP, self.dropped_size // 20):
+            return min(cap, good)  # close enough: no more probes
+        return min(cap, (good + self.dropped_size) // 2)
 
     def record_fits(self, lane: str, topic: str, payload: bytes) -> bool:
         most = self.max_payload(lane, topic)
@@ -237,9 +265,86 @@ class CloudLimits:
         self._first_sent = None
         self._acks = 0
 
-    def frame_sent(self, size: int) -> None:
+    def frame_sent(self, size: int, lane: str = "", first: int = 0, hi: int = 0) -> None:
         if self._first_sent is None:
             self._first_sent = size
+        self._sent.append((lane, first, hi, size))
+        if self.cautious and self._probe is None and size > max(self.good_size, MIN_FRAME_CAP):
+            self._probe = (lane, first, hi, size)
+            self._probe_at = time.monotonic()
+
+    def probe_wait(self, lane: str) -> tuple[float, int | None]:
+        """Before sending on ``lane``: a probe frame goes alone. ``(seconds, None)``: wait
+        for its confirmation; ``(0, after)``: it was not confirmed within PROBE_WAIT,
+        taken as lost: resend the lane after ``after``; ``(0, None)``: go on."""
+        p = self._probe
+        if p is None or p[0] != lane:
+            return 0.0, None
+        left = self._probe_at + PROBE_WAIT - time.monotonic()
+        if left > 0:
+            return left, None
+        self._probe = None
+        self._forget(lane, p[1] - 1)
+        self.dropped_size = p[3] if self.dropped_size is None else min(self.dropped_size, p[3])
+        log.info("lane %s: a probe frame of %d bytes did not reach ingest within %g s: "
+                 "frames stay at %d bytes", lane, p[3], PROBE_WAIT, max(self.good_size, MIN_FRAME_CAP))
+        return 0.0, p[1] - 1
+
+    def _forget(self, lane: str, after: int) -> None:
+        """The lane is resent after ``after``: the frames sent after it count for nothing
+        (a later confirmation covers their records, carried by the resent frames)."""
+        self._sent = deque((f for f in self._sent if f[0] != lane or f[1] <= after),
+                           maxlen=self._sent.maxlen)
+
+    def confirmed(self, lane: str, upto: int) -> None:
+        """Ingest has everything of ``lane`` up to ``upto``: the frames that carried it
+        got through, whatever their size."""
+        keep: deque[tuple[str, int, int, int]] = deque(maxlen=self._sent.maxlen)
+        for f in self._sent:
+            if f[0] == lane and f[2] <= upto:
+                self.good_size = max(self.good_size, f[3])
+                if self.cautious:
+                    self._cautious_ok += 1
+            else:
+                keep.append(f)
+        if self.cautious and self._cautious_ok >= RETRY_AFTER_FRAMES and self.dropped_size is not None:
+            # the loss may have had another cause: try larger frames again, one probe at a time
+            self._cautious_ok = 0
+            self.dropped_size = None
+        self._sent = keep
+        p = self._probe
+        if p is not None and p[0] == lane and p[2] <= upto:
+            self._probe = None
+            self.probe_done = True  # the uplink may send the next frame at once
+        if self.cautious and self.good_size >= self._normal_cap(lane):
+            self.cautious = False
+            log.info("cloud link: frames of %d bytes reach ingest: full-size frames again",
+                     self.good_size)
+
+    def nacked(self, lane: str, after: int) -> bool:
+        """Ingest asks for ``lane`` again after ``after``: the frame that followed it was
+        acknowledged by the broker and never arrived. If that frame was larger than any
+        ingest confirmed, suspect a size limit the broker enforces by dropping (Mosquitto's
+        message_size_limit does): go cautious. True when it did."""
+        lost = [f[3] for f in self._sent if f[0] == lane and f[1] == after + 1]
+        self._forget(lane, after)
+        if not lost or lost[-1] <= max(self.good_size, MIN_FRAME_CAP):
+            return False
+        size = lost[-1]
+        self.dropped_size = size if self.dropped_size is None else min(self.dropped_size, size)
+        self.cautious = True
+        self._cautious_ok = 0
+        p = self._probe
+        if p is not None and p[0] == lane and p[1] > after:
+            self._probe = None  # the probe was lost: it bounds the search from above
+        good = max(self.good_size, MIN_FRAME_CAP)
+        self.suspected = (f"message size: a frame of {size} bytes was acknowledged by the broker "
+                          f"and never reached ingest; frames of {good} bytes get through")
+        log.warning("lane %s: the frame of %d bytes after seq %d was acknowledged by the cloud "
+                    "broker but never reached ingest: suspecting the broker drops messages over a "
+                    "size limit; resending in frames of at most %d bytes, growing as ingest "
+                    "confirms them (set --cloud-max-message-bytes)", lane, size, after, good)
+        return True
 
     def frame_acked(self) -> None:
         self._acks += 1
@@ -276,11 +381,13 @@ class CloudLimits:
                     "of at most %d bytes (set --cloud-max-message-bytes or --cloud-profile)",
                     size, self.learnt_cap)
 
-    def watch_confirmations(self, acked: dict[str, int], ingested: dict[str, int]) -> None:
+    def watch_confirmations(self, acked: dict[str, int], ingested: dict[str, int]) -> set[str]:
         """Called every second: warn (once per stall, then every 5 minutes) when the cloud
         broker acknowledged frames that ingest has not confirmed for UNCONFIRMED_WARN s.
         Ingest may be down; or the broker drops what it acknowledged, as Mosquitto's
-        message_size_limit does with messages over it (docs/clouds.md)."""
+        message_size_limit does with messages over it (docs/clouds.md). Returns the lanes
+        to resend: those whose first unconfirmed frame was larger than any ingest ever
+        confirmed (see :meth:`nacked`); none when only ingest is away."""
         now = time.monotonic()
         behind = {lane for lane in acked if acked[lane] > ingested.get(lane, 0)}
         progress = tuple(sorted(ingested.items()))
@@ -288,7 +395,7 @@ class CloudLimits:
             self._confirmed_seen = progress
             self._unconfirmed_since = now if behind else None
             self._warned_at = None
-            return
+            return set()
         if self._unconfirmed_since is None:
             self._unconfirmed_since = now
         waited = now - self._unconfirmed_since
@@ -299,10 +406,13 @@ class CloudLimits:
             log.warning("cloud link: %s; is ingest running? (a broker that drops messages over its "
                         "size limit after acknowledging them looks the same: set "
                         "--cloud-max-message-bytes)", self.unconfirmed)
+            return {lane for lane in behind if self.nacked(lane, ingested.get(lane, 0))}
+        return set()
 
     def status(self) -> dict[str, object]:
         return {"profile": self.profile.name, "max_message_bytes": self.profile.max_message_bytes,
                 "publishes_per_s": self.profile.publishes_per_s,
                 "frame_cap": self.learnt_cap, "suspected_limit": self.suspected,
+                "cautious": self.cautious, "confirmed_frame_bytes": self.good_size,
                 "unconfirmed": self.unconfirmed if self._warned_at is not None else None,
                 "publish_wait_s": round(self.bucket.waited, 3)}

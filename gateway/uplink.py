@@ -152,6 +152,14 @@ class Uplink:
             for name in lane_order:
                 if lanes[name].newest_seq <= sent[name]:
                     continue
+                wait, lost_after = limits.probe_wait(name)  # cautious mode (profiles.py)
+                if lost_after is not None:
+                    st.rewind[name] = min(lost_after, st.rewind.get(name, lost_after))
+                    progress = True
+                    continue
+                if wait:
+                    deadline = wait if deadline is None else min(deadline, wait)
+                    continue
                 rows = await loop.run_in_executor(
                     st.reader, store.read, name, sent[name], s.frame_max_records, limits.cap(name))
                 if not rows:  # evicted or expired meanwhile
@@ -167,9 +175,9 @@ class Uplink:
                     frames.encode, s.node_id, store.epoch, name, compress=compress, prev_seq=sent[name]))
                 await limits.take()
                 fut = await client.publish_nowait(uplink_topic(s.node_id, name), frame, 1)
-                limits.frame_sent(len(frame))
                 assert fut is not None
                 hi = rows[-1][0]
+                limits.frame_sent(len(frame), name, rows[0][0], hi)
                 sent[name] = hi
                 inflight[name].append((hi, fut, [r[0] for r in rows] if keep_seqs else None))
                 fut.add_done_callback(partial(self._frame_acked, name, inflight[name], len(rows)))
@@ -251,6 +259,7 @@ class Uplink:
             if m.topic.endswith("/nack"):
                 lane, after = str(ack["lane"]), int(ack["after"])
                 if lane in st.ingested:
+                    st.limits.nacked(lane, after)  # a frame the broker dropped? (profiles.py)
                     st.rewind[lane] = min(after, st.rewind.get(lane, after))
                     st.uplink_wake.set()
                 return
@@ -258,5 +267,9 @@ class Uplink:
                 if lane in st.ingested and int(seq) > st.ingested[lane]:
                     st.ingested[lane] = int(seq)
                     st.ledger.confirmed(lane, int(seq))
+                    st.limits.confirmed(lane, int(seq))
+                    if st.limits.probe_done:  # a probe frame got through: next frame now
+                        st.limits.probe_done = False
+                        st.uplink_wake.set()
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignored a malformed ingest ack on %r", m.topic)
