@@ -308,6 +308,8 @@ class SiteWatcher:
         offline_for = float(st.get("offline_for_s") or 0.0)
         if state != "up":
             for_s: float | None = offline_for
+        elif st.get("online_for_s"):  # the gateway says since when
+            for_s = float(st["online_for_s"])
         else:
             for_s = None if self._link[1] < 0 else now - self._link[1]
         return {"state": state, "why": st.get("cloud_state"),

@@ -111,6 +111,7 @@ class State:
         self.limits = CloudLimits(settings.profile, settings.frame_max_bytes,
                                   partial(uplink_topic, settings.node_id), settings.node_id)
         self.offline_since: float | None = time.time()  # wall clock, for display
+        self.online_mono: float | None = None  # when the cloud link came up (monotonic)
         self.offline_mono: float | None = time.monotonic()  # durations
         # counters (the persisted drops live in store.drops)
         self.counters: dict[str, int] = {
@@ -199,6 +200,8 @@ class State:
             "cloud_limits": self.limits.status(),
             "offline_since": self.offline_since,
             "offline_for_s": round(time.monotonic() - self.offline_mono, 3) if self.offline_mono else 0.0,
+            "online_for_s": round(time.monotonic() - self.online_mono, 3)
+            if self.cloud_up and self.online_mono else 0.0,
             "lanes": lanes,
             "store_bytes": self.used,
             "pending_commit": len(self.pending),

@@ -87,6 +87,7 @@ class Uplink:
         st.cloud_error = None
         down_for = time.monotonic() - st.offline_mono if st.offline_mono else 0.0
         st.offline_since = st.offline_mono = None
+        st.online_mono = time.monotonic()
         log.info("cloud broker %s connected after %.1f s offline; draining %d records",
                  client.url, down_for, sum(ln.count for ln in st.store.lanes.values()))
         client.closed.add_done_callback(lambda _: st.uplink_wake.set())

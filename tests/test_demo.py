@@ -135,6 +135,7 @@ def test_dashboard_in_tmux_shows_the_outage_and_the_drain_and_top_quits_on_q(tmp
         assert st.returncode == 0, st.stdout + st.stderr
         snap = json.loads(st.stdout)
         assert snap["gateway"] and snap["devices"]["online"] == 5
+        assert snap["link"]["for_s"] is not None, snap["link"]  # time in its state, in one look
         assert {s["name"] for s in snap["services"]} >= {"aggregator", "rules"}
         assert set(snap["lanes"]) == {"events", "telemetry"}
         wait_until(lambda: "CLOUD LINK DOWN" in pane(), 40, "the outage on the dashboard")

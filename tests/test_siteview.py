@@ -74,6 +74,13 @@ def test_states_heartbeats_alerts_and_rates(monkeypatch, tmp_path):
         assert "CLOUD LINK UP" in text and "telemetry" in text and "rejected:too_large" in text
 
 
+def test_time_in_state_comes_from_the_gateway_in_one_look(monkeypatch, tmp_path):
+    doc = _status(10, 10)
+    doc["online_for_s"] = 42.0
+    monkeypatch.setattr(siteview, "gateway_status", lambda store: doc)
+    assert SiteWatcher(None, tmp_path / "store.db").snapshot()["link"]["for_s"] == 42.0
+
+
 def test_sparkline_and_charts():
     assert sparkline([0, 1, 8]) == " ▁█"
     pts = [(float(t), 5000.0 if t == 12 else 10.0) for t in range(20)]
