@@ -337,6 +337,9 @@ class MQTTClient:
         except OSError as e:
             self._abort()
             raise ConnectError(f"{self.url}: {explain(e.strerror or e)[1] if tls else e.strerror or e}") from None
+        except BaseException:  # cancelled (the caller gave up): never leave the socket open
+            self._abort()
+            raise
         if code:
             self._abort()
             reason = _CONNACK_CODES.get(code, f"code {code}")

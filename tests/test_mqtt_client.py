@@ -647,3 +647,19 @@ async def test_unsubscribe_and_answers_of_the_wrong_kind(fake):
     conn.send(b"\x90\x03" + body[:2] + b"\x01")
     with pytest.raises(ConnectionLost, match="granted QoS 1 above the QoS 0"):
         await asyncio.wait_for(task, 5)
+
+
+async def test_connect_cancelled_while_waiting_for_connack_closes_its_socket(fake):
+    """A caller that gives up on connect() (a stage cancelled during shutdown) must not
+    leave the socket open: it stayed open, and showed up as an unclosed transport when
+    the loop ended (found by house-gw)."""
+    client = MQTTClient(fake.url, "t")  # not fake.client(): the fixture would abort it
+    task = asyncio.create_task(client.connect())
+    conn = await asyncio.wait_for(fake.conns.get(), 10)
+    await conn.expect(0x10)  # CONNECT arrived; no CONNACK is ever sent
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert client._transport is not None and client._transport.is_closing()
+    assert not client.connected
+    assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # the broker sees it closed
