@@ -14,15 +14,22 @@ quota, both pipelines in the same run, interleaved (the order alternates per rou
 - live: 30,000 messages as fast as the jailed broker acknowledges them; delivered/s at
   the sink (first loadgen message to last sink row), lost, duplicated, CPU s per
   100,000 and peak RSS of each jailed process, throttled periods.
-- outage: the same, with the cloud link cut once a third has reached the sink and
-  restored after ``outage`` s (60; 10 with --quick): what the edge side took in while
-  offline, then the drain (``up()`` to the last row), lost and duplicated.
+- outage: a third of the messages live; then the cloud link is cut and the second third
+  sent (what the edge side takes in while offline: the loadgen's rate, CPU per 100,000);
+  after ``outage`` s (60; 10 with --quick) the link comes back and the last third is
+  sent while the backlog drains: ``up()`` to the last row at the sink, the catch-up rate
+  (two thirds over that time), lost and duplicated.
 
 Beside them the load generator's own ceiling: alone against an unjailed broker, and
 against a jailed broker nobody subscribes to (the broker's own ceiling in the quota).
 Needs root and cgroup v1 (skips otherwise). Never part of ``make test``.
 
-    python -m bench --only jail [--quick]      or     python -m bench.bench_jail [--quick]
+    python -m bench --only jail [--quick]
+    python -m bench.bench_jail [--quick] [--quotas 10,25] [--rounds N] [--ab GITREF] [--live-only]
+
+``--ab REF`` adds a third pipeline, edgeferry with the gateway (edge, gateway, edgeferry,
+firmware_sim) of git ref REF exported beside (PYTHONPATH), interleaved with the others:
+the A/B of a change in one run.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from typing import Any
 
 from bench._uplink_pipelines import BRIDGE_ID, Bridge, Edgeferry, Pipeline, bridge_lines
-from bench._util import PY, Loadgen, Workdir, count_run, cpu_seconds, machine_info, mem_kb, run_loadgen, wait_line
+from bench._util import PY, REPO, Loadgen, Workdir, count_run, cpu_seconds, machine_info, mem_kb, run_loadgen, wait_line
 from bench.bench_pibudget import MEMORY, PERIOD_US, Cgroup, _available
 from edgeferry.procs import EDGE_CONF, Broker
 
@@ -64,6 +72,7 @@ class JailedEdgeferry(Edgeferry):
     """Edge mosquitto and gateway in the cgroup; everything else as bench_uplink's."""
 
     pct = 10
+    src: str | None = None  # the gateway's code from another checkout (A/B against a git ref)
 
     def _start(self, sync: str, extra: tuple[str, ...]) -> None:
         self.cg = _cgroup(self.wd, "ef", self.pct)
@@ -79,7 +88,8 @@ class JailedEdgeferry(Edgeferry):
             str(self.cg.wrapper), PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
             "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
             "--uplink", "dt/#", "--backoff-max", "1s", "--keepalive", "10s", "--sync", sync, *extra]
-        self.gateway = self.wd.proc("gateway", self.gateway_argv).start()
+        env = {"PYTHONPATH": self.src} if self.src else None
+        self.gateway = self.wd.proc("gateway", self.gateway_argv, env=env).start()
         wait_line(self.gateway, "gateway ready", timeout=120)
         self.wait_links(local=True, cloud=True, timeout=60)
 
@@ -123,10 +133,23 @@ class JailedBridge(Bridge):
                 self.cg.remove()
 
 
+_SRC: dict[str, str] = {}  # "edgeferry@REF" -> a directory holding that ref's packages
+
+
+def _export(ref: str, wd: Workdir) -> str:
+    """The packages of git ref ``ref`` in a directory of ``wd`` (for PYTHONPATH)."""
+    dest = wd / ref.replace("/", "_")
+    dest.mkdir()
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "edge", "gateway", "edgeferry", "firmware_sim"],
+                         check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return str(dest)
+
+
 def _make(kind: str, pct: int, tag: str) -> JailedEdgeferry | JailedBridge:
-    cls: type[JailedEdgeferry] | type[JailedBridge] = JailedEdgeferry if kind == "edgeferry" else JailedBridge
-    sub = type(cls.__name__, (cls,), {"pct": pct})
-    return sub(tag)
+    cls: type[JailedEdgeferry] | type[JailedBridge] = JailedEdgeferry if kind.startswith("edgeferry") else JailedBridge
+    sub = type(cls.__name__, (cls,), {"pct": pct, "src": _SRC.get(kind)})
+    return sub(f"{tag}{kind.partition('@')[2][:8]}")
 
 
 def _usage(pids: dict[str, int]) -> dict[str, tuple[float, int]]:
@@ -154,45 +177,51 @@ def _one(kind: str, pct: int, n: int, rnd: int, outage: float | None) -> dict[st
     try:
         pids = p.jailed()
         u0, cg0, la0 = _usage(pids), p.cg.stats(), _loadavg()
-        lg = Loadgen(p.edge.url, n, run, size=SIZE).start()
         row: dict[str, Any] = {}
         if outage:
-            w1 = p.tail.wait(n // 3, timeout=300, quiet=30, busy_pids=p.sink_pids())
+            # a third live, a third while the cloud is cut (intake offline), a third after
+            # the link is back (while the backlog drains)
+            third = n // 3
+            lg = Loadgen(p.edge.url, third, run, size=SIZE).start()
+            p.tail.wait(third, timeout=300, quiet=30, busy_pids=p.sink_pids())
+            res = lg.result(timeout=900)
             p.cut()
-            t_cut = time.monotonic()
-            u_cut = _usage(pids)
-            sink_at_cut = int(w1["lines"] or 0)
-            # the edge side takes messages in while offline; the loadgen ends (or not) meanwhile
+            t_cut, u_cut = time.monotonic(), _usage(pids)
+            off = Loadgen(p.edge.url, third, run, size=SIZE, start=third).start()
+            r_off = off.result(timeout=900)
+            row["offline_intake_msg_s"] = r_off["rate"]
+            row["offline_intake_s"] = round(r_off["wall"], 2)
             while time.monotonic() - t_cut < outage:
-                if lg.p is not None and lg.p.poll() is not None and "intake_s" not in row:
-                    row["intake_s"] = round(time.monotonic() - t_cut, 2)
                 time.sleep(0.05)  # a bench schedules its faults on the clock
             u_up = _usage(pids)
             t_up = time.monotonic()
             p.up()
-            row["intake_offline_msgs"] = n - sink_at_cut
-            row["loadgen_done_during_outage"] = "intake_s" in row
+            last = Loadgen(p.edge.url, n - 2 * third, run, size=SIZE, start=2 * third).start()
             w = p.tail.wait(n, timeout=600, quiet=30, busy_pids=p.sink_pids())
-            res = lg.result(timeout=900)
+            r_last = last.result(timeout=900)
             u1 = _usage(pids)
+            row["loadgen_after_up_msg_s"] = r_last["rate"]
             row["drain_s"] = round(w["last"] - t_up, 2) if w["last"] else None
-            row["cpu_s_per_100k_offline_intake"] = _per100k(u_cut, u_up, n - sink_at_cut)
-            row["cpu_s_per_100k_drain"] = _per100k(u_up, u1, n - sink_at_cut)
+            row["catch_up_msg_s"] = round((n - third) / (w["last"] - t_up)) if w["last"] else None
+            row["cpu_s_per_100k_offline_intake"] = _per100k(u_cut, u_up, third)
+            row["cpu_s_per_100k_after_up"] = _per100k(u_up, u1, n - third)
+            span = None
         else:
+            lg = Loadgen(p.edge.url, n, run, size=SIZE).start()
             w = p.tail.wait(n, timeout=600, quiet=30, busy_pids=p.sink_pids())
             res = lg.result(timeout=900)
             u1 = _usage(pids)
+            span = (w["last"] - lg.t_start) if w["last"] else None
         cg1 = p.cg.stats()
         c = count_run(p.sink, run, n)
         if c["lost"] or c["duplicated"]:
             p.flag(f"run {run}: lost {c['lost']}, duplicated {c['duplicated']}")
-        span = (w["last"] - lg.t_start) if w["last"] else None
         row.update({
             **c,
             "delivered_msg_s": round(c["delivered"] / span) if span else None,
             "loadgen_msg_s": res["rate"],
             "cpu_s_per_100k": _per100k(u0, u1, c["delivered"]),
-            "cpu_pct_one_core": {k: round(100 * (u1[k][0] - u0[k][0]) / span, 1) for k in u0} if span else {},
+            "cpu_pct_one_core": {k: round(100 * (u1[k][0] - u0[k][0]) / span, 1) for k in u0} if span else None,
             "peak_rss_mib": {k: round(u1[k][1] / 1024, 1) for k in u1},
             "throttled_pct_of_periods": round(100 * (cg1["nr_throttled"] - cg0["nr_throttled"])
                                               / max(1, cg1["nr_periods"] - cg0["nr_periods"]), 1),
@@ -224,10 +253,23 @@ def _ceilings(n: int, pct: int) -> dict[str, Any]:
 
 
 def run(quick: bool, n: int = 30_000, rounds: int | None = None, outage: float | None = None,
-        quotas: tuple[int, ...] = QUOTAS, live_only: bool = False) -> dict[str, Any]:
+        quotas: tuple[int, ...] = QUOTAS, live_only: bool = False, ab: str | None = None) -> dict[str, Any]:
     why = _available()
     if why is not None:
         return {"skipped": why}
+    kinds = ["bridge", "edgeferry"]
+    src = Workdir("efbench-jailsrc-")
+    if ab:
+        _SRC[f"edgeferry@{ab}"] = _export(ab, src)
+        kinds.append(f"edgeferry@{ab}")
+    try:
+        return _run(quick, n, rounds, outage, quotas, live_only, kinds)
+    finally:
+        src.cleanup()
+
+
+def _run(quick: bool, n: int, rounds: int | None, outage: float | None, quotas: tuple[int, ...],
+         live_only: bool, kinds: list[str]) -> dict[str, Any]:
     rounds = rounds or (1 if quick else 2)
     outage = outage or (10.0 if quick else 60.0)
     out: dict[str, Any] = {
@@ -241,7 +283,7 @@ def run(quick: bool, n: int = 30_000, rounds: int | None = None, outage: float |
         scen = ("live",) if live_only else ("live", "outage")
         for sc in scen:
             for rnd in range(rounds):
-                order = ("bridge", "edgeferry") if rnd % 2 == 0 else ("edgeferry", "bridge")
+                order = kinds if rnd % 2 == 0 else kinds[::-1]
                 for kind in order:
                     row = _one(kind, pct, n, rnd, outage if sc == "outage" else None)
                     q.setdefault(sc, {}).setdefault(kind, []).append(row)
@@ -266,14 +308,17 @@ def summary(res: dict[str, Any]) -> str:
                      f"(load {c['loadavg']})")
         for sc in ("live", "outage"):
             for kind, rows in q.get(sc, {}).items():
-                rates = [r["delivered_msg_s"] or 0 for r in rows]
+                key = "catch_up_msg_s" if sc == "outage" else "delivered_msg_s"
+                rates = [r[key] or 0 for r in rows]
                 lost = sum(r["lost"] for r in rows)
                 dup = sum(r["duplicated"] for r in rows)
                 cpu = {k: _med([r["cpu_s_per_100k"][k] for r in rows]) for k in rows[0]["cpu_s_per_100k"]}
                 rss = {k: max(r["peak_rss_mib"][k] for r in rows) for k in rows[0]["peak_rss_mib"]}
                 extra = ""
                 if sc == "outage":
-                    extra = (" drain " + "/".join(str(r["drain_s"]) for r in rows) + " s; offline CPU/100k "
+                    extra = (" (catch-up after the outage); offline intake "
+                             + "/".join(f"{r['offline_intake_msg_s']:.0f}" for r in rows) + " msg/s, "
+                             + "drain " + "/".join(str(r["drain_s"]) for r in rows) + " s; offline CPU/100k "
                              + json.dumps({k: _med([r["cpu_s_per_100k_offline_intake"][k] for r in rows])
                                            for k in cpu}))
                 lines.append(f"    {sc:<6} {kind:<9} {'/'.join(f'{x:.0f}' for x in rates)} msg/s "
@@ -290,8 +335,10 @@ def main() -> None:
     p.add_argument("--outage", type=float)
     p.add_argument("--quotas", default=",".join(map(str, QUOTAS)), help="% of one core, e.g. 10,25")
     p.add_argument("--live-only", action="store_true")
+    p.add_argument("--ab", metavar="REF", help="also run the gateway of this git ref (interleaved)")
     a = p.parse_args()
-    res = run(a.quick, a.messages, a.rounds, a.outage, tuple(int(x) for x in a.quotas.split(",")), a.live_only)
+    res = run(a.quick, a.messages, a.rounds, a.outage, tuple(int(x) for x in a.quotas.split(",")), a.live_only,
+              a.ab)
     print(json.dumps(res, indent=2))
     print(summary(res))
 
