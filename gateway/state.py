@@ -12,6 +12,8 @@ into each other's connections; they meet here:
   ``deleted`` (removed from the store);
 * ``ledger``: what left the store without ingest's confirmation, for gap notices
   (gateway/gaps.py);
+* the tail: the records of the last commits while the cloud is up, which the uplink
+  sends without reading them back from SQLite (:meth:`State.remember`, :meth:`State.from_tail`);
 * the counters and the status document that ``edgeferry gateway status`` and the
   metrics read.
 
@@ -34,7 +36,7 @@ from edge.mqtt import Message
 from gateway.gaps import Ledger
 from gateway.profiles import CloudLimits
 from gateway.settings import GatewaySettings
-from gateway.store import Store
+from gateway.store import RECORD_OVERHEAD, Store
 from gateway.topics import uplink_topic
 
 __all__ = ["Hooks", "Record", "State"]
@@ -103,6 +105,11 @@ class State:
         # nacks about a previous store (epoch, lane) -> after: answered with a gap notice
         self.old_epoch_nacks: dict[tuple[int, str], int] = {}
         self.ledger = Ledger({})  # made once the store is open (gateway.py)
+        # per lane: the newest committed records (seq, ts, topic, payload) and the seq
+        # after which the tail holds every record of the lane (see remember)
+        self.tail: dict[str, deque[tuple[int, int, str, bytes]]] = {}
+        self.tail_base: dict[str, int] = {}
+        self.tail_records = 4 * settings.frame_max_records
         # links
         self.local_up = False
         self.cloud_up = False
@@ -126,6 +133,50 @@ class State:
         self.used = self.store.total_bytes
         for lane in self.lane_order:
             self.acked[lane] = self.deleted[lane] = self.ingested[lane] = 0
+
+    def remember(self, batch: list[Record], first_seq: int, removed: bool) -> None:
+        """The committer stored ``batch`` (seqs from ``first_seq`` on, in order): keep its
+        records for the uplink while the cloud is up. A commit that also evicted or
+        expired records (``removed``), or a cloud that is down, empties the tail: the
+        uplink then reads from the store, which is always right."""
+        tail, base = self.tail, self.tail_base
+        if removed or not self.cloud_up:
+            tail.clear()
+            base.clear()
+            return
+        seq = first_seq
+        for lane, topic, payload, ts, _ in batch:
+            q = tail.get(lane)
+            if q is None:
+                # complete from here on: every later record of the lane is remembered
+                q = tail[lane] = deque()
+                base[lane] = seq - 1
+            q.append((seq, ts, topic, payload))
+            seq += 1
+        limit = self.tail_records
+        for lane, q in tail.items():
+            while len(q) > limit:  # the uplink is behind: it reads the older ones from the store
+                base[lane] = q.popleft()[0]
+
+    def from_tail(self, lane: str, after: int, max_records: int,
+                  max_bytes: int) -> list[tuple[int, int, str, bytes]] | None:
+        """What ``Store.read(lane, after, max_records, max_bytes)`` would return, from the
+        tail; None when the tail cannot say (ask the store)."""
+        q = self.tail.get(lane)
+        if not q or after < self.tail_base[lane]:
+            return None
+        while q and q[0][0] <= after:  # sent: no longer needed here
+            self.tail_base[lane] = q.popleft()[0]
+        if not q:
+            return None
+        out: list[tuple[int, int, str, bytes]] = []
+        total = 0
+        for r in q:
+            total += len(r[2]) + len(r[3]) + RECORD_OVERHEAD
+            if out and (total > max_bytes or len(out) >= max_records):
+                break
+            out.append(r)
+        return out
 
     def request_stop(self) -> None:
         self.stop.set()

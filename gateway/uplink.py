@@ -161,8 +161,11 @@ class Uplink:
                 if wait:
                     deadline = wait if deadline is None else min(deadline, wait)
                     continue
-                rows = await loop.run_in_executor(
-                    st.reader, store.read, name, sent[name], s.frame_max_records, limits.cap(name))
+                cap = limits.cap(name)
+                rows = st.from_tail(name, sent[name], s.frame_max_records, cap)
+                if rows is None:  # not among the last commits: read back from the store
+                    rows = await loop.run_in_executor(
+                        st.reader, store.read, name, sent[name], s.frame_max_records, cap)
                 if not rows:  # evicted or expired meanwhile
                     sent[name] = max(sent[name], lanes[name].newest_seq)
                     continue
