@@ -150,7 +150,7 @@ class State:
             if q is None:
                 # complete from here on: every later record of the lane is remembered
                 q = tail[lane] = deque()
-                base[lane] = seq - 1
+                base[lane] = first_seq - 1
             q.append((seq, ts, topic, payload))
             seq += 1
         limit = self.tail_records
