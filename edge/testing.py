@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge._client import Client, ClientFactory
+from edge._codec import encode_connect, encode_publish, encode_subscribe
 from edge.errors import ConnectError, ConnectionLost
 from edge.events import Event, decode, encode, envelope
 from edge.mqtt import Message, MQTTClient, Will
@@ -205,6 +206,10 @@ class MemoryClient:
         max_inflight: int = 64,
         **_: Any,
     ) -> None:
+        # the real client's checks (edge/_codec.py): what MQTTClient refuses, this refuses
+        encode_connect(client_id, clean_session=clean_session,
+                       keepalive=int(keepalive) if isinstance(keepalive, int | float) else keepalive,
+                       will=(will.topic, will.payload, will.qos, will.retain) if will else None)
         self.broker = broker
         self.client_id = client_id
         self.clean_session = clean_session
@@ -214,7 +219,8 @@ class MemoryClient:
         self._closed: asyncio.Future[None] | None = None
         self._entered = False
         # delivered by the broker, not yet handed over: one FIFO, so order holds across
-        # pause_reading/resume_reading (as in MQTTClient, which holds unread bytes)
+        # pause_reading/resume_reading (as in MQTTClient, which stops reading its socket
+        # and hands over the PUBLISHes it already read, in order, when resumed)
         self._inbox: deque[Message] = deque()
         self._paused = False
         self._drain_scheduled = False
@@ -284,6 +290,7 @@ class MemoryClient:
         self._end(False, "aborted")
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+        encode_subscribe(1, filters)  # the filters and QoS as the real client checks them
         self._check()
         await asyncio.sleep(0)
         return self.broker._subscribe(self, filters)
@@ -295,6 +302,7 @@ class MemoryClient:
     async def publish_nowait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> asyncio.Future[None] | None:
+        encode_publish(topic, payload, qos, retain, 1)  # QoS, topic, size as the real client checks
         self._check()
         self.broker.publish(topic, payload, qos, retain)
         if qos == 0:
