@@ -406,7 +406,7 @@ class Device:
             try:
                 await client.subscribe([(f"cmd/{self.name}/+", 1), (f"shadow/{self.name}/desired", 1)])
                 await client.publish(self.state_topic, self._birth(), 1, retain=True)
-                backoff.reset()
+                backoff.connected()  # starts over only if this connection stays up (edge/backoff.py)
                 self._announced = True
                 ctx.counters.connected += 1
                 ctx.connection_changed.set()

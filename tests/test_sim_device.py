@@ -313,3 +313,18 @@ async def test_a_drop_takes_the_device_offline_at_once_and_counts_one_link(
     assert rec["connects"] == 2 and rec["abnormal_disconnects"] == 1
     wills = [g for g in col.on("state/dev-0000") if g.payload == b"offline"]
     assert len(wills) == 2  # the will of the dropped link, then the clean stop
+
+
+async def test_two_devices_sharing_a_client_id_back_off(edge_broker: Broker) -> None:
+    """Two simulated devices with one client id take each other's session over at every
+    connect. The backoff starts over only after a connection stayed up (edge/backoff.py),
+    as the service link's does, so they slow down instead of reconnecting at round-trip
+    speed (a reset right after connecting kept the delays at the first, shortest one)."""
+    p = profile(devices=1, interval=0.5, sensors="temperature", seed=3,
+                reconnect={"initial": 0.05, "cap": 2.0})
+    async with Fleet(edge_broker.url, p) as a, Fleet(edge_broker.url, p) as b:
+        await a.run(3.0)
+        connects = a.device("dev-0000").counters["connects"] + b.device("dev-0000").counters["connects"]
+    print(f"[shared client id] connects in 3 s: {connects}")
+    assert connects >= 3, "they did knock each other off"
+    assert connects < 40, f"{connects} connects in 3 s: reconnecting at round-trip speed"
