@@ -18,7 +18,9 @@ session's messages may arrive before the SUBACK). A subscription the broker refu
 (SUBACK 0x80, e.g. denied by its ACL) raises :class:`SubscriptionRefused`: the service
 stops, and ``edgeferry service run`` exits with status 1 and one line naming the filter.
 :meth:`Link.send` publishes through drops: it waits for the next publisher connection and
-sends again (the same bytes, so the same event id).
+sends again (the same bytes, so the same event id). A password file (``--password-file``,
+:attr:`BrokerURL.password_file`) is read again at every connect, like the TLS files, so a
+rotated password is used at the next reconnect without a restart.
 """
 
 from __future__ import annotations

@@ -137,11 +137,12 @@ def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> No
     if svc.broker is None:
         svc.broker = "mqtt://127.0.0.1:1883"
     password = settings.get("password")
-    if settings.get("password_file"):
+    password_file = settings.get("password_file")
+    if password_file:
         from edge._tls import read_secret
 
-        password = read_secret(settings["password_file"], error=ConfigError)
-    if isinstance(svc.broker, str) and (settings.get("username") or password):
+        read_secret(password_file, error=ConfigError)  # usable now; read again at every connect
+    if isinstance(svc.broker, str) and (settings.get("username") or password or password_file):
         u = parse_url(svc.broker)
         svc.broker = BrokerURL(
             u.host,
@@ -149,6 +150,7 @@ def apply_settings(svc: Any, settings: dict[str, Any], broker: Any = None) -> No
             u.tls,
             settings.get("username") or u.username,
             password or u.password,
+            password_file=password_file,
         )
     if isinstance(svc.broker, str | BrokerURL):
         url = svc.broker if isinstance(svc.broker, BrokerURL) else parse_url(svc.broker)

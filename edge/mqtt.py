@@ -115,6 +115,7 @@ class BrokerURL:
     username: str | None = None
     password: str | None = None
     tls_options: TLSOptions | None = None
+    password_file: str | None = None  # read at every connect; its first line beats ``password``
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -233,7 +234,7 @@ class MQTTClient:
         self.url = url if isinstance(url, BrokerURL) else parse_url(url)
         # for mqtts://: files read again at every connect (edge/_tls.py)
         self.tls = tls or self.url.tls_options
-        self.password_file = password_file  # read again at every connect, too
+        self.password_file = password_file or self.url.password_file  # read at every connect, too
         self.client_id = client_id
         self.clean_session = clean_session
         if not isinstance(keepalive, int | float) or not 0 <= keepalive <= 65535:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from edge import Service, TopicNotAllowed
+from edge._runner import apply_settings
 from edge.mqtt import BrokerURL, Message, MQTTClient
 from edgeferry.procs import Broker, Proc
 from edgeferry.provision import provision
@@ -194,3 +195,55 @@ async def test_gateway_logs_no_local_password(site: tuple[Broker, Path], tmp_pat
     assert await asyncio.to_thread(gw.terminate, 20) == 0
     assert secret not in gw.log_text()
     assert "mqtt://127.0.0.1:" in gw.log_text()
+
+
+async def test_service_reads_its_password_file_again_at_each_reconnect(
+        broker_factory: Callable[..., Broker], tmp_path: Path) -> None:
+    """The broker's password for a service is rotated: the new one goes into the broker's
+    password file and the service's --password-file, the broker restarts, and the service
+    logs in with the new password at its reconnect, without a restart of its own (it
+    read the file once at start and kept failing with the old one)."""
+    passwd = tmp_path / "passwd"
+    pwfile = tmp_path / "svc.password"
+
+    def rotate(secret: str) -> None:
+        import subprocess
+
+        subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "svc", secret], check=True,
+                       capture_output=True)
+        pwfile.write_text(secret + "\n")
+        pwfile.chmod(0o600)
+
+    rotate("first-secret")
+    broker = broker_factory("edge", extra=("allow_anonymous false", f"password_file {passwd}"))
+    svc = Service("rotating", client_id="svc-rotating")
+    got: list[str] = []
+    arrived = asyncio.Event()
+
+    @svc.on("dt/{device}/temperature")
+    async def on_temp(device: str, value: dict) -> None:
+        got.append(device)
+        arrived.set()
+
+    async def send(device: str, secret: str) -> None:
+        async with MQTTClient(BrokerURL(broker.host, broker.port, False, "svc", secret), "sender") as c:
+            await c.publish(f"dt/{device}/temperature", b'{"v": 1}', 1)
+
+    async def received(device: str) -> None:
+        async with asyncio.timeout(20):
+            while device not in got:
+                arrived.clear()
+                await arrived.wait()
+
+    apply_settings(svc, {"broker": broker.url, "username": "svc", "password_file": str(pwfile),
+                         "state_dir": str(tmp_path / "state")})
+    async with svc.running():
+        await send("before", "first-secret")
+        await received("before")
+        rotate("second-secret")
+        await asyncio.to_thread(broker.restart)
+        await send("after", "second-secret")  # kept for the service's persistent session
+        await received("after")
+    print(f"[password-rotation] sent=2 delivered={len(got)} reconnects={svc.counters['reconnects']}")
+    assert got == ["before", "after"]
+    assert svc.counters["reconnects"] >= 1
