@@ -4,9 +4,10 @@ frames swapped with the next one of their node (a hole that the later one fills)
 sent twice (a resend after a lost PUBACK).
 
 ``python -m bench.fleetgen --broker URL --nodes 10000 --frames 2 --records 10``
-prints ``publishing`` when it starts and ``BENCH {json}`` at the end (frames and records
-sent, unique records, seconds). ``--per-row`` sends each record as its own message on
-``fleet/<node>/<seq>`` instead (what a per-row consumer reads).
+prints ``publishing`` when it starts and ``BENCH {json}`` when every frame is
+acknowledged by the broker, then answers ingest as gateways do (resends after a nack,
+and of everything unconfirmed after an ingest hello without a session) until stopped.
+``--per-row`` sends each record as its own message on ``fleet/<node>/<seq>`` instead (what a per-row consumer reads).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import random
 import sys
 import time
+from typing import Any
 
 from edge.mqtt import MQTTClient
 from gateway import frames
+from gateway.topics import INGEST_HELLO
 
 LANE = "telemetry"
 
@@ -64,15 +67,67 @@ def build_rows(nodes: int, per_node: int, records: int, run: str) -> tuple[list[
     return out, len(out)
 
 
-async def send(url: str, msgs: list[tuple[str, bytes]], window: int) -> float:
-    c = MQTTClient(url, f"fleetgen-{random.randrange(1 << 30)}", clean_session=True, max_inflight=window)
+class Gateways:
+    """Answers ingest as the gateways would: a nack resends the node's frames after the
+    seq it names, an ingest hello without a session resends what no confirmation covers."""
+
+    def __init__(self, msgs: list[tuple[str, bytes]]) -> None:
+        self.frames: dict[str, list[tuple[int, str, bytes]]] = {}
+        for topic, payload in msgs:
+            f = frames.decode(payload)
+            self.frames.setdefault(f.node, []).append((f.records[-1][0], topic, payload))
+        for v in self.frames.values():
+            v.sort()
+        self.confirmed: dict[str, int] = {}
+        self.todo: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self.resent = 0
+
+    def on_message(self, m: Any) -> None:
+        try:
+            if m.topic == INGEST_HELLO:
+                if not json.loads(m.payload).get("session_present", True):
+                    for node in self.frames:
+                        self.todo.put_nowait((node, self.confirmed.get(node, 0)))
+                return
+            node = m.topic.split("/")[1]
+            d = json.loads(m.payload)
+            if m.topic.endswith("/ack"):
+                high = int(d["lanes"].get(LANE, 0))
+                self.confirmed[node] = max(high, self.confirmed.get(node, 0))
+            elif m.topic.endswith("/nack"):
+                self.todo.put_nowait((node, int(d["after"])))
+        except (ValueError, KeyError, IndexError):
+            pass
+
+    async def answer(self, c: MQTTClient) -> None:
+        while True:
+            node, after = await self.todo.get()
+            for last, topic, payload in self.frames.get(node, []):
+                if last > after and last > self.confirmed.get(node, 0):
+                    await c.publish_nowait(topic, payload, 1)
+                    self.resent += 1
+
+
+async def send(url: str, msgs: list[tuple[str, bytes]], window: int, answer: bool) -> float:
+    gws = Gateways(msgs) if answer else None
+    c = MQTTClient(url, f"fleetgen-{random.randrange(1 << 30)}", clean_session=True, max_inflight=window,
+                   on_message=gws.on_message if gws else None)
     await c.connect()
+    if gws is not None:
+        await c.subscribe([("ef/+/ack", 1), ("ef/+/nack", 1), (INGEST_HELLO, 1)])
     print("publishing", flush=True)
     t0 = time.monotonic()
     for topic, payload in msgs:
         await c.publish_nowait(topic, payload, 1)
     await c.drain()
     elapsed = time.monotonic() - t0
+    print("BENCH " + json.dumps({"messages": len(msgs), "publish_s": round(elapsed, 3)}), flush=True)
+    if gws is not None:  # go on answering until stopped
+        task = asyncio.create_task(gws.answer(c))
+        try:
+            await c.closed
+        finally:
+            task.cancel()
     await c.close()
     return elapsed
 
@@ -95,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         msgs, unique = build_rows(a.nodes, a.frames, a.records, a.run)
     else:
         msgs, unique = build(a.nodes, a.frames, a.records, a.run, a.swap, a.dup, a.seed)
-    elapsed = asyncio.run(send(a.broker, msgs, a.window))
-    print("BENCH " + json.dumps({"messages": len(msgs), "unique_records": unique,
-                                 "publish_s": round(elapsed, 3)}), flush=True)
+    print(f"records {unique}", flush=True)
+    asyncio.run(send(a.broker, msgs, a.window, not a.per_row))
     return 0
 
 

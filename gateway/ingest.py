@@ -39,6 +39,12 @@ log = logging.getLogger("edgeferry.ingest")
 MAX_BATCH = 16
 """Frames decoded and written per sink write (up to 16,000 records by default)."""
 
+MAX_BATCH_DB = 256
+"""With a database sink: frames per transaction (small frames of many nodes: one
+transaction's cost spread over more records), up to MAX_BATCH_BYTES."""
+
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
 GAP_WAIT = 2.0
 """With a database sink: how long frames written ahead of a hole wait for it to fill
 (frames of one lane reach several workers in any order) before ingest asks for a resend."""
@@ -58,6 +64,7 @@ class Ingest:
         self.s = settings
         self.sink: JsonlSink | SqliteSink | PgSink | None = None
         self._db_sink = is_postgres(settings.sink)  # continuity decided by the database
+        self._max_batch = MAX_BATCH_DB if self._db_sink else MAX_BATCH
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sink")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -181,7 +188,7 @@ class Ingest:
 
     def _on_message(self, m: Message) -> None:
         self._batch.append(m)
-        if (len(self._batch) >= 2 * MAX_BATCH and not self._paused and not self._confirming
+        if (len(self._batch) >= 2 * self._max_batch and not self._paused and not self._confirming
                 and self._client is not None):
             self._paused = True  # enough in hand: let TCP hold the rest at the broker
             self._client.pause_reading()
@@ -197,7 +204,13 @@ class Ingest:
                 if self._stop.is_set():
                     return
                 continue
-            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+            n, size = 0, 0
+            for m in self._batch[:self._max_batch]:
+                n += 1
+                size += len(m.payload)
+                if size >= MAX_BATCH_BYTES:
+                    break
+            batch, self._batch = self._batch[:n], self._batch[n:]
             if self._batch:
                 self._wake.set()
             elif self._paused and self._client is not None:
