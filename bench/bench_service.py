@@ -50,15 +50,17 @@ async def _bare(url: str, n: int, prime: bool) -> None:
             print("READY", flush=True)
             return
         count = 0
-        first = 0.0
+        first = cpu = 0.0
         async for _msg in c.messages:
             count += 1
             if count == 1:
                 first = time.perf_counter()
+                cpu = time.process_time()
             if count == n:
                 break
         print(
-            "BENCH " + json.dumps({"count": count, "seconds": time.perf_counter() - first}),
+            "BENCH " + json.dumps({"count": count, "seconds": time.perf_counter() - first,
+                                   "cpu_seconds": time.process_time() - cpu}),
             flush=True,
         )
 
@@ -160,6 +162,7 @@ def run(quick: bool) -> dict[str, Any]:
         ).start()
         r = _result(bare, 600)
         out["bare_msgs_per_s"] = round(r["count"] / r["seconds"])
+        out["bare_cpu_us_per_msg"] = round(r["cpu_seconds"] / r["count"] * 1e6, 2)
         out["bare_peak_rss_kb"] = mem_kb(bare.pid).get("VmHWM", 0) if bare.running else None
         bare.terminate()
 
@@ -213,6 +216,7 @@ def _service(url: str, wd: Any, target: str, n: int, env: dict[str, str]) -> dic
     svc = wd.proc(name, argv, env=env).start()
     r = _result(svc, 600)
     out["msgs_per_s"] = round(r["count"] / r["seconds"])
+    out["cpu_us_per_msg"] = round(r["cpu_seconds"] / r["count"] * 1e6, 2)
     out["peak_rss_kb"] = mem_kb(svc.pid).get("VmHWM")
     svc.terminate()
     return out
@@ -242,11 +246,11 @@ def summary(res: dict[str, Any]) -> str:
             f"  messages              {res['messages']} "
             "(10 devices, CloudEvents JSON, QoS 1, queued then drained)",
             f"  bare aiomqtt loop     {res['bare_msgs_per_s']:>8} msg/s   "
-            f"peak {mb(res['bare_peak_rss_kb'])}",
-            f"  typed no-op service   {t['msgs_per_s']:>8} msg/s   peak {mb(t['peak_rss_kb'])}, "
-            f"idle {mb(t['idle_rss_kb'])}, floor {mb(t['floor_peak_rss_kb'])}",
-            f"  plain no-op service   {p['msgs_per_s']:>8} msg/s   peak {mb(p['peak_rss_kb'])}, "
-            f"idle {mb(p['idle_rss_kb'])}, floor {mb(p['floor_peak_rss_kb'])}",
+            f"CPU {res.get('bare_cpu_us_per_msg', '?')} us/msg   peak {mb(res['bare_peak_rss_kb'])}",
+            f"  typed no-op service   {t['msgs_per_s']:>8} msg/s   CPU {t.get('cpu_us_per_msg', '?')} us/msg   "
+            f"peak {mb(t['peak_rss_kb'])}, idle {mb(t['idle_rss_kb'])}, floor {mb(t['floor_peak_rss_kb'])}",
+            f"  plain no-op service   {p['msgs_per_s']:>8} msg/s   CPU {p.get('cpu_us_per_msg', '?')} us/msg   "
+            f"peak {mb(p['peak_rss_kb'])}, idle {mb(p['idle_rss_kb'])}, floor {mb(p['floor_peak_rss_kb'])}",
             f"  ratio (typed / bare)  {res['ratio_service_to_bare']:.2f} (target >= 0.8)",
             "  target peak RSS       < 35 MB (floor: asyncio + uvloop [+ pydantic model] "
             "+ one connection, no SDK)",

@@ -23,15 +23,18 @@ class Counter:
     def __init__(self) -> None:
         self.n = 0
         self.first = 0.0
+        self.cpu = 0.0
         self.target = int(os.environ.get("BENCH_N", "0") or 0)
 
     def tick(self) -> None:
         n = self.n = self.n + 1
         if n == 1:
             self.first = time.perf_counter()
+            self.cpu = time.process_time()
         if n == self.target:
             seconds = time.perf_counter() - self.first
-            print("BENCH " + json.dumps({"count": n, "seconds": seconds}), flush=True)
+            cpu = time.process_time() - self.cpu  # all threads of the process
+            print("BENCH " + json.dumps({"count": n, "seconds": seconds, "cpu_seconds": cpu}), flush=True)
 
 
 plain = Service("benchplain", heartbeat=0, description="does nothing with a dict payload")
