@@ -37,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -337,6 +339,8 @@ def main() -> None:
     p.add_argument("--live-only", action="store_true")
     p.add_argument("--ab", metavar="REF", help="also run the gateway of this git ref (interleaved)")
     a = p.parse_args()
+    # SIGTERM ends the run like Ctrl-C: the cgroups and temp dirs are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = run(a.quick, a.messages, a.rounds, a.outage, tuple(int(x) for x in a.quotas.split(",")), a.live_only,
               a.ab)
     print(json.dumps(res, indent=2))

@@ -110,8 +110,8 @@ async def _once() -> dict[str, float]:
         t0 = time.perf_counter()
         sent = 0
         if remember is not None:  # the tail of the last commits
-            for part, res in commits:
-                remember(part, res.first_seq, False)
+            for _part, res in commits:
+                remember(res.inserted, res.first_seq, False)
                 while True:
                     got = st.from_tail(lane, sent, s.frame_max_records, s.frame_max_bytes)
                     if not got:

@@ -93,7 +93,7 @@ class Committer:
                 st.ledger.removed(lane, seqs, STORE_FULL)
             for lane, seqs in res.expired_seqs.items():
                 st.ledger.removed(lane, seqs, TTL)
-            st.remember(batch, res.first_seq, bool(res.evicted or res.expired))
+            st.remember(res.inserted, res.first_seq, bool(res.evicted or res.expired))
             if batch:
                 st.counters["stored"] += len(batch)
                 if self._hooks.after_commit is not None:

@@ -29,9 +29,13 @@ guessing.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.errors import FrameError
+
+Row = tuple[int, int, str, bytes] | tuple[int, int, str, bytes, int]
+"""A record to encode: (seq, ts ms, topic, payload), or the store's record with its packet id."""
 
 __all__ = ["FRAME_VERSION", "Frame", "Gap", "decode", "decode_message", "encode", "encode_gap"]
 
@@ -104,11 +108,11 @@ def _zstd():  # imported only when compression is used
 
 
 def encode(
-    node: str, epoch: int, lane: str, records: list[tuple[int, int, str, bytes]],
+    node: str, epoch: int, lane: str, records: Sequence[Row],
     compress: bool = False, prev_seq: int = 0,
 ) -> bytes:
     """Encode records ``(seq, ts_ms, topic, payload)`` (ascending seq, all above
-    ``prev_seq``) into one frame."""
+    ``prev_seq``; a fifth item, the store's packet id, is ignored) into one frame."""
     if not records:
         raise ValueError("a frame holds at least one record")
     if len(records) > MAX_RECORDS:
@@ -119,11 +123,13 @@ def encode(
     topics: dict[str, int] = {}
     parts: list[bytes] = []
     pack = _REC.pack
-    for seq, ts, topic, payload in records:
+    for r in records:
+        topic = r[2]
         idx = topics.get(topic)
         if idx is None:
             idx = topics[topic] = len(topics)
-        parts.append(pack(seq - base, ts, idx, len(payload)))
+        payload = r[3]
+        parts.append(pack(r[0] - base, r[1], idx, len(payload)))
         parts.append(payload)
     body = pack_topics(topics) + b"".join(parts)
     flags = 0

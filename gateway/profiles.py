@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from edge.errors import ConfigError
 
@@ -245,9 +246,8 @@ class CloudLimits:
             return None
         return budget - (FRAME_OVERHEAD + len(self._node) + len(lane) + len(topic.encode()))
 
-    def fit(self, lane: str, rows: list[tuple[int, int, str, bytes]],
-            encode: Callable[[list[tuple[int, int, str, bytes]]], bytes],
-            ) -> tuple[bytes, list[tuple[int, int, str, bytes]]]:
+    def fit(self, lane: str, rows: list[Any], encode: Callable[[list[Any]], bytes],
+            ) -> tuple[bytes, list[Any]]:
         """Encode ``rows``, dropping rows from the end until the frame fits (one row always
         goes: record_fits kept larger ones out)."""
         cap = self.cap(lane)

@@ -37,6 +37,7 @@ from gateway.gaps import Ledger
 from gateway.profiles import CloudLimits
 from gateway.settings import GatewaySettings
 from gateway.store import RECORD_OVERHEAD, Store
+from gateway.store import Record as StoreRecord
 from gateway.topics import uplink_topic
 
 __all__ = ["Hooks", "Record", "State"]
@@ -107,7 +108,7 @@ class State:
         self.ledger = Ledger({})  # made once the store is open (gateway.py)
         # per lane: the newest committed records (seq, ts, topic, payload) and the seq
         # after which the tail holds every record of the lane (see remember)
-        self.tail: dict[str, deque[tuple[int, int, str, bytes]]] = {}
+        self.tail: dict[str, deque[StoreRecord]] = {}
         self.tail_base: dict[str, int] = {}
         self.tail_records = 4 * settings.frame_max_records
         # links
@@ -134,32 +135,30 @@ class State:
         for lane in self.lane_order:
             self.acked[lane] = self.deleted[lane] = self.ingested[lane] = 0
 
-    def remember(self, batch: list[Record], first_seq: int, removed: bool) -> None:
-        """The committer stored ``batch`` (seqs from ``first_seq`` on, in order): keep its
-        records for the uplink while the cloud is up. A commit that also evicted or
-        expired records (``removed``), or a cloud that is down, empties the tail: the
-        uplink then reads from the store, which is always right."""
+    def remember(self, inserted: dict[str, list[StoreRecord]], first_seq: int, removed: bool) -> None:
+        """The committer stored ``inserted`` (per lane, seqs from ``first_seq`` on): keep
+        those records (the store's own tuples) for the uplink while the cloud is up. A
+        commit that also evicted or expired records (``removed``), or a cloud that is
+        down, empties the tail: the uplink then reads from the store, which is always right."""
         tail, base = self.tail, self.tail_base
         if removed or not self.cloud_up:
             tail.clear()
             base.clear()
             return
-        seq = first_seq
-        for lane, topic, payload, ts, _ in batch:
+        for lane, recs in inserted.items():
             q = tail.get(lane)
             if q is None:
                 # complete from here on: every later record of the lane is remembered
                 q = tail[lane] = deque()
                 base[lane] = first_seq - 1
-            q.append((seq, ts, topic, payload))
-            seq += 1
+            q.extend(recs)
         limit = self.tail_records
         for lane, q in tail.items():
             while len(q) > limit:  # the uplink is behind: it reads the older ones from the store
                 base[lane] = q.popleft()[0]
 
     def from_tail(self, lane: str, after: int, max_records: int,
-                  max_bytes: int) -> list[tuple[int, int, str, bytes]] | None:
+                  max_bytes: int) -> list[StoreRecord] | None:
         """What ``Store.read(lane, after, max_records, max_bytes)`` would return, from the
         tail; None when the tail cannot say (ask the store)."""
         q = self.tail.get(lane)
@@ -169,7 +168,7 @@ class State:
             self.tail_base[lane] = q.popleft()[0]
         if not q:
             return None
-        out: list[tuple[int, int, str, bytes]] = []
+        out: list[StoreRecord] = []
         total = 0
         for r in q:
             total += len(r[2]) + len(r[3]) + RECORD_OVERHEAD

@@ -145,6 +145,8 @@ class CommitResult:
     expired: dict[str, tuple[int, int]] = field(default_factory=dict)  # ttl
     # seqs of the records evicted / expired, per lane (ascending): gateway/gaps.py
     evicted_seqs: dict[str, list[int]] = field(default_factory=dict)
+    # the records stored, per lane (seq, ts, topic, payload, pid): the uplink's tail
+    inserted: dict[str, list[Record]] = field(default_factory=dict)
     expired_seqs: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -416,6 +418,7 @@ class Store:
             recs.append((seq, ts, topic, payload, pid))
             seq += 1
         res.last_seq = seq - 1
+        res.inserted = by_lane
         floor_changed = False
         removed = dict(self.removed_upto)
         clock = self.now_clock()
@@ -602,8 +605,8 @@ class Store:
 
     def read(
         self, lane_name: str, after_seq: int, max_records: int, max_bytes: int
-    ) -> list[tuple[int, int, str, bytes]]:
-        """Records of one lane with seq > after_seq, oldest first: (seq, ts, topic, payload),
+    ) -> list[Record]:
+        """Records of one lane with seq > after_seq, oldest first: (seq, ts, topic, payload, pid),
         at most ``max_records`` and ``max_bytes`` (but at least one). Uses the reader
         connection; call it from one thread only."""
         conn = self._reader
@@ -615,17 +618,17 @@ class Store:
             f"(SELECT max(first_seq) FROM {table} WHERE first_seq <= ?), 0) ORDER BY first_seq",
             (after_seq,),
         )
-        out: list[tuple[int, int, str, bytes]] = []
+        out: list[Record] = []
         total = 0
         try:
             for first, data in cur:
-                for seq, ts, topic, payload, _ in unpack(first, data):
-                    if seq <= after_seq:
+                for r in unpack(first, data):
+                    if r[0] <= after_seq:
                         continue
-                    total += len(topic) + len(payload) + RECORD_OVERHEAD
+                    total += len(r[2]) + len(r[3]) + RECORD_OVERHEAD
                     if out and (total > max_bytes or len(out) >= max_records):
                         return out
-                    out.append((seq, ts, topic, payload))
+                    out.append(r)
                 if len(out) >= max_records:
                     return out
         finally:

@@ -43,7 +43,7 @@ def test_tail_answers_like_the_store(tmp_path: Path) -> None:
                 batch = _batch(i, n)
                 i += n
                 res = st.store.commit(batch, {}, {})
-                st.remember(batch, res.first_seq, False)
+                st.remember(res.inserted, res.first_seq, False)
             checked = 0
             for lane in ("events", "telemetry"):
                 for after in range(0, st.store.next_seq + 1):
@@ -68,12 +68,12 @@ def test_tail_only_when_it_is_complete(tmp_path: Path) -> None:
             st.cloud_up = False
             b1 = _batch(0, 40)
             r1 = st.store.commit(b1, {}, {})
-            st.remember(b1, r1.first_seq, False)  # cloud down: not kept
+            st.remember(r1.inserted, r1.first_seq, False)  # cloud down: not kept
             assert not st.tail
             st.cloud_up = True
             b2 = _batch(40, 40)
             r2 = st.store.commit(b2, {}, {})
-            st.remember(b2, r2.first_seq, False)
+            st.remember(r2.inserted, r2.first_seq, False)
             # records of the first batch are only in the store: the tail does not answer
             assert st.from_tail("telemetry", 0, 50, 10**6) is None
             assert st.from_tail("telemetry", r2.first_seq - 1, 50, 10**6) == \
@@ -81,13 +81,13 @@ def test_tail_only_when_it_is_complete(tmp_path: Path) -> None:
             # a commit that evicted or expired anything empties it
             b3 = _batch(80, 5)
             r3 = st.store.commit(b3, {}, {})
-            st.remember(b3, r3.first_seq, True)
+            st.remember(r3.inserted, r3.first_seq, True)
             assert not st.tail and st.from_tail("telemetry", r3.first_seq - 1, 50, 10**6) is None
             # bounded: an uplink that is behind reads the oldest from the store
             st.tail_records = 10
             b4 = _batch(85, 60)
             r4 = st.store.commit(b4, {}, {})
-            st.remember(b4, r4.first_seq, False)
+            st.remember(r4.inserted, r4.first_seq, False)
             assert all(len(q) <= 10 for q in st.tail.values())
             assert st.from_tail("telemetry", r4.first_seq - 1, 50, 10**6) is None
             base = st.tail_base["telemetry"]
