@@ -276,7 +276,8 @@ class Downlink:
 
         def make() -> MQTTClient:
             self._local = MQTTClient(self.s.local, self.client_id, clean_session=False,
-                                     keepalive=self.s.local_keepalive, on_message=self._on_local)
+                                     keepalive=self.s.local_keepalive, on_message=self._on_local,
+                                     password_file=getattr(self.s, "local_password_file", None))
             return self._local
 
         while not stop.is_set():

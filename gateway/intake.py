@@ -98,7 +98,8 @@ class Intake:
         s = self.st.s
         # set before connecting: redeliveries can arrive with the CONNACK
         self.client = MQTTClient(s.local, s.gateway_client_id, clean_session=False,
-                                 keepalive=s.local_keepalive, on_message=self._on_message)
+                                 keepalive=s.local_keepalive, on_message=self._on_message,
+                                 password_file=s.local_password_file)
         return self.client
 
     async def _session(self, client: MQTTClient, before: int, dups_before: int) -> None:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge._tls import TLSOptions
+from edge._tls import TLSOptions, read_secret
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
 from edge.mqtt import parse_url
@@ -117,6 +117,8 @@ def _lane_specs(v: Any) -> list[LaneSpec]:
 
 GATEWAY_OPTIONS = [
     Option("local", "url", "mqtt://127.0.0.1:1883", "local broker URL", metavar="URL"),
+    Option("local_password_file", "str", None, "file whose first line is the local broker's password "
+           "(mode 600; the user name goes in --local), read again at each reconnect", metavar="FILE"),
     Option("cloud", "list", None, "cloud broker URL (repeatable: the nodes of a clustered broker, "
            "tried in turn)", required=True, metavar="URL", parse=_urls),
     Option("store", "str", "edgeferry-store.db", "path of the SQLite store", metavar="PATH"),
@@ -209,6 +211,7 @@ class GatewaySettings(_Identity):
     compress: str = "none"
     keepalive: float = 10.0
     local_keepalive: float = 30.0
+    local_password_file: str | None = None
     backoff_max: float = 5.0
     client_id: str = ""
     metrics_port: int = 0
@@ -264,6 +267,17 @@ class GatewaySettings(_Identity):
                        publishes_per_s=self.cloud_publish_rate, max_inflight=self.cloud_max_inflight)
 
 
+def _check_local_password(values: dict[str, Any]) -> None:
+    """A local password file is usable now (only its owner may read it) and has a user
+    name to go with (ConfigError); it is read again at each connect."""
+    path = values.get("local_password_file")
+    if path:
+        read_secret(path, "local password file", ConfigError)
+        if parse_url(values["local"]).username is None:
+            raise ConfigError("--local-password-file needs a user name in --local "
+                              "(mqtt://USER@HOST:PORT)")
+
+
 def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> GatewaySettings:
     """Parse ``edgeferry gateway run`` arguments into settings (ConfigError on bad input)."""
     values = load_settings(
@@ -277,6 +291,7 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
     values["cloud_urls"] = tuple(values["cloud"])
     values["cloud"] = values["cloud_urls"][0]
     tls_from_settings(values, values["cloud"])  # the files are usable now (ConfigError)
+    _check_local_password(values)
     prof = profile(values["cloud_profile"], max_message_bytes=values["cloud_max_message_bytes"],
                    publishes_per_s=values["cloud_publish_rate"], max_inflight=values["cloud_max_inflight"])
     notes = []
@@ -292,6 +307,9 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
     if any(parse_url(u).password is not None for u in values["cloud_urls"]):
         notes.append("the --cloud URL holds a password, which other processes can read (ps, "
                      "/proc): use --password-file")
+    if parse_url(values["local"]).password is not None and not values["local_password_file"]:
+        notes.append("the --local URL holds a password, which other processes can read (ps, "
+                     "/proc): use --local-password-file")
     values["notes"] = tuple(notes)
     lanes = values.pop("lanes")
     if not lanes:

@@ -247,3 +247,28 @@ async def test_service_reads_its_password_file_again_at_each_reconnect(
     print(f"[password-rotation] sent=2 delivered={len(got)} reconnects={svc.counters['reconnects']}")
     assert got == ["before", "after"]
     assert svc.counters["reconnects"] >= 1
+
+
+async def test_gateway_logs_in_with_a_local_password_file(site: tuple[Broker, Path], tmp_path: Path,
+                                                          cloud_broker: Broker,
+                                                          proc_factory: Callable[..., Proc]) -> None:
+    """--local-password-file: the gateway's intake and downlink log in to the locked local
+    broker as ``gateway`` with the file's password (none in argv or the environment) and
+    never log it; a file others may read is refused at start with one line."""
+    broker, node = site
+    secret = _pw(node, "gateway")
+    pwfile = node / "credentials" / "gateway.password"
+    os.chmod(pwfile, 0o600)
+    argv = [EDGEFERRY, "gateway", "run", "--cloud", cloud_broker.url, "--store", str(tmp_path / "gw.db"),
+            "--node-id", "pi-10", "--log-level", "debug", "--local", f"mqtt://gateway@127.0.0.1:{broker.port}"]
+    gw = proc_factory(argv + ["--local-password-file", str(pwfile)], name="gateway")
+    await asyncio.to_thread(gw.wait_for_line, r"local broker .* connected", 30)
+    for cid in ("edgeferry-gw-pi-10", "edgeferry-gw-pi-10-down"):
+        await asyncio.to_thread(broker.wait_for_log, rf"New client connected .* as {cid} \(.*u'gateway'\)", 20)
+    assert await asyncio.to_thread(gw.terminate, 20) == 0
+    assert secret not in gw.log_text() and "not authorized" not in gw.log_text()
+    os.chmod(pwfile, 0o640)
+    bad = proc_factory(argv + ["--local-password-file", str(pwfile)], name="gateway-bad")
+    assert await asyncio.to_thread(bad.wait, 30) == 2
+    assert f"local password file {pwfile} is readable by group or others" in bad.log_text()
+    assert secret not in bad.log_text()

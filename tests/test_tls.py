@@ -407,3 +407,27 @@ def test_service_run_and_sim_run_over_tls(broker_factory, proc_factory, tmp_path
     # the service consumed what the devices sent and published its echoes over TLS
     wait_until(lambda: "'evt/echo/" in broker.log_text(), 10, "an echo published by the service")
     print(f"[tls sim+service] sent={sent} acked={m['totals']['acked']}")
+
+
+def test_local_password_file_from_flag_env_and_yaml(tmp_path):
+    """--local-password-file (EDGEFERRY_LOCAL_PASSWORD_FILE, local_password_file in YAML):
+    checked at start like --password-file, with a user name in --local; a password in
+    the --local URL instead is warned about, never shown."""
+    pw = tmp_path / "local.pw"
+    pw.write_text("local-secret\n")
+    os.chmod(pw, 0o600)
+    base = ["--cloud", "mqtt://cloud.example", "--node-id", "n"]
+    s = gateway_settings(base + ["--local", "mqtt://gateway@127.0.0.1:1884", "--local-password-file", str(pw)], {})
+    assert s.local_password_file == str(pw) and s.notes == ()
+    s = gateway_settings(base, {"EDGEFERRY_LOCAL": "mqtt://gateway@h:1", "EDGEFERRY_LOCAL_PASSWORD_FILE": str(pw)})
+    assert s.local_password_file == str(pw)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"gateway:\n  local: mqtt://gateway@h:1\n  local_password_file: {pw}\n")
+    assert gateway_settings(base + ["--config", str(cfg)], {}).local_password_file == str(pw)
+    with pytest.raises(ConfigError, match="--local-password-file needs a user name in --local"):
+        gateway_settings(base + ["--local-password-file", str(pw)], {})
+    os.chmod(pw, 0o640)
+    with pytest.raises(ConfigError, match=rf"local password file {pw} is readable by group or others"):
+        gateway_settings(base + ["--local", "mqtt://gateway@h:1", "--local-password-file", str(pw)], {})
+    s = gateway_settings(base + ["--local", "mqtt://gateway:hunter2@h:1"], {})
+    assert any("--local-password-file" in n for n in s.notes) and "hunter2" not in " ".join(s.notes)
