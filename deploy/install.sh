@@ -144,6 +144,7 @@ if [ -n "$provisioned" ]; then
     put "$provisioned/mosquitto/passwd" "$etc/mosquitto/passwd" 0640 root:mosquitto
     put "$provisioned/mosquitto/acl" "$etc/mosquitto/acl" 0640 root:mosquitto
     put "$provisioned/secrets/gateway.env" "$etc/secrets/gateway.env" 0600 root:root
+    put "$provisioned/credentials/gateway.password" "$etc/secrets/gateway.password" 0600 root:root
     for name in $services; do  # each service's password, handed over by systemd (LoadCredential)
         if [ -f "$provisioned/credentials/$name.password" ]; then
             put "$provisioned/credentials/$name.password" "$etc/secrets/$name.password" 0600 root:root

@@ -11,7 +11,8 @@ What it writes into ``--out`` (ready to copy onto a device with ``deploy/install
     mosquitto/acl             which topics each user may read and write
     credentials/USER.password one password per broker user (0600; kept across runs; a
                               service or the simulator reads it with --password-file)
-    secrets/gateway.env       EDGEFERRY_LOCAL with the gateway's credentials (0600)
+    secrets/gateway.env       EDGEFERRY_LOCAL with the gateway's user (its password is
+                              credentials/gateway.password, --local-password-file)
     balena/SERVICE.env        the same as balena service variables, one file per
                               service of docker-compose.yml (0600)
 
@@ -286,12 +287,12 @@ def provision(
     _write(out / "mosquitto" / "acl", render_acl(users), 0o644)
 
     secrets_dir = out / "secrets"
-    _write(secrets_dir / "gateway.env",
-           f"EDGEFERRY_LOCAL=mqtt://{GATEWAY_USER}:{passwords[GATEWAY_USER]}@{local}\n", 0o600)
+    # the user name only: the password is credentials/gateway.password (--local-password-file)
+    _write(secrets_dir / "gateway.env", f"EDGEFERRY_LOCAL=mqtt://{GATEWAY_USER}@{local}\n", 0o600)
 
     node_yaml = [
         f"# edgeferry settings of node {node_id}, written by `edgeferry provision`.",
-        f"# Installed as {etc}/gateway.yaml; the local broker credentials are in secrets/gateway.env.",
+        f"# Installed as {etc}/gateway.yaml; the local broker's user is in secrets/gateway.env.",
         f"node_id: {node_id}",
         "gateway:",
         f"  cloud: {cloud or 'mqtts://cloud.example:8883   # set the cloud broker URL'}",

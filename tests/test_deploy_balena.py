@@ -277,7 +277,16 @@ def test_gateway_entrypoint_takes_identity_from_variables(tmp_path: Path) -> Non
     home = Path(env["HOME"])
     seen = dict(line.split("=", 1) for line in (home / "env.out").read_text().splitlines())
     password = balena_env["EDGEFERRY_GATEWAY_PASSWORD"]
-    assert seen["EDGEFERRY_LOCAL"] == f"mqtt://gateway:{password}@mosquitto:1883"
+    # the password goes to a 0600 file the gateway reads at every connect, not into the URL
+    assert seen["EDGEFERRY_LOCAL"] == "mqtt://gateway@mosquitto:1883"
+    pwfile = Path(seen["EDGEFERRY_LOCAL_PASSWORD_FILE"])
+    assert pwfile.read_text() == password + "\n" and stat.S_IMODE(pwfile.stat().st_mode) == 0o600
+    assert password not in (home / "env.out").read_text() + (home / "argv.out").read_text()
+    from gateway.settings import gateway_settings
+
+    gw = gateway_settings(["--node-id", "pi-07", "--cloud", "mqtt://cloud.example"],
+                          environ={k: v for k, v in seen.items() if k.startswith("EDGEFERRY_LOCAL")})
+    assert gw.local_password_file == str(pwfile) and gw.notes == ()
     assert "EDGEFERRY_GATEWAY_PASSWORD" not in seen and "EDGEFERRY_TLS_KEY_B64" not in seen
     key = Path(seen["EDGEFERRY_KEY_FILE"])
     assert key.read_bytes() == (node / "tls" / "node.key").read_bytes()

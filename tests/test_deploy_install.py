@@ -99,6 +99,34 @@ def test_install_twice_changes_nothing(tmp_path: Path, fake_python: tuple[dict[s
                                                   "edgeferry.target", "mosquitto.service.d"}
 
 
+def test_gateway_unit_gets_its_local_password_as_a_file(tmp_path: Path,
+                                                       fake_python: tuple[dict[str, str], Path]) -> None:
+    """The installed gateway unit logs in to the local broker with a password file (a
+    systemd credential from /etc/edgeferry/secrets/gateway.password), not a password in
+    EDGEFERRY_LOCAL: what the unit hands over parses with the gateway's own settings."""
+    from gateway.settings import gateway_settings
+    from tests.test_deploy_systemd import parse_unit
+
+    env, _ = fake_python
+    node = tmp_path / "pi-05"
+    provision("pi-05", tmp_path / "ca", node)
+    root = tmp_path / "root"
+    _install(root, env, "--provisioned", str(node))
+    svc = parse_unit(root / "etc" / "systemd" / "system" / "edgeferry-gateway.service")["Service"]
+    creds = dict(c.split(":", 1) for c in svc.get("LoadCredential", []))
+    unit_env = dict(e.split("=", 1) for e in svc["Environment"])
+    assert unit_env["EDGEFERRY_LOCAL_PASSWORD_FILE"] == "%d/local-password"
+    source = root / creds["local-password"].lstrip("/")  # systemd copies it to %d at start
+    password = (node / "credentials" / "gateway.password").read_text().strip()
+    assert source.read_text().strip() == password and stat.S_IMODE(source.stat().st_mode) == 0o600
+    env_file = root / svc["EnvironmentFile"][-1].lstrip("-/")
+    assert password not in env_file.read_text()
+    environ = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    settings = gateway_settings(["--node-id", "pi-05", "--cloud", "mqtt://cloud.example"],
+                                environ=environ | {"EDGEFERRY_LOCAL_PASSWORD_FILE": str(source)})
+    assert settings.local == "mqtt://gateway@127.0.0.1:1883" and settings.notes == ()
+
+
 def test_edits_survive_and_changed_sources_are_updated(tmp_path: Path,
                                                        fake_python: tuple[dict[str, str], Path]) -> None:
     env, _ = fake_python

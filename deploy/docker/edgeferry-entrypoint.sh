@@ -1,7 +1,8 @@
 #!/bin/sh
 # Start one edgeferry process on balena. EDGEFERRY_ROLE (set per service in
 # docker-compose.yml) says which credentials it takes:
-#   gateway  EDGEFERRY_LOCAL from EDGEFERRY_GATEWAY_PASSWORD; TLS files from
+#   gateway  EDGEFERRY_LOCAL (user gateway) and EDGEFERRY_LOCAL_PASSWORD_FILE from
+#            EDGEFERRY_GATEWAY_PASSWORD (a 0600 file, not the URL); TLS files from
 #            EDGEFERRY_TLS_{CERT,KEY,CA}_B64 or a volume mounted at /identity
 #   NAME     EDGEFERRY_USERNAME=NAME, EDGEFERRY_PASSWORD from EDGEFERRY_<NAME>_PASSWORD
 #   sim      exits 0 at once unless EDGEFERRY_SIM_DEVICES is a positive number
@@ -25,11 +26,14 @@ decode() {  # decode VAR FILE: write base64 variable VAR into FILE if it is set
 
 case "$role" in
     gateway)
-        if [ -z "${EDGEFERRY_LOCAL:-}" ] && [ -n "${EDGEFERRY_GATEWAY_PASSWORD:-}" ]; then
-            EDGEFERRY_LOCAL="mqtt://gateway:${EDGEFERRY_GATEWAY_PASSWORD}@${broker_host}:1883"
-            export EDGEFERRY_LOCAL
-        fi
+        pw=${EDGEFERRY_GATEWAY_PASSWORD:-}
         unset EDGEFERRY_GATEWAY_PASSWORD
+        if [ -z "${EDGEFERRY_LOCAL:-}" ] && [ -n "$pw" ]; then
+            mkdir -p "$ident"
+            printf '%s\n' "$pw" > "$ident/gateway.password"
+            export EDGEFERRY_LOCAL="mqtt://gateway@${broker_host}:1883"
+            export EDGEFERRY_LOCAL_PASSWORD_FILE="$ident/gateway.password"
+        fi
         for kind in CERT KEY CA; do
             lower=$(echo "$kind" | tr '[:upper:]' '[:lower:]')
             if decode "EDGEFERRY_TLS_${kind}_B64" "$ident/node.$lower"; then
