@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge._codec import check_filter as _codec_check_filter
 from edge._tls import TLSOptions, read_secret
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
@@ -25,15 +26,8 @@ DEFAULT_LANES = (
 
 
 def check_filter(f: str) -> str:
-    """Validate an MQTT topic filter."""
-    if not f or len(f.encode()) > 65535 or "\x00" in f:
-        raise ValueError(f"{f!r} is not a valid topic filter")
-    levels = f.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise ValueError(f"{f!r}: '#' must be a whole, last level")
-        if "+" in level and level != "+":
-            raise ValueError(f"{f!r}: '+' must be a whole level")
+    """Validate an MQTT topic filter as the client will (ConfigError, a ValueError)."""
+    _codec_check_filter(f)
     return f
 
 
