@@ -43,7 +43,8 @@ def rabbit_missing() -> str | None:
 
 
 class NatsBroker:
-    """nats-server with JetStream and an MQTT listener (MQTT 3.1.1 only)."""
+    """nats-server with JetStream and an MQTT listener (MQTT 3.1.1 only); a node of a
+    cluster adds its routes to the config (tests/nats_cluster.py)."""
 
     def __init__(self, workdir: Path, name: str = "nats") -> None:
         self.workdir = workdir
@@ -53,23 +54,29 @@ class NatsBroker:
         self.port = free_port()  # the MQTT listener
         self.nats_port = free_port()
         self.conf = workdir / "nats.conf"
-        self.conf.write_text(
-            f"listen: {self.host}:{self.nats_port}\n"
-            f"server_name: {name}\n"  # JetStream's MQTT support needs a server name
-            f'jetstream {{ store_dir: "{workdir / "js"}" }}\n'
-            f"mqtt {{ listen: {self.host}:{self.port} }}\n")
         self.proc: Proc | None = None
         self._procs: list[Proc] = []
+        self.configure()
+
+    def configure(self, cluster: str = "", mqtt: str = "") -> None:
+        """Write the config: ``cluster`` is a cluster block, ``mqtt`` more MQTT settings."""
+        self.conf.write_text(
+            f"listen: {self.host}:{self.nats_port}\n"
+            f"server_name: {self.name}\n"  # JetStream's MQTT support needs a server name
+            f'jetstream {{ store_dir: "{self.workdir / "js"}" }}\n'
+            + cluster
+            + f"mqtt {{ listen: {self.host}:{self.port}{mqtt} }}\n")
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self) -> NatsBroker:
-        self.proc = Proc([NATS, "-c", str(self.conf)], f"{self.name}{len(self._procs) + 1}",
+    def start(self, wait: bool = True) -> NatsBroker:
+        self.proc = Proc([NATS, "-c", str(self.conf)], f"{self.name}-{len(self._procs) + 1}",
                          self.workdir / "logs").start()
         self._procs.append(self.proc)
-        self.proc.wait_for_line(r"Server is ready", 30)
+        if wait:
+            self.proc.wait_for_line(r"Server is ready", 30)
         return self
 
     def kill(self) -> None:
