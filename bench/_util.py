@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from edgeferry.procs import CLOUD_CONF, EDGE_CONF, MOSQUITTO, REPO, Broker, Proc, wait_until
 
@@ -137,6 +137,25 @@ class Workdir:
                 x.kill9()
         self._started.clear()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def run_scenarios(scenarios: Iterable[tuple[str, Callable[[], dict[str, Any]]]], log: Callable[[str], None],
+                  only: str | None = None) -> dict[str, Any]:
+    """Run each (name, fn) in turn, timed (``elapsed_s``); a failed scenario is reported as
+    its error and the others still run. ``only``: the comma-separated names to run."""
+    res: dict[str, Any] = {}
+    for name, fn in scenarios:
+        if only and name not in only.split(","):
+            continue
+        t0 = time.monotonic()
+        log(f"scenario {name} ...")
+        try:
+            res[name] = fn()
+        except Exception as e:  # a failed scenario is reported, the others still run
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"scenario {name} FAILED: {e}")
+        res[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return res
 
 
 def pid_of(broker: Broker) -> int:

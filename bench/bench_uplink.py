@@ -48,6 +48,7 @@ from bench._util import (
     payload_bytes,
     pid_of,
     run_loadgen,
+    run_scenarios,
     terminate_timed,
     wait_until,
 )
@@ -369,16 +370,5 @@ def run(quick: bool) -> dict[str, Any]:
         ("memory", lambda: memory(mem_n)),
     ]
     shutil.rmtree(LOGS, ignore_errors=True)  # the logs of the previous run
-    only = os.environ.get("EFBENCH_SCENARIOS")
-    for name, fn in scenarios:
-        if only and name not in only.split(","):
-            continue
-        t0 = time.monotonic()
-        log(f"scenario {name} ...")
-        try:
-            results[name] = fn()
-        except Exception as e:  # a failed scenario is reported, the others still run
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            log(f"scenario {name} FAILED: {e}")
-        results[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    results.update(run_scenarios(scenarios, log, os.environ.get("EFBENCH_SCENARIOS")))
     return results

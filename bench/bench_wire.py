@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._uplink_pipelines import BRIDGE_ID, bridge_lines, log
-from bench._util import PY, SinkTail, Workdir, count_run, run_loadgen, wait_line, wait_until
+from bench._util import PY, SinkTail, Workdir, count_run, run_loadgen, run_scenarios, wait_line, wait_until
 from edge.mqtt import MQTTClient
 from edgeferry.procs import Broker, free_port
 from firmware_sim.chaos_thread import ThreadedChaosProxy
@@ -256,18 +256,11 @@ def aws_profile(n: int) -> dict[str, Any]:
 
 def run(quick: bool) -> dict[str, Any]:
     n, idle_s, drain_n = (20000, 20.0, 20000) if quick else (20000, 60.0, 100000)
-    res: dict[str, Any] = {"quick": quick}
-    for name, fn in (("per_payload_byte", lambda: per_payload_byte(n)),
-                     ("idle", lambda: idle(idle_s)), ("aws_profile", lambda: aws_profile(drain_n))):
-        t0 = time.monotonic()
-        log(f"scenario {name} ...")
-        try:
-            res[name] = fn()
-        except Exception as e:  # a failed scenario is reported, the others still run
-            res[name] = {"error": f"{type(e).__name__}: {e}"}
-            log(f"scenario {name} FAILED: {e}")
-        res[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
-    return res
+    return {"quick": quick, **run_scenarios((
+        ("per_payload_byte", lambda: per_payload_byte(n)),
+        ("idle", lambda: idle(idle_s)),
+        ("aws_profile", lambda: aws_profile(drain_n)),
+    ), log)}
 
 
 def summary(res: dict[str, Any]) -> str:
