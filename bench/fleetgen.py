@@ -81,8 +81,11 @@ class Gateways:
         self.confirmed: dict[str, int] = {}
         self.todo: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self.resent = 0
+        self.client: MQTTClient | None = None
 
     def on_message(self, m: Any) -> None:
+        if m.qos and self.client is not None:
+            self.client.ack(m.pid)  # our client acknowledges only when told
         try:
             if m.topic == INGEST_HELLO:
                 if not json.loads(m.payload).get("session_present", True):
@@ -114,6 +117,7 @@ async def send(url: str, msgs: list[tuple[str, bytes]], window: int, answer: boo
                    on_message=gws.on_message if gws else None)
     await c.connect()
     if gws is not None:
+        gws.client = c
         await c.subscribe([("ef/+/ack", 1), ("ef/+/nack", 1), (INGEST_HELLO, 1)])
     print("publishing", flush=True)
     t0 = time.monotonic()

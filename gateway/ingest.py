@@ -41,8 +41,11 @@ MAX_BATCH = 16
 
 MAX_BATCH_DB = 256
 """With a database sink: frames per transaction (small frames of many nodes: one
-transaction's cost spread over more records), up to MAX_BATCH_BYTES."""
+transaction's cost spread over more records), up to MAX_BATCH_DB_BYTES: a transaction
+locks the lanes of its frames, and big ones made workers wait for each other (200 nodes'
+frames of 100 records: 2 workers at half the rate of one with 256 frames a batch)."""
 
+MAX_BATCH_DB_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 GAP_WAIT = 2.0
@@ -65,6 +68,7 @@ class Ingest:
         self.sink: JsonlSink | SqliteSink | PgSink | None = None
         self._db_sink = is_postgres(settings.sink)  # continuity decided by the database
         self._max_batch = MAX_BATCH_DB if self._db_sink else MAX_BATCH
+        self._max_bytes = MAX_BATCH_DB_BYTES if self._db_sink else MAX_BATCH_BYTES
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sink")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -208,7 +212,7 @@ class Ingest:
             for m in self._batch[:self._max_batch]:
                 n += 1
                 size += len(m.payload)
-                if size >= MAX_BATCH_BYTES:
+                if size >= self._max_bytes:
                     break
             batch, self._batch = self._batch[:n], self._batch[n:]
             if self._batch:
