@@ -241,3 +241,18 @@ def test_command_round_trip_with_the_postgresql_sink(tmp_path, broker_factory, p
     pipe = Pipeline(tmp_path, broker_factory, proc_factory, chaos, node="site-1",
                     gateway_args=("--redeliver", "1s"), sink=pg_url)
     down.test_command_online_round_trip(pipe, proc_factory)
+
+
+def test_the_gateway_and_file_sinks_never_import_the_driver():
+    import subprocess
+    import sys
+
+    code = ("import sys, gateway.main, gateway.gateway, gateway.ingest, gateway.sinks, gateway.cloudstate\n"
+            "from gateway.sinks import open_sink\n"
+            "open_sink('jsonl:' + sys.argv[1]).close()\n"
+            "assert 'psycopg' not in sys.modules, 'psycopg imported'\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", code, f"{d}/x.jsonl"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
