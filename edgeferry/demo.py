@@ -120,15 +120,8 @@ async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
     watcher: SiteWatcher | None = None
     tasks: list[asyncio.Task[Any]] = []
     try:
-        starting = asyncio.create_task(site.start(), name="start")
-        stopper = asyncio.create_task(abort.wait(), name="abort")
-        await asyncio.wait([starting, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if abort.is_set():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+        if await _aborted(asyncio.create_task(site.start(), name="start"), abort):
             return 130
-        starting.result()
         assert site.edge is not None
         watcher = SiteWatcher(site.edge.url, site.store, sink=site.sink, node=NODE)
         tasks.append(asyncio.create_task(watcher.run(), name="watcher"))
@@ -144,14 +137,8 @@ async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
 
         story = asyncio.create_task(_story(site, opts, run, fleet, watcher), name="story")
         tasks.append(asyncio.create_task(sample_loop(watcher, run, opts, out, story), name="samples"))
-        stopper = asyncio.create_task(abort.wait(), name="abort")
-        await asyncio.wait([story, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if abort.is_set():
-            story.cancel()
-            await asyncio.gather(story, return_exceptions=True)
+        if await _aborted(story, abort):
             return 130
-        story.result()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,6 +153,20 @@ async def _main(site: DemoSite, opts: DemoOptions, out: Console) -> int:
         if watcher is not None:
             watcher.close()
         await site.close()
+
+
+async def _aborted(task: asyncio.Task[Any], abort: asyncio.Event) -> bool:
+    """Wait for ``task`` or ``abort``: True if aborted (``task`` cancelled and awaited);
+    otherwise the task's exception, if any, is raised here."""
+    stopper = asyncio.create_task(abort.wait(), name="abort")
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if abort.is_set():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return True
+    task.result()
+    return False
 
 
 async def _until(run: Run, seconds: float) -> None:
