@@ -182,7 +182,7 @@ def ingest_retention(
         _fail(str(e))
     verb = "would drop" if dry_run else "dropped"
     typer.echo(f"{verb} {len(dropped)} partitions{': ' + ', '.join(dropped) if dropped else ''}; "
-               f"{deleted} rows of the default partition deleted")
+               f"{deleted} rows of the default partition {'to delete' if dry_run else 'deleted'}")
 
 
 @app.command("chaos")

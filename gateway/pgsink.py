@@ -398,7 +398,8 @@ def parse_keep(text: str) -> dt.timedelta:
 def retention(url: str, keep: dt.timedelta, *, dry_run: bool = False,
               now: dt.datetime | None = None) -> tuple[list[str], int]:
     """Drop the daily partitions that end before ``now - keep`` and delete the default
-    partition's rows older than that; return (partitions dropped, default rows deleted)."""
+    partition's rows older than that; return (partitions dropped, default rows deleted),
+    or with ``dry_run`` what would be."""
     cutoff = (now or dt.datetime.now(dt.UTC)) - keep
     try:
         with psycopg.connect(url, autocommit=True) as db:
@@ -416,15 +417,15 @@ def retention(url: str, keep: dt.timedelta, *, dry_run: bool = False,
                 _n, _lo, hi = _day(dt.datetime.strptime(m.group(1), "%Y%m%d").date())
                 if hi <= cutoff:
                     old.append(name)
-            deleted = 0
-            if not dry_run:
-                for name in old:
-                    with db.transaction():
-                        db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-                        db.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-                cur = db.execute("DELETE FROM records_default WHERE ts < %s", (cutoff,))
-                deleted = cur.rowcount
-            return old, deleted
+            if dry_run:
+                row = db.execute("SELECT count(*) FROM records_default WHERE ts < %s", (cutoff,)).fetchone()
+                return old, int(row[0]) if row else 0
+            for name in old:
+                with db.transaction():
+                    db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                    db.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+            cur = db.execute("DELETE FROM records_default WHERE ts < %s", (cutoff,))
+            return old, cur.rowcount
     except psycopg.Error as e:
         raise SinkError(f"retention on {_redact(url)}: {_first_line(e)}") from None
 

@@ -155,7 +155,7 @@ def test_partitions_ahead_default_moved_and_retention(pg_url):  # noqa: F811
         sink.write_frames([("n2", 1, "telemetry", 0, recs(1, 1, ts=old_ms - 2 * DAY_MS))])
     finally:
         sink.close()
-    assert retention(pg_url, parse_keep("90d"), dry_run=True) == ([f"records_{old_day:%Y%m%d}"], 0)
+    assert retention(pg_url, parse_keep("90d"), dry_run=True) == ([f"records_{old_day:%Y%m%d}"], 1)
     dropped, deleted = retention(pg_url, parse_keep("90d"))
     assert dropped == [f"records_{old_day:%Y%m%d}"] and deleted == 1
     assert count(pg_url) == 3
@@ -256,3 +256,29 @@ def test_the_gateway_and_file_sinks_never_import_the_driver():
     with tempfile.TemporaryDirectory() as d:
         r = subprocess.run([sys.executable, "-c", code, f"{d}/x.jsonl"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_retention_command(pg_url):  # noqa: F811
+    import subprocess
+    import sys
+
+    sink = open_pg(pg_url)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=100)
+    sink.write_frames([("n1", 1, "telemetry", 0, recs(1, 3, ts=int(old.timestamp() * 1000))),
+                       ("n1", 1, "telemetry", 3, recs(4, 5))])
+    sink.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgeferry", "ingest", "retention", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    r = cli("--sink", pg_url, "--keep", "90d", "--dry-run")
+    assert r.returncode == 0 and "would drop 0 partitions; 3 rows of the default partition to delete" in r.stdout, r
+    assert count(pg_url) == 5
+    r = cli("--sink", pg_url, "--keep", "90d")
+    assert r.returncode == 0 and "3 rows of the default partition deleted" in r.stdout, r
+    assert count(pg_url) == 2
+    r = cli("--sink", "jsonl:/tmp/x.jsonl", "--keep", "90d")
+    assert r.returncode == 2 and "postgresql" in r.stderr
+    r = cli("--sink", pg_url, "--keep", "soon")
+    assert r.returncode == 2 and "90d" in r.stderr
