@@ -6,14 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from edge.mqtt import BrokerURL
 
 err = Console(stderr=True)
 
 _LOCAL = typer.Option("mqtt://127.0.0.1:1883", "--local", envvar="EDGEFERRY_LOCAL",
                       help="the site's local broker (devices' and services' retained state/<id>)")
+_LOCAL_PASSWORD_FILE = typer.Option(None, "--local-password-file", envvar="EDGEFERRY_LOCAL_PASSWORD_FILE",
+                                     help="the local broker's password (first line, mode 600); the user "
+                                     "name goes in --local (mqtt://USER@HOST:PORT)")
 _STORE = typer.Option(Path("edgeferry-store.db"), "--store", envvar="EDGEFERRY_STORE",
                       help="the gateway's store (its status socket is <store>.sock)")
 _SINK = typer.Option(None, "--sink", help="the cloud's sink (sqlite:PATH or jsonl:PATH): commands as the "
@@ -48,8 +55,30 @@ def demo(
     raise typer.Exit(run_demo(opts))
 
 
+def _local_url(local: str, password_file: str | None) -> str | BrokerURL:
+    """``--local`` with ``--local-password-file`` (checked now, read at every connect)."""
+    if not password_file:
+        return local
+    from dataclasses import replace
+
+    from edge._tls import read_secret
+    from edge.errors import ConfigError
+    from edge.mqtt import parse_url
+
+    try:
+        read_secret(password_file, "local password file", ConfigError)
+        url = parse_url(local)
+        if url.username is None:
+            raise ConfigError("--local-password-file needs a user name in --local (mqtt://USER@HOST:PORT)")
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    return replace(url, password_file=password_file)
+
+
 def status(
     local: str = _LOCAL,
+    local_password_file: str | None = _LOCAL_PASSWORD_FILE,
     store: Path = _STORE,
     sink: str | None = _SINK,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -61,7 +90,7 @@ def status(
     """
     from edgeferry.dashboard import print_status
 
-    snap = asyncio.run(_one_look(local, store, sink))
+    snap = asyncio.run(_one_look(_local_url(local, local_password_file), store, sink))
     if as_json:
         print(json.dumps(snap, indent=2, sort_keys=True))
     else:
@@ -71,7 +100,7 @@ def status(
         raise typer.Exit(1)
 
 
-async def _one_look(local: str, store: Path, sink: str | None) -> dict[str, object]:
+async def _one_look(local: str | BrokerURL, store: Path, sink: str | None) -> dict[str, object]:
     """Two snapshots a second apart (rates need two), after the retained states arrived."""
     import contextlib
 
@@ -96,6 +125,7 @@ async def _one_look(local: str, store: Path, sink: str | None) -> dict[str, obje
 
 def top(
     local: str = _LOCAL,
+    local_password_file: str | None = _LOCAL_PASSWORD_FILE,
     store: Path = _STORE,
     sink: str | None = _SINK,
     refresh: float = typer.Option(1.0, "--refresh", help="seconds between refreshes"),
@@ -110,7 +140,8 @@ def top(
 
     st = query_status(store)
     node = st.get("node_id") if st else None
-    asyncio.run(run_top(SiteWatcher(local, store, sink=sink, node=node), refresh))
+    url = _local_url(local, local_password_file)
+    asyncio.run(run_top(SiteWatcher(url, store, sink=sink, node=node), refresh))
 
 
 def register(app: typer.Typer) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.mqtt import Message, MQTTClient
+from edge.mqtt import BrokerURL, Message, MQTTClient
 
 __all__ = ["SiteWatcher", "gateway_status", "site_commands"]
 
@@ -91,7 +91,7 @@ class SiteWatcher:
     is wanted. ``local`` (the local broker URL) or ``store`` (the gateway's store) may
     be None; the view then lacks that part. ``sink`` adds the cloud's command states."""
 
-    def __init__(self, local: str | None, store: Path | None, sink: str | None = None,
+    def __init__(self, local: str | BrokerURL | None, store: Path | None, sink: str | None = None,
                  node: str | None = None) -> None:
         self.local = local
         self.store = store

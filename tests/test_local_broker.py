@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -207,8 +208,6 @@ async def test_service_reads_its_password_file_again_at_each_reconnect(
     pwfile = tmp_path / "svc.password"
 
     def rotate(secret: str) -> None:
-        import subprocess
-
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "svc", secret], check=True,
                        capture_output=True)
         pwfile.write_text(secret + "\n")
@@ -272,3 +271,24 @@ async def test_gateway_logs_in_with_a_local_password_file(site: tuple[Broker, Pa
     assert await asyncio.to_thread(bad.wait, 30) == 2
     assert f"local password file {pwfile} is readable by group or others" in bad.log_text()
     assert secret not in bad.log_text()
+
+
+async def test_status_reads_a_locked_broker_with_a_local_password_file(site: tuple[Broker, Path],
+                                                                       tmp_path: Path) -> None:
+    """edgeferry status --local-password-file: the operator view logs in to the locked
+    local broker with the password from a file (as the gateway does), not from the URL."""
+    broker, node = site
+    async with MQTTClient(BrokerURL(broker.host, broker.port, False, "sim", _pw(node, "sim")), "dev-9") as dev:
+        await dev.publish("state/dev-9", b'{"state": "online", "firmware": "1.0"}', 1, retain=True)
+    pwfile = node / "credentials" / "gateway.password"
+    os.chmod(pwfile, 0o600)
+    argv = [EDGEFERRY, "status", "--json", "--store", str(tmp_path / "none.db"),
+            "--local", f"mqtt://gateway@127.0.0.1:{broker.port}", "--local-password-file", str(pwfile)]
+    r = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr  # the view, and no gateway answering
+    snap = json.loads(r.stdout)
+    assert snap["devices"]["online"] == 1 and snap["devices"]["list"][0]["name"] == "dev-9"
+    os.chmod(pwfile, 0o644)
+    r = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "readable by group or others" in r.stderr
+    assert _pw(node, "gateway") not in r.stdout + r.stderr
