@@ -56,24 +56,15 @@ def demo(
 
 
 def _local_url(local: str, password_file: str | None) -> str | BrokerURL:
-    """``--local`` with ``--local-password-file`` (checked now, read at every connect)."""
-    if not password_file:
-        return local
-    from dataclasses import replace
-
-    from edge._tls import read_secret
+    """``--local`` with ``--local-password-file``; a bad file is one line and exit 2."""
     from edge.errors import ConfigError
-    from edge.mqtt import parse_url
+    from gateway.settings import local_broker_url
 
     try:
-        read_secret(password_file, "local password file", ConfigError)
-        url = parse_url(local)
-        if url.username is None:
-            raise ConfigError("--local-password-file needs a user name in --local (mqtt://USER@HOST:PORT)")
+        return local_broker_url(local, password_file)
     except ConfigError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
-    return replace(url, password_file=password_file)
 
 
 def status(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge._codec import check_filter as _codec_check_filter
 from edge._tls import TLSOptions, read_secret
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
-from edge.mqtt import parse_url
+from edge.mqtt import BrokerURL, parse_url
 from gateway.profiles import PROFILES, CloudProfile, profile
 from gateway.store import LaneSpec
 from gateway.topics import uplink_topic
@@ -261,15 +261,17 @@ class GatewaySettings(_Identity):
                        publishes_per_s=self.cloud_publish_rate, max_inflight=self.cloud_max_inflight)
 
 
-def _check_local_password(values: dict[str, Any]) -> None:
-    """A local password file is usable now (only its owner may read it) and has a user
-    name to go with (ConfigError); it is read again at each connect."""
-    path = values.get("local_password_file")
-    if path:
-        read_secret(path, "local password file", ConfigError)
-        if parse_url(values["local"]).username is None:
-            raise ConfigError("--local-password-file needs a user name in --local "
-                              "(mqtt://USER@HOST:PORT)")
+def local_broker_url(local: str, password_file: str | None) -> str | BrokerURL:
+    """``--local`` with ``--local-password-file`` (the gateway's, status' and top's): the
+    file is usable now (only its owner may read it) and the URL has a user name
+    (ConfigError otherwise); the client reads the file again at every connect."""
+    if not password_file:
+        return local
+    read_secret(password_file, "local password file", ConfigError)
+    url = parse_url(local)
+    if url.username is None:
+        raise ConfigError("--local-password-file needs a user name in --local (mqtt://USER@HOST:PORT)")
+    return replace(url, password_file=password_file)
 
 
 def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> GatewaySettings:
@@ -285,7 +287,7 @@ def gateway_settings(argv: list[str], environ: dict[str, str] | None = None) -> 
     values["cloud_urls"] = tuple(values["cloud"])
     values["cloud"] = values["cloud_urls"][0]
     tls_from_settings(values, values["cloud"])  # the files are usable now (ConfigError)
-    _check_local_password(values)
+    local_broker_url(values["local"], values["local_password_file"])  # checked now (ConfigError)
     prof = profile(values["cloud_profile"], max_message_bytes=values["cloud_max_message_bytes"],
                    publishes_per_s=values["cloud_publish_rate"], max_inflight=values["cloud_max_inflight"])
     notes = []
