@@ -7,6 +7,8 @@ duplicates nothing in the database.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import pytest
@@ -101,7 +103,13 @@ def test_workers_supervisor_two_processes(tmp_path, broker_factory, proc_factory
     wait_until(lambda: sup.log_text().count("consuming $share/sup/ef/+/up/+") >= 2, 20, "two workers connected")
     pipe.start_gateway()
     load = pipe.load(4000, 2000, "sv")
+    wait_until(lambda: pipe.status()["counters"]["stored"] >= 1000, 20, "load flowing")
+    with open(f"/proc/{sup.pid}/task/{sup.pid}/children") as f:
+        child = int(f.read().split()[0])
+    os.kill(child, signal.SIGKILL)  # the supervisor starts it again under its client id
+    wait_until(lambda: "exited with -9: starting it again" in sup.log_text(), 20, "worker restarted")
+    wait_until(lambda: sup.log_text().count("consuming $share/sup/ef/+/up/+") >= 3, 20, "worker back")
     sent = pipe.wait_sent(load, 30)
     pipe.wait_delivered(sent, 30)
-    _exact(pipe.tally("sv", sent, label="--workers 2"))
+    _exact(pipe.tally("sv", sent, label="--workers 2, one killed -9 and restarted"))
     assert sup.terminate() == 0
