@@ -1,10 +1,10 @@
 """``edgeferry ingest run --workers N``: N ingest processes sharing the fleet's frames.
 
-Each worker is ``ingest run`` with its own client id (``<client-id>-<i>``, a persistent
-session of its own) subscribed to ``$share/<group>/<filter>``: the broker hands each frame
-to one of them. Continuity and duplicates are decided by the database (gateway/pgsink.py),
-so any worker may take any node's frames. A worker that dies is started again with the
-same client id, so the broker hands it back what it had taken and not acknowledged;
+Each worker is ``ingest run`` with its own client id (``<client-id>-<i>``, a clean
+session: see docs/decisions.md) subscribed to ``$share/<group>/<filter>``: the broker
+hands each frame to one of them. Continuity and duplicates are decided by the database (gateway/pgsink.py),
+so any worker may take any node's frames. A worker that dies is started again at once; its
+hello (no session) makes the gateways resend what no worker confirmed;
 SIGTERM/SIGINT stop every worker (each finishes its write in flight) and then the
 supervisor. Workers on other hosts are just more ``ingest run --group G`` processes.
 """
