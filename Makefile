@@ -68,7 +68,7 @@ chromium:
 
 # lint first: a lint or type error fails `make test` like a failing test does
 test: setup chromium lint postgresql
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # the demo's data (brokers, store, cloud.db, manifest, logs) and report stay in demo-data/
 DEMO_DATA ?= demo-data
