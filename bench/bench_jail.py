@@ -44,7 +44,19 @@ import time
 from typing import Any
 
 from bench._uplink_pipelines import BRIDGE_ID, Bridge, Edgeferry, Pipeline, bridge_lines
-from bench._util import PY, REPO, Loadgen, Workdir, count_run, cpu_seconds, machine_info, mem_kb, run_loadgen, wait_line
+from bench._util import (
+    PY,
+    REPO,
+    Loadgen,
+    Workdir,
+    count_run,
+    cpu_seconds,
+    machine_info,
+    mem_kb,
+    run_loadgen,
+    wait_line,
+    wait_until,
+)
 from bench.bench_pibudget import MEMORY, PERIOD_US, Cgroup, _available
 from edgeferry.procs import EDGE_CONF, Broker
 
@@ -191,6 +203,13 @@ def _one(kind: str, pct: int, n: int, rnd: int, outage: float | None) -> dict[st
             t_cut, u_cut = time.monotonic(), _usage(pids)
             off = Loadgen(p.edge.url, third, run, size=SIZE, start=third).start()
             r_off = off.result(timeout=900)
+            if isinstance(p, JailedEdgeferry):  # taken in = committed and acknowledged
+                def stored(p: JailedEdgeferry = p) -> bool:
+                    st = p.status()
+                    k = st["counters"] if st else {}
+                    return bool(k) and k["received"] >= 2 * third and k["received"] == k["acked_local"]
+                wait_until(stored, 300, "the offline third committed")
+            u_in = _usage(pids)
             row["offline_intake_msg_s"] = r_off["rate"]
             row["offline_intake_s"] = round(r_off["wall"], 2)
             while time.monotonic() - t_cut < outage:
@@ -205,7 +224,9 @@ def _one(kind: str, pct: int, n: int, rnd: int, outage: float | None) -> dict[st
             row["loadgen_after_up_msg_s"] = r_last["rate"]
             row["drain_s"] = round(w["last"] - t_up, 2) if w["last"] else None
             row["catch_up_msg_s"] = round((n - third) / (w["last"] - t_up)) if w["last"] else None
-            row["cpu_s_per_100k_offline_intake"] = _per100k(u_cut, u_up, third)
+            # intake while offline: from the cut until the third is taken in (not the idle rest)
+            row["cpu_s_per_100k_offline_intake"] = _per100k(u_cut, u_in, third)
+            row["cpu_s_per_100k_idle_offline"] = _per100k(u_in, u_up, third)
             row["cpu_s_per_100k_after_up"] = _per100k(u_up, u1, n - third)
             span = None
         else:
