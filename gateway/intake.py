@@ -64,7 +64,6 @@ class Intake:
         self._candidates: dict[int, int] = {}
         self._redelivery = False
         self._routes: dict[str, tuple[str, int, int]] = {}  # topic -> see _route
-        self._ts: int | None = None  # see _arrival
 
     async def run(self) -> None:
         st, s = self.st, self.st.s
@@ -184,23 +183,10 @@ class Intake:
             # the first of a batch wakes the committer (later ones find it awake)
             st.pending_since = time.monotonic()
             st.wake.set()
-        ts = self._ts
-        if ts is None:
-            ts = self._arrival()
-        pending.append((lane, topic, payload, ts, m.pid))
+        pending.append((lane, topic, payload, int(time.time() * 1000), m.pid))
         st.pending_size += size
         if len(pending) >= COMMIT_RECORDS or st.pending_size >= COMMIT_BYTES:
             self._batch_full(client)
-
-    def _arrival(self) -> int:
-        """The wall-clock ms of the messages of this read: taken once and forgotten when
-        the event loop moves on (a clock read costs more than the rest of a message)."""
-        ts = self._ts = int(time.time() * 1000)
-        asyncio.get_running_loop().call_soon(self._forget_ts)
-        return ts
-
-    def _forget_ts(self) -> None:
-        self._ts = None
 
     def _batch_full(self, client: MQTTClient) -> None:
         st = self.st
