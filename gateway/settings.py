@@ -140,6 +140,9 @@ GATEWAY_OPTIONS = [
            "written (ingest; survives a cloud broker crash) or after the cloud broker's PUBACK (broker)",
            choices=("ingest", "broker")),
     Option("window", "int", 16, "frames in flight to the cloud broker", metavar="N"),
+    Option("resend_after", "duration", 15.0, "confirm ingest: send a frame again when ingest has not "
+           "confirmed it for this long (at most --window frames, oldest first, once per this "
+           "interval; 0: only when ingest asks)", metavar="DURATION"),
     Option("compress", "str", "none", "frame compression", choices=("none", "zstd")),
     Option("keepalive", "duration", 10.0, "cloud link keepalive: a silent link is noticed within it",
            metavar="DURATION"),
@@ -201,6 +204,7 @@ class GatewaySettings(_Identity):
     frame_max_bytes: int = 256 * 1024
     frame_linger: float = 0.02
     window: int = 16
+    resend_after: float = 15.0
     confirm: str = "ingest"
     compress: str = "none"
     keepalive: float = 10.0

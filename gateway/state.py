@@ -126,6 +126,7 @@ class State:
             "received": 0, "stored": 0, "acked_local": 0, "uplinked_records": 0, "frames": 0,
             "redelivered_duplicates": 0, "retained_skipped": 0, "held": 0, "commits": 0,
             "cloud_connects": 0, "local_connects": 0, "gap_notices": 0, "gap_records": 0,
+            "resent_unconfirmed": 0,
         }
         self.rejected: dict[str, int] = {}
 

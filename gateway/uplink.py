@@ -6,7 +6,10 @@ while the intake keeps storing new messages. A record leaves the store (a delete
 committer's next transaction) only after ingest confirmed it (``confirm: ingest``:
 retained acks on ``ef/<node>/ack``) or the cloud broker acknowledged its frame
 (``confirm: broker``). Ingest may ask for a resend: after a gap it saw (``nack``), or
-of everything unconfirmed when it lost its session (``hello``). What the gateway no
+of everything unconfirmed when it lost its session (``hello``). A frame ingest has not
+confirmed for ``resend_after`` seconds is sent again as it was (a worker of a shared
+subscription that took it died without a restart: no nack and no hello will come for it);
+at most ``window`` such frames, oldest first, once per ``resend_after``. What the gateway no
 longer holds of a resend (records that left the store unconfirmed: ``st.ledger``,
 gateway/gaps.py) is announced with a gap notice before the records it still has.
 
@@ -40,6 +43,10 @@ log = logging.getLogger("edgeferry.gateway")
 
 Inflight = tuple[int, "asyncio.Future[None]", list[int] | None]
 """A frame awaiting its PUBACK: highest seq, the PUBACK future, its seqs (confirm: broker)."""
+
+Unconfirmed = list[float]
+"""A frame sent and not yet confirmed by ingest (confirm: ingest): [sent at (monotonic),
+first seq, highest seq, prev_seq]; per lane in seq order."""
 
 
 class Uplink:
@@ -127,6 +134,9 @@ class Uplink:
         store = st.store
         lanes = store.lanes
         limits = st.limits
+        resend_after = s.resend_after if s.confirm == "ingest" else 0.0
+        unconfirmed: dict[str, deque[Unconfirmed]] = {n: deque() for n in lane_order}
+        next_pass: float | None = None  # when the resend timer looks at them next
         while not st.stop.is_set():
             if client.closed.done():
                 client.closed.result()
@@ -136,6 +146,8 @@ class Uplink:
                 st.resend = False
                 sent = {lane: st.delivered(lane) for lane in lane_order}
                 st.rewind.clear()
+                for q in unconfirmed.values():
+                    q.clear()
                 log.info("ingest started a new session: resending unconfirmed records")
             if st.rewind:
                 # ingest saw a frame that did not follow what it holds: resend that lane,
@@ -145,11 +157,18 @@ class Uplink:
                     if sent[lane] > after:
                         log.info("ingest asked to resend lane %s after seq %d", lane, after)
                         sent[lane] = await self._gap_notice(client, lane, after)
+                        q = unconfirmed[lane]
+                        while q and q[-1][2] > sent[lane]:  # sent again by the loop below
+                            q.pop()
             while st.old_epoch_nacks:
                 (epoch, lane), after = st.old_epoch_nacks.popitem()
                 await self._send_gap(client, epoch, lane, after, frames.SEQ_MAX, None, "store re-created")
+            if next_pass is not None and time.monotonic() >= next_pass:
+                next_pass = await self._resend_unconfirmed(client, unconfirmed, resend_after)
             progress = False
             deadline: float | None = None
+            if next_pass is not None:
+                deadline = max(0.0, next_pass - time.monotonic())
             for name in lane_order:
                 if lanes[name].newest_seq <= sent[name]:
                     continue
@@ -182,6 +201,11 @@ class Uplink:
                 assert fut is not None
                 hi = rows[-1][0]
                 limits.frame_sent(len(frame), name, rows[0][0], hi)
+                if resend_after:
+                    now = time.monotonic()
+                    unconfirmed[name].append([now, rows[0][0], hi, sent[name]])
+                    if next_pass is None:
+                        next_pass = now + resend_after
                 sent[name] = hi
                 inflight[name].append((hi, fut, [r[0] for r in rows] if keep_seqs else None))
                 fut.add_done_callback(partial(self._frame_acked, name, inflight[name], len(rows)))
@@ -194,6 +218,44 @@ class Uplink:
                     await st.uplink_wake.wait()
             except TimeoutError:
                 pass
+
+    async def _resend_unconfirmed(self, client: MQTTClient, unconfirmed: dict[str, deque[Unconfirmed]],
+                                  resend_after: float) -> float | None:
+        """The resend timer's pass: send again, as they were, the frames ingest has not
+        confirmed for ``resend_after`` (at most ``window``, oldest first); return when
+        the next pass is due (None: nothing unconfirmed)."""
+        st, s = self.st, self.st.s
+        now = time.monotonic()
+        due: list[tuple[float, str, Unconfirmed]] = []
+        for lane, q in unconfirmed.items():
+            while q and q[0][2] <= st.ingested[lane]:  # confirmed meanwhile
+                q.popleft()
+            due.extend((e[0], lane, e) for e in q if e[0] <= now - resend_after)
+        due.sort(key=lambda d: d[0])
+        loop = asyncio.get_running_loop()
+        for _, lane, e in due[:s.window]:
+            _, first, hi, prev = int(e[0]), int(e[1]), int(e[2]), int(e[3])
+            rows = await loop.run_in_executor(st.reader, st.store.read, lane, prev, s.frame_max_records, 2**31)
+            rows = [r for r in rows if r[0] <= hi]
+            if not rows or rows[0][0] != first or rows[-1][0] != hi:
+                # some of it left the store meanwhile: the rewind answers with a gap notice
+                st.rewind[lane] = min(prev, st.rewind.get(lane, prev))
+                st.uplink_wake.set()
+                continue
+            frame = frames.encode(s.node_id, st.store.epoch, lane, rows, compress=s.compress == "zstd",
+                                  prev_seq=prev)
+            await st.limits.take()
+            await client.publish_nowait(uplink_topic(s.node_id, lane), frame, 1)
+            e[0] = time.monotonic()
+            st.counters["resent_unconfirmed"] += 1
+        if due:
+            log.warning("resent %d frames that ingest had not confirmed for %.1f s (%d waiting; oldest: "
+                        "lane %s seqs %d-%d)", min(len(due), s.window), resend_after, len(due),
+                        due[0][1], int(due[0][2][1]), int(due[0][2][2]))
+        oldest = min((e[0] for q in unconfirmed.values() for e in q), default=None)
+        if oldest is None:
+            return None
+        return max(oldest + resend_after, now + resend_after if due else now)
 
     async def _gap_notice(self, client: MQTTClient, lane: str, after: int) -> int:
         """Before resending ``lane`` after ``after``: if records in between left the store
