@@ -37,7 +37,7 @@ def test_a_frame_a_dead_worker_took_is_resent_to_another(tmp_path, broker_factor
         p.wait_for_line(r"ingest connected .* consuming \$share/fleet/", 20)
         return p
 
-    w1, w2 = worker("w1"), worker("w2")  # both subscribed before the gateway: no hello reaches it
+    w1, _ = worker("w1"), worker("w2")  # both subscribed before the gateway: no hello reaches it
     pipe.start_gateway()
     pipe.gateway.wait_for_line(r"cloud broker .* connected", 20)
     os.kill(w1.pid, signal.SIGSTOP)  # takes frames from now on and never writes them
@@ -66,4 +66,5 @@ def test_a_frame_a_dead_worker_took_is_resent_to_another(tmp_path, broker_factor
           f"reached the sink {took:.1f} s after w1 took it (--resend-after {RESEND_AFTER:g} s)")
     assert (r["lost"], r["duplicated"], r["unexpected"]) == (0, 0, 0), r
     assert resent >= 1
+    assert handed()[-1] == "w2"  # the resend went to the worker still there
     assert "resent 1 frames that ingest had not confirmed" in pipe.gateway_log()
