@@ -300,8 +300,19 @@ def test_service_and_sim_entrypoints(tmp_path: Path) -> None:
                                        "EDGEFERRY_AGGREGATOR_PASSWORD": "pw-agg"}
     subprocess.run(["sh", str(DOCKER / "edgeferry-entrypoint.sh"), "service", "run", "x:y"], env=env,
                    check=True, timeout=10)
-    seen = (Path(env["HOME"]) / "env.out").read_text()
-    assert "EDGEFERRY_USERNAME=rules\n" in seen and "EDGEFERRY_PASSWORD=pw-rules\n" in seen
+    home = Path(env["HOME"])
+    seen = dict(line.split("=", 1) for line in (home / "env.out").read_text().splitlines())
+    # the password goes to a 0600 file the service reads at every connect, not into its environment
+    assert seen["EDGEFERRY_USERNAME"] == "rules" and "EDGEFERRY_PASSWORD" not in seen
+    pwfile = Path(seen["EDGEFERRY_PASSWORD_FILE"])
+    assert pwfile.read_text() == "pw-rules\n" and stat.S_IMODE(pwfile.stat().st_mode) == 0o600
+    assert "pw-rules" not in (home / "env.out").read_text() + (home / "argv.out").read_text()
+    assert "EDGEFERRY_RULES_PASSWORD" not in seen
+    from edge._runner import OPTIONS
+    from edge.config import load_settings
+
+    settings = load_settings(OPTIONS, [], prog="rules", description="", section="service", environ=seen)
+    assert (settings["username"], settings["password_file"], settings["password"]) == ("rules", str(pwfile), None)
     # the simulated fleet is off by default: exit 0 without running anything
     env = _fake_edgeferry(tmp_path / "s") | {"EDGEFERRY_ROLE": "sim"}
     r = subprocess.run(["sh", str(DOCKER / "edgeferry-entrypoint.sh")], env=env, capture_output=True,

@@ -4,7 +4,8 @@
 #   gateway  EDGEFERRY_LOCAL (user gateway) and EDGEFERRY_LOCAL_PASSWORD_FILE from
 #            EDGEFERRY_GATEWAY_PASSWORD (a 0600 file, not the URL); TLS files from
 #            EDGEFERRY_TLS_{CERT,KEY,CA}_B64 or a volume mounted at /identity
-#   NAME     EDGEFERRY_USERNAME=NAME, EDGEFERRY_PASSWORD from EDGEFERRY_<NAME>_PASSWORD
+#   NAME     EDGEFERRY_USERNAME=NAME and EDGEFERRY_PASSWORD_FILE (--password-file) from
+#            EDGEFERRY_<NAME>_PASSWORD (a 0600 file, not the environment)
 #   sim      exits 0 at once unless EDGEFERRY_SIM_DEVICES is a positive number
 # Secrets are written 0600 under $HOME/.identity and never echoed.
 set -eu
@@ -62,9 +63,13 @@ esac
 if [ -n "$role" ] && [ "$role" != gateway ] && [ "$role" != sim ]; then
     var=$(echo "EDGEFERRY_${role}_PASSWORD" | tr '.-' '__' | tr '[:lower:]' '[:upper:]')
     eval "pw=\${$var:-}"
-    if [ -z "${EDGEFERRY_PASSWORD:-}" ] && [ -n "$pw" ]; then
-        export EDGEFERRY_USERNAME="${EDGEFERRY_USERNAME:-$role}" EDGEFERRY_PASSWORD="$pw"
-    fi
     unset "$var"
+    if [ -z "${EDGEFERRY_PASSWORD:-}" ] && [ -z "${EDGEFERRY_PASSWORD_FILE:-}" ] && [ -n "$pw" ]; then
+        mkdir -p "$ident"
+        pwfile="$ident/$(echo "$role" | tr -c 'A-Za-z0-9_.\n-' '_').password"
+        printf '%s\n' "$pw" > "$pwfile"
+        export EDGEFERRY_USERNAME="${EDGEFERRY_USERNAME:-$role}" EDGEFERRY_PASSWORD_FILE="$pwfile"
+    fi
+    pw=
 fi
 exec edgeferry "$@"
