@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -44,6 +45,36 @@ def _raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``--procs N`` fleet is a parent and N children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _tree_figures(pid: int) -> tuple[int, int, float]:
+    """RSS (kB), summed peak RSS (kB) and CPU seconds of ``pid`` and its descendants."""
+    rss = hwm = 0
+    cpu = 0.0
+    for p in _tree(pid):
+        try:
+            m = mem_kb(p)
+            rss += m.get("VmRSS", 0)
+            hwm += m.get("VmHWM", 0)
+            cpu += cpu_seconds(p)
+        except (OSError, ValueError):
+            continue
+    return rss, hwm, cpu
 
 
 def _stats_lines(proc: Proc) -> list[dict[str, Any]]:
@@ -75,9 +106,8 @@ def _measure(
         lines = _stats_lines(proc)
         for s in lines[seen:]:
             try:
-                s["rss_kb"] = mem_kb(proc.pid).get("VmRSS", 0)
-                s["hwm_kb"] = mem_kb(proc.pid).get("VmHWM", 0)
-                s["cpu_s"] = cpu_seconds(proc.pid)
+                s["rss_kb"], s["hwm_kb"], s["cpu_s"] = _tree_figures(proc.pid)
+                s["load1"] = os.getloadavg()[0]
                 s["broker_cpu_s"] = cpu_seconds(pid_of(broker))
                 s["wall"] = time.monotonic()
             except (OSError, ValueError):
@@ -117,6 +147,11 @@ def _measure(
         "rss_mb": round(b["rss_kb"] / 1024, 1),
         "peak_rss_mb": round(max(s["hwm_kb"] for s in samples) / 1024, 1),
         "cpu_pct_one_core": round(100 * (b["cpu_s"] - a["cpu_s"]) / wall, 1),
+        # per device: CPU in % of one core per 1,000 devices, memory in kB (RSS of every
+        # fleet process summed, at the end of the window)
+        "cpu_pct_per_1000_devices": round(100_000 * (b["cpu_s"] - a["cpu_s"]) / wall / devices, 2),
+        "rss_kb_per_device": round(b["rss_kb"] / devices, 1),
+        "load_avg_1min_max": round(max(s["load1"] for s in steady), 2),
         "broker_cpu_pct_one_core": round(100 * (b["broker_cpu_s"] - a["broker_cpu_s"]) / wall, 1),
         "window_s": round(span, 1),
         "ramp_s": ready,
@@ -131,7 +166,9 @@ def _measure(
     return res
 
 
-def _one(kind: str, devices: int, duration: float, warmup: float) -> dict[str, Any]:
+def _one(
+    kind: str, devices: int, duration: float, warmup: float, procs: int = 1
+) -> dict[str, Any]:
     wd = Workdir("efbench-sim-")
     try:
         broker = wd.broker("edge", f"edge-{kind}-{devices}").start()
@@ -161,6 +198,8 @@ def _one(kind: str, devices: int, duration: float, warmup: float) -> dict[str, A
                 "5",
                 "--manifest",
                 str(wd / "manifest.json"),
+                "--procs",
+                str(procs),
             ]
         else:
             argv = [
@@ -174,13 +213,16 @@ def _one(kind: str, devices: int, duration: float, warmup: float) -> dict[str, A
                 "--duration",
                 str(duration),
             ]
-        return _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
+        res = _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
+        if kind == "sim":
+            res["procs"] = procs
+        return res
     finally:
         wd.cleanup()
 
 
 def run(
-    quick: bool, sizes: list[int] | None = None, duration: float | None = None
+    quick: bool, sizes: list[int] | None = None, duration: float | None = None, procs: int = 1
 ) -> dict[str, Any]:
     """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate."""
     limit = _raise_nofile()
@@ -192,12 +234,15 @@ def run(
         if n + 256 > limit:
             fleets.append({"devices": n, "error": f"open-file hard limit {limit} is too low"})
             continue
-        fleets.append(_one("sim", n, duration, warmup))
+        fleets.append(_one("sim", n, duration, warmup, procs))
     bare = _one("bare", 1000, duration, warmup)
     ok = [f for f in fleets if f.get("sustained")]
     at_1000 = next((f for f in fleets if f.get("devices") == 1000 and "error" not in f), None)
     res: dict[str, Any] = {
-        "command": "python -m bench.bench_sim" + (" --quick" if quick else ""),
+        "command": "python -m bench.bench_sim" + (" --quick" if quick else "")
+        + (f" --sizes {','.join(map(str, sizes))}" if sizes else "")
+        + (f" --duration {duration:g}" if duration else "")
+        + (f" --procs {procs}" if procs > 1 else ""),
         "machine": machine_info(),
         "duration_s": duration,
         "largest_sustained_devices": max((f["devices"] for f in ok), default=0),
@@ -229,7 +274,8 @@ def summary(res: dict[str, Any]) -> str:
     ]
     head = (
         f"  {'devices':>8} {'msg/s':>9} {'err %':>6} {'peak RSS MB':>11} {'CPU %':>6} "
-        f"{'broker %':>8} {'lag ms':>7} {'held':>6}  sustained"
+        f"{'broker %':>8} {'lag ms':>7} {'held':>6} {'%/1k dev':>8} {'kB/dev':>6} {'load':>5}"
+        f"  sustained"
     )
     lines.append(head)
     rows = [("sim", f) for f in res["fleets"]] + [("bare", res["bare_client_loop_1000"])]
@@ -240,7 +286,9 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(
             f"  {f['devices']:>8} {f['achieved_msg_s']:>9} {f['rate_error_pct']:>6} "
             f"{f['peak_rss_mb']:>11} {f['cpu_pct_one_core']:>6} "
-            f"{f['broker_cpu_pct_one_core']:>8} {f['loop_lag_max_ms']:>7} {f['held_max']:>6}  "
+            f"{f['broker_cpu_pct_one_core']:>8} {f['loop_lag_max_ms']:>7} {f['held_max']:>6} "
+            f"{f['cpu_pct_per_1000_devices']:>8} {f['rss_kb_per_device']:>6} "
+            f"{f['load_avg_1min_max']:>5}  "
             f"{f['sustained']}" + ("  (bare client loop)" if kind == "bare" else "")
         )
     a = res.get("at_1000")
@@ -320,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", help="comma-separated fleet sizes")
     p.add_argument("--duration", type=float)
+    p.add_argument("--procs", type=int, default=1, help="edgeferry sim run --procs N")
     p.add_argument("--bare", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--broker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -330,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(_bare(url, a.bare, a.duration or 30.0))
         return 0
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
-    res = run(a.quick, sizes, a.duration)
+    res = run(a.quick, sizes, a.duration, a.procs)
     print(summary(res))
     print(json.dumps(res, indent=1))
     return 0

@@ -96,6 +96,10 @@ def sim_run(
     stats_every: Annotated[
         float | None, Opt("--stats-every", help="print a JSON 'stats' line on stderr every S s")
     ] = None,
+    procs: Annotated[
+        int, Opt("--procs", help="split the devices over N processes (one core carries a few "
+                 "thousand at 1 msg/s); one manifest")
+    ] = 1,
     log_level: Annotated[str, Opt("--log-level", help="debug, info, warning, error")] = "warning",
     username: Annotated[
         str | None,
@@ -189,6 +193,7 @@ def sim_run(
             drain_timeout=drain_timeout,
             progress=progress,
             stats_every=stats_every,
+            procs=procs,
         )
     except (SimError, ConfigError) as e:
         _fail(str(e), 2 if isinstance(e, ConfigError) else 1)

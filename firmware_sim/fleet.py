@@ -72,6 +72,7 @@ class Fleet:
         run: str | None = None,
         client_prefix: str = "",
         drain_timeout: float = 10.0,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.url = url if isinstance(url, BrokerURL) else parse_url(url)
         self.broker_url = url if isinstance(url, str) else str(url)  # (str(): no password)
@@ -79,6 +80,11 @@ class Fleet:
         self.run_id = run or f"{profile.site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.client_prefix = client_prefix
         self.drain_timeout = drain_timeout
+        if share is not None and not (share[1] >= 1 and 0 <= share[0] < share[1]):
+            raise ValueError(f"share {share!r}: expected (k, n) with 0 <= k < n")
+        # (k, n): this Fleet runs devices k, k+n, k+2n, ... of the profile (one process of
+        # a split run); names, fault plan and start offsets are those of the whole fleet
+        self.share = share
         self.plan = plan_faults(profile)
         self.devices: list[Device] = []
         self.by_name: dict[str, Device] = {}
@@ -140,7 +146,8 @@ class Fleet:
             raise RuntimeError("a Fleet runs once; make a new one")
         self._entered = True
         p = self.profile
-        raise_open_file_limit(p.devices * (3 if p.chaos else 1) + 256)
+        n = p.devices if self.share is None else -(-p.devices // self.share[1])
+        raise_open_file_limit(n * (3 if p.chaos else 1) + 256)
         self._lifespan = Lifespan(self._main, f"fleet {self.run_id}")
         await self._lifespan.__aenter__()
         return self
@@ -166,13 +173,15 @@ class Fleet:
                     self.started_at = t0 = asyncio.get_running_loop().time()
                     self.ctx.wall_start = time.time()
                     for i, name in enumerate(p.device_names()):
+                        if self.share is not None and i % self.share[1] != self.share[0]:
+                            continue
                         d = Device(self.ctx, i, name, self.plan.get(name, NO_FAULTS))
                         self.devices.append(d)
                         self.by_name[name] = d
-                    for i, d in enumerate(self.devices):
+                    for d in self.devices:
                         d.start(t0)
                         self._tasks.append(
-                            tg.create_task(d.run(t0 + i / p.connect_rate), name=d.name)
+                            tg.create_task(d.run(t0 + d.index / p.connect_rate), name=d.name)
                         )
                     self._tasks.append(tg.create_task(self._lag_monitor(), name="lag-monitor"))
                     log.info(

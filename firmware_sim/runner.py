@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from edge.errors import ConnectError
 from edge.mqtt import BrokerURL, MQTTClient, parse_url
@@ -62,12 +63,11 @@ async def _main(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fleet.stop)
-    target = profile.target_rate()
     async with fleet:
         reporter = asyncio.ensure_future(_report(fleet, stats_every)) if stats_every else None
         try:
             if progress:
-                await _with_progress(fleet, target)
+                await _with_progress(fleet, profile.target_rate())
             else:
                 await fleet.run()
         finally:
@@ -77,17 +77,25 @@ async def _main(
     m = fleet.manifest()
     if manifest_path is not None:
         write_manifest(manifest_path, m)
+    _print_summary(m, profile, manifest_path, "")
+    return 0
+
+
+def _print_summary(
+    m: dict[str, Any], profile: Profile, manifest_path: Path | None, where: str
+) -> None:
+    target = profile.target_rate()
     tot = m["totals"]
     elapsed = m["duration_s"] or 0.0
     rate = tot["acked"] / elapsed if elapsed else 0.0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(tot["dropped_by_reason"].items())) or "none"
     print(
-        f"run {m['run']}: {profile.devices} devices, {elapsed:.1f} s, sent {tot['sent']} readings, "
+        f"run {m['run']}: {profile.devices} devices{where}, {elapsed:.1f} s, "
+        f"sent {tot['sent']} readings, "
         f"acked {tot['acked']} messages ({rate:.1f}/s, target {target:.1f}/s), dropped by devices: "
         f"{reasons}" + (f"; manifest {manifest_path}" if manifest_path else ""),
         file=sys.stderr,
     )
-    return 0
 
 
 def _quiet_cancelled_callbacks() -> None:
@@ -147,6 +155,29 @@ async def _with_progress(fleet: Fleet, target: float) -> None:
             await asyncio.gather(runner, return_exceptions=True)
 
 
+def _run_split(
+    broker: str | BrokerURL,
+    profile: Profile,
+    procs: int,
+    manifest_path: Path | None,
+    run_id: str | None,
+    drain_timeout: float,
+    progress: bool,
+    stats_every: float | None,
+) -> int:
+    from firmware_sim._split import run_split
+
+    asyncio.run(_preflight(broker))  # before forking: no event loop runs in the parent after
+    run_id = run_id or f"{profile.site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    broker_str = broker if isinstance(broker, str) else str(broker)
+    m, _ = run_split(broker, profile, procs, run_id=run_id, broker_str=broker_str,
+                     drain_timeout=drain_timeout, progress=progress, stats_every=stats_every)
+    if manifest_path is not None:
+        write_manifest(manifest_path, m)
+    _print_summary(m, profile, manifest_path, f" in {procs} processes")
+    return 0
+
+
 def run_fleet(
     broker: str | BrokerURL,
     profile: Profile,
@@ -156,17 +187,26 @@ def run_fleet(
     drain_timeout: float = 10.0,
     progress: bool = True,
     stats_every: float | None = None,
+    procs: int = 1,
 ) -> int:
-    """Run the fleet to completion on uvloop (when available); return the exit code."""
+    """Run the fleet to completion on uvloop (when available); return the exit code.
+    ``procs`` > 1 splits the devices over that many child processes (firmware_sim/_split.py)
+    and writes one manifest merged from theirs."""
     if isinstance(broker, str):
         parse_url(broker)  # ConfigError with one line if bad
-    raise_open_file_limit(profile.devices * (3 if profile.chaos else 1) + 256)
+    if procs < 1:
+        raise SimError(f"--procs {procs}: expected at least 1")
+    procs = min(procs, profile.devices)
+    raise_open_file_limit(-(-profile.devices // procs) * (3 if profile.chaos else 1) + 256)
     if manifest_path is not None:
         parent = Path(manifest_path).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise SimError(
                 f"cannot write manifest {manifest_path}: {parent} is not a writable directory"
             )
+    if procs > 1:
+        return _run_split(broker, profile, procs, manifest_path, run_id, drain_timeout,
+                          progress, stats_every)
     main = _main(broker, profile, manifest_path, run_id, drain_timeout, progress, stats_every)
     try:
         import uvloop
