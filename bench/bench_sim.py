@@ -18,7 +18,12 @@ under 0.5 s. The same is measured for a bare loop of the same MQTT client (one t
 connection publishing a fixed payload), the cheapest thing that puts the same load on
 the broker, so the report shows what the simulator's realism costs.
 
+With ``--procs N`` each fleet runs as ``edgeferry sim run --procs N`` and the figures
+(CPU, RSS) are those of the whole process tree; every size also reports CPU per 1,000
+devices, RSS per device and the highest 1-minute load average of the window.
+
     python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000,10000] [--duration 30]
+        [--procs N]
 """
 
 from __future__ import annotations

@@ -187,3 +187,61 @@ async def test_manifest_and_verify_through_the_gateway_with_an_outage(
     rc, out = _verify(proc_factory, manifest, tampered, "verify-tampered")
     print(out)
     assert rc == 1 and "LOSS" in out and "dev-0005 temperature" in out
+
+
+async def test_procs_2_writes_one_manifest_that_verify_accepts(
+    tmp_path: Path,
+    broker_factory: Callable[..., Broker],
+    proc_factory: Callable[..., Proc],
+) -> None:
+    """``sim run --procs 2``: two processes, each half the devices, one merged manifest,
+    checked by one ``sim verify`` against what went through the gateway."""
+    edge, cloud = broker_factory("edge"), broker_factory("cloud")
+    sink, manifest = tmp_path / "sink.jsonl", tmp_path / "manifest.json"
+    ingest = proc_factory(
+        [PY, "-m", "edgeferry", "ingest", "run", "--cloud", cloud.url,
+         "--sink", f"jsonl:{sink}", "--client-id", "ingest-procs"],
+        "ingest",
+    )
+    ingest.wait_for_line("ingest ready", 20)
+    gateway = proc_factory(
+        [PY, "-m", "edgeferry", "gateway", "run", "--local", edge.url, "--cloud", cloud.url,
+         "--store", str(tmp_path / "store.db"), "--node-id", "site-1", "--uplink", "dt/#"],
+        "gateway",
+    )
+    gateway.wait_for_line("gateway ready", 20)
+    sim = proc_factory(
+        [PY, "-m", "edgeferry", "sim", "run", "--broker", edge.url, "--devices", "6",
+         "--interval", "0.2", "--duration", "3", "--seed", "5", "--sensors", "temperature",
+         "--outbox", "5", "--fault", "drop:only=dev-0003,at=0.5..0.6,down=1.5",
+         "--manifest", str(manifest), "--run-id", "procs-5", "--procs", "2",
+         "--no-progress", "--stats-every", "1"],
+        "sim-procs",
+    )
+    assert sim.wait(60) == 0, sim.log_tail()
+    log = sim.log_text()
+    assert "6 devices in 2 processes" in log
+    stats = [json.loads(line[6:]) for line in log.splitlines() if line.startswith("stats {")]
+    assert stats and all(s["procs"] == 2 for s in stats) and stats[-1]["devices"] == 6
+    m = json.loads(manifest.read_text())
+    tot = m["totals"]
+    assert m["run"] == "procs-5" and m["complete"]
+    assert list(m["devices"]) == [f"dev-{i:04d}" for i in range(6)]
+    assert tot["sent"] == sum(s["sent"] for d in m["devices"].values()
+                              for s in d["streams"].values())
+    assert m["devices"]["dev-0003"]["dropped"].get("outbox_full", 0) > 0, "the fault fired"
+    assert m["faults_fired"].get("drop") == 1
+    wait_until(
+        lambda: sum(1 for r in _sink_rows(sink) if r["topic"].startswith("dt/")) >= tot["acked"],
+        30,
+        f"{tot['acked']} telemetry rows in the sink",
+    )
+    rc, out = _verify(proc_factory, manifest, sink, "verify-procs", "--json")
+    report = json.loads(out[out.index("{") :])
+    t = report["total"]
+    print(
+        f"[procs-2] sent={t['sent']} delivered={t['delivered']} dropped={t['dropped']} "
+        f"lost={t['lost']} duplicated={t['duplicated']}"
+    )
+    assert rc == 0 and t["lost"] == 0 and t["sent"] == tot["sent"] > 60
+    assert {d["device"] for d in report["devices"]} == set(m["devices"])
