@@ -23,7 +23,7 @@ With ``--procs N`` each fleet runs as ``edgeferry sim run --procs N`` and the fi
 devices, RSS per device and the highest 1-minute load average of the window.
 
     python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000,10000] [--duration 30]
-        [--procs N]
+        [--procs N] [--connect-rate R]
 """
 
 from __future__ import annotations
@@ -172,11 +172,20 @@ def _measure(
 
 
 def _one(
-    kind: str, devices: int, duration: float, warmup: float, procs: int = 1
+    kind: str,
+    devices: int,
+    duration: float,
+    warmup: float,
+    procs: int = 1,
+    connect_rate: float | None = None,
 ) -> dict[str, Any]:
     wd = Workdir("efbench-sim-")
     try:
         broker = wd.broker("edge", f"edge-{kind}-{devices}").start()
+        extra: list[str] = []
+        if connect_rate is not None:
+            (wd / "profile.yaml").write_text(f"connect_rate: {connect_rate:g}\n")
+            extra = ["--profile", str(wd / "profile.yaml")]
         if kind == "sim":
             argv = [
                 PY,
@@ -205,6 +214,7 @@ def _one(
                 str(wd / "manifest.json"),
                 "--procs",
                 str(procs),
+                *extra,
             ]
         else:
             argv = [
@@ -221,13 +231,18 @@ def _one(
         res = _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
         if kind == "sim":
             res["procs"] = procs
+            res["connect_rate"] = connect_rate or 1000.0
         return res
     finally:
         wd.cleanup()
 
 
 def run(
-    quick: bool, sizes: list[int] | None = None, duration: float | None = None, procs: int = 1
+    quick: bool,
+    sizes: list[int] | None = None,
+    duration: float | None = None,
+    procs: int = 1,
+    connect_rate: float | None = None,
 ) -> dict[str, Any]:
     """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate."""
     limit = _raise_nofile()
@@ -239,7 +254,7 @@ def run(
         if n + 256 > limit:
             fleets.append({"devices": n, "error": f"open-file hard limit {limit} is too low"})
             continue
-        fleets.append(_one("sim", n, duration, warmup, procs))
+        fleets.append(_one("sim", n, duration, warmup, procs, connect_rate))
     bare = _one("bare", 1000, duration, warmup)
     ok = [f for f in fleets if f.get("sustained")]
     at_1000 = next((f for f in fleets if f.get("devices") == 1000 and "error" not in f), None)
@@ -247,7 +262,8 @@ def run(
         "command": "python -m bench.bench_sim" + (" --quick" if quick else "")
         + (f" --sizes {','.join(map(str, sizes))}" if sizes else "")
         + (f" --duration {duration:g}" if duration else "")
-        + (f" --procs {procs}" if procs > 1 else ""),
+        + (f" --procs {procs}" if procs > 1 else "")
+        + (f" --connect-rate {connect_rate:g}" if connect_rate else ""),
         "machine": machine_info(),
         "duration_s": duration,
         "largest_sustained_devices": max((f["devices"] for f in ok), default=0),
@@ -374,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="comma-separated fleet sizes")
     p.add_argument("--duration", type=float)
     p.add_argument("--procs", type=int, default=1, help="edgeferry sim run --procs N")
+    p.add_argument("--connect-rate", type=float, help="the profile's connect_rate (default 1000/s)")
     p.add_argument("--bare", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--broker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -384,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(_bare(url, a.bare, a.duration or 30.0))
         return 0
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
-    res = run(a.quick, sizes, a.duration, a.procs)
+    res = run(a.quick, sizes, a.duration, a.procs, a.connect_rate)
     print(summary(res))
     print(json.dumps(res, indent=1))
     return 0
