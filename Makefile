@@ -55,15 +55,18 @@ postgresql:
 	  done; \
 	fi
 
-# headless Chromium opens the demo's HTML report in tests/test_demo.py (Debian package;
-# the check is skipped, saying why, without it)
+# headless Chromium opens the demo's HTML report and tmux drives its dashboard in
+# tests/test_demo.py (Debian packages; each check is skipped, saying why, without them)
 chromium:
-	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	@missing=""; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="$$missing chromium"; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing chromium (Debian package)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "warning: could not install chromium: the report screenshot test will be skipped"; \
-	  else echo "warning: chromium missing: the report screenshot test will be skipped"; fi; \
+	    echo "installing$$missing (Debian packages)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing: the report screenshot or dashboard test will be skipped"; \
+	  else echo "warning:$$missing missing: the report screenshot or dashboard test will be skipped"; fi; \
 	fi
 
 # lint first: a lint or type error fails `make test` like a failing test does
