@@ -28,6 +28,7 @@ import yaml
 from edge.mqtt import BrokerURL, MQTTClient
 from edgeferry.procs import Broker
 from edgeferry.provision import provision
+from tests.harness import DEVICE_PORT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -278,7 +279,7 @@ def test_gateway_entrypoint_takes_identity_from_variables(tmp_path: Path) -> Non
     seen = dict(line.split("=", 1) for line in (home / "env.out").read_text().splitlines())
     password = balena_env["EDGEFERRY_GATEWAY_PASSWORD"]
     # the password goes to a 0600 file the gateway reads at every connect, not into the URL
-    assert seen["EDGEFERRY_LOCAL"] == "mqtt://gateway@mosquitto:1883"
+    assert seen["EDGEFERRY_LOCAL"] == f"mqtt://gateway@mosquitto:{DEVICE_PORT}"
     pwfile = Path(seen["EDGEFERRY_LOCAL_PASSWORD_FILE"])
     assert pwfile.read_text() == password + "\n" and stat.S_IMODE(pwfile.stat().st_mode) == 0o600
     assert password not in (home / "env.out").read_text() + (home / "argv.out").read_text()
@@ -322,7 +323,7 @@ def test_service_and_sim_entrypoints(tmp_path: Path) -> None:
     env |= {"EDGEFERRY_SIM_DEVICES": "50", "EDGEFERRY_SIM_PASSWORD": "pw-sim"}
     subprocess.run(["sh", str(DOCKER / "edgeferry-entrypoint.sh")], env=env, check=True, timeout=10)
     argv = (Path(env["HOME"]) / "argv.out").read_text().split()
-    assert argv[:6] == ["sim", "run", "--broker", "mqtt://mosquitto:1883", "--username", "sim"]
+    assert argv[:6] == ["sim", "run", "--broker", f"mqtt://mosquitto:{DEVICE_PORT}", "--username", "sim"]
     assert argv[6] == "--password-file" and "pw-sim" not in argv
     password_file = Path(argv[7])
     assert password_file.read_text() == "pw-sim\n" and stat.S_IMODE(password_file.stat().st_mode) == 0o600

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeferry.provision import provision
+from tests.harness import DEVICE_PORT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,7 +125,7 @@ def test_gateway_unit_gets_its_local_password_as_a_file(tmp_path: Path,
     environ = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     settings = gateway_settings(["--node-id", "pi-05", "--cloud", "mqtt://cloud.example"],
                                 environ=environ | {"EDGEFERRY_LOCAL_PASSWORD_FILE": str(source)})
-    assert settings.local == "mqtt://gateway@127.0.0.1:1883" and settings.notes == ()
+    assert settings.local == f"mqtt://gateway@127.0.0.1:{DEVICE_PORT}" and settings.notes == ()
 
 
 def test_edits_survive_and_changed_sources_are_updated(tmp_path: Path,
