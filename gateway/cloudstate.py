@@ -29,6 +29,7 @@ from typing import Any
 from edge.downlink import FINAL, RANK
 from edge.events import new_id
 from gateway.errors import GatewayError, SinkError
+from gateway.migrations import migrate
 
 __all__ = ["CloudState", "VersionConflict", "state_path", "MAX_DOC_BYTES", "MAX_TTL", "DEFAULT_TTL"]
 
@@ -117,23 +118,7 @@ class CloudState:
         self._db.close()
 
     def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS cloudstate_meta (key TEXT PRIMARY KEY, value INTEGER)")
-            row = db.execute("SELECT value FROM cloudstate_meta WHERE key='schema'").fetchone()
-            have = row[0] if row else 0
-            if have > len(MIGRATIONS):
-                raise SinkError(f"{self.path}: cloud state schema {have} is newer than this edgeferry")
-            for n in range(have, len(MIGRATIONS)):
-                for stmt in MIGRATIONS[n].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.execute("INSERT OR REPLACE INTO cloudstate_meta VALUES ('schema', ?)", (len(MIGRATIONS),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        migrate(self._db.execute, MIGRATIONS, str(self.path))
 
     # ------------------------------------------------------------ commands
 

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from gateway.errors import SinkError
+from gateway.migrations import migrate
 from gateway.pgsink import _first_line, _redact
 
 __all__ = ["PgConn"]
@@ -70,20 +71,4 @@ class PgConn:
         self.db.close()
 
     def _migrate(self) -> None:
-        self.execute("BEGIN IMMEDIATE")
-        try:
-            self.execute("CREATE TABLE IF NOT EXISTS cloudstate_meta (key text PRIMARY KEY, value bigint)")
-            row = self.execute("SELECT value FROM cloudstate_meta WHERE key='schema'").fetchone()
-            have = row[0] if row else 0
-            if have > len(MIGRATIONS):
-                raise SinkError(f"{self.label}: cloud state schema {have} is newer than this edgeferry")
-            for n in range(have, len(MIGRATIONS)):
-                for stmt in MIGRATIONS[n].split(";"):
-                    if stmt.strip():
-                        self.execute(stmt)
-            self.execute("INSERT INTO cloudstate_meta VALUES ('schema', ?) ON CONFLICT (key)"
-                         " DO UPDATE SET value = excluded.value", (len(MIGRATIONS),))
-            self.execute("COMMIT")
-        except BaseException:
-            self.execute("ROLLBACK")
-            raise
+        migrate(self.execute, MIGRATIONS, self.label)
