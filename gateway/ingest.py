@@ -252,6 +252,25 @@ class Ingest:
                     self._confirming = False
             # else: the broker redelivers them on the next connection; the sink drops them
 
+    def _accepted(self, m: Message) -> frames.Frame | Gap | None:
+        """The frame or gap notice in one message, or None (counted and logged) when it
+        does not decode, or names another node or lane than its topic: the sender is who
+        the topic says (the broker's ACL is per node), and such a frame is never written."""
+        try:
+            f = frames.decode_message(m.payload)
+        except FrameError as e:
+            self.counters["bad_frames"] += 1
+            log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
+            return None
+        if not _from_sender(m.topic, f.node, f.lane):
+            self.counters["spoofed_frames"] += 1
+            n = self.counters["spoofed_frames"]
+            if n <= 10 or n % 1000 == 0:
+                log.warning("refused a frame on %r claiming node %r lane %r: the topic names "
+                            "the sender (%d refused so far)", m.topic, f.node, f.lane, n)
+            return None
+        return f
+
     def _process(self, batch: list[Message]) -> tuple[int, int, Acks, dict[tuple[str, int, str], int]]:
         """Decode frames and write their records (in the sink thread). A frame that does
         not follow what the sink holds for its lane is not written (see ``gaps``)."""
@@ -263,22 +282,10 @@ class Ingest:
         gap_rows: list[GapRow] = []
         counters = self.counters
         for m in batch:
-            try:
-                f = frames.decode_message(m.payload)
-            except FrameError as e:
-                counters["bad_frames"] += 1
-                log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
+            f = self._accepted(m)
+            if f is None:
                 continue
             node, epoch, lane = f.node, f.epoch, f.lane
-            if not _from_sender(m.topic, node, lane):
-                # the sender is who the topic says (the broker's ACL is per node): a frame
-                # naming another node or lane is refused, never written
-                counters["spoofed_frames"] += 1
-                n = counters["spoofed_frames"]
-                if n <= 10 or n % 1000 == 0:
-                    log.warning("refused a frame on %r claiming node %r lane %r: the topic names "
-                                "the sender (%d refused so far)", m.topic, node, lane, n)
-                continue
             key = (node, epoch, lane)
             have = moved.get(key, high.get(key, 0))
             if isinstance(f, Gap):
@@ -332,18 +339,8 @@ class Ingest:
         batch_frames = []
         gap_rows: list[GapRow] = []
         for m in batch:
-            try:
-                f = frames.decode_message(m.payload)
-            except FrameError as e:
-                counters["bad_frames"] += 1
-                log.warning("dropped a bad frame on %r (%d bytes): %s", m.topic, len(m.payload), e)
-                continue
-            if not _from_sender(m.topic, f.node, f.lane):
-                counters["spoofed_frames"] += 1
-                n = counters["spoofed_frames"]
-                if n <= 10 or n % 1000 == 0:
-                    log.warning("refused a frame on %r claiming node %r lane %r: the topic names "
-                                "the sender (%d refused so far)", m.topic, f.node, f.lane, n)
+            f = self._accepted(m)
+            if f is None:
                 continue
             if isinstance(f, Gap):  # (after, upto] is lost at the gateway: held, once recorded
                 gap_rows.append((f.node, f.epoch, f.lane, f.after, f.upto, f.missing, f.reason))
