@@ -22,6 +22,13 @@ quota, both pipelines in the same run, interleaved (the order alternates per rou
 
 Beside them the load generator's own ceiling: alone against an unjailed broker, and
 against a jailed broker nobody subscribes to (the broker's own ceiling in the quota).
+And the site's floor, in the live rounds, interleaved with the pipelines:
+
+- ``edgeferry-gateway-outside``: the edgeferry pipeline with only the edge broker in the
+  quota and the gateway outside it: what the site could deliver if the gateway cost
+  nothing, given Mosquitto serving the gateway's QoS 1 session;
+- ``floor1`` / ``floor0``: the jailed broker with ``mosquitto_sub`` outside as the only
+  subscriber on ``dt/#`` at QoS 1 / QoS 0 (what a QoS 0 local session would buy).
 Needs root and cgroup v1 (skips otherwise). Never part of ``make test``.
 
     python -m bench --only jail [--quick]
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,10 +68,14 @@ from bench._util import (
 from bench.bench_pibudget import MEMORY, PERIOD_US, Cgroup, _available
 from edgeferry.procs import EDGE_CONF, Broker
 
+_MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"  # Debian's mosquitto-clients
+_MOSQUITTO_SUB_OK = os.access(_MOSQUITTO_SUB, os.X_OK)
+
 NAME = "jail"
 __all__ = ["run", "summary"]
 
 QUOTAS = (10, 25)  # % of one core
+GW_OUTSIDE = "edgeferry-gateway-outside"  # the site's floor: the edge broker alone in the quota
 SIZE = 100
 
 
@@ -87,6 +99,7 @@ class JailedEdgeferry(Edgeferry):
 
     pct = 10
     src: str | None = None  # the gateway's code from another checkout (A/B against a git ref)
+    gateway_jailed = True  # False: only the edge broker in the quota (the floor of the site)
 
     def _start(self, sync: str, extra: tuple[str, ...]) -> None:
         self.cg = _cgroup(self.wd, "ef", self.pct)
@@ -98,8 +111,9 @@ class JailedEdgeferry(Edgeferry):
             PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
             "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"]).start()
         wait_line(self.ingest, "ingest ready", 60)
+        jail = [str(self.cg.wrapper)] if self.gateway_jailed else []
         self.gateway_argv = [
-            str(self.cg.wrapper), PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
+            *jail, PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
             "--cloud", self.proxy_url, "--store", str(self.store), "--node-id", "bench",
             "--uplink", "dt/#", "--backoff-max", "1s", "--keepalive", "10s", "--sync", sync, *extra]
         env = {"PYTHONPATH": self.src} if self.src else None
@@ -162,7 +176,10 @@ def _export(ref: str, wd: Workdir) -> str:
 
 def _make(kind: str, pct: int, tag: str) -> JailedEdgeferry | JailedBridge:
     cls: type[JailedEdgeferry] | type[JailedBridge] = JailedEdgeferry if kind.startswith("edgeferry") else JailedBridge
-    sub = type(cls.__name__, (cls,), {"pct": pct, "src": _SRC.get(kind)})
+    attrs: dict[str, Any] = {"pct": pct, "src": _SRC.get(kind)}
+    if kind == GW_OUTSIDE:
+        attrs["gateway_jailed"] = False
+    sub = type(cls.__name__, (cls,), attrs)
     return sub(f"{tag}{kind.partition('@')[2][:8]}")
 
 
@@ -275,6 +292,50 @@ def _ceilings(n: int, pct: int) -> dict[str, Any]:
         cg.remove()
 
 
+def _floor(n: int, pct: int, qos: int) -> dict[str, Any]:
+    """The edge broker alone in the quota, serving one subscriber on ``dt/#`` that lives
+    outside it (``mosquitto_sub``, a persistent session like the gateway's, acknowledging
+    at once): what the broker's own work allows, with no gateway and no bridge in the
+    quota. At QoS 1 it is the most any site built on this broker and a QoS 1 session can
+    deliver; a bridge pays the same broker work (a PUBLISH out, a PUBACK in) and nothing
+    else."""
+    wd = Workdir("efbench-jailfloor-")
+    cg = _cgroup(wd, f"floor{qos}", pct)
+    try:
+        b = Broker(EDGE_CONF, wd / "edge", name="edge", binary=str(cg.mosquitto), die_with_parent=True)
+        wd._started.append(b)
+        b.start(timeout=30)
+        out = wd / "sub.out"
+        # -d prints the SUBACK (readiness; line-buffered by stdbuf) and a line per PUBLISH; -C exits after n, -W
+        # bounds a run where the broker dropped QoS 0 messages
+        sub = subprocess.Popen(
+            ["stdbuf", "-oL", _MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(b.port), "-q", str(qos), "-c",
+             "-i", f"floor-q{qos}", "-t", "dt/#", "-C", str(n), "-W", str(int(60 + n / 500)), "-d"],
+            stdout=open(out, "wb"), stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: b"SUBACK" in out.read_bytes(), 30, "mosquitto_sub subscribed")
+            bpid = b.pid or 0
+            c0, la0 = cpu_seconds(bpid), _loadavg()
+            lg = Loadgen(b.url, n, f"floor-q{qos}", size=SIZE).start()
+            res = lg.result(timeout=900)
+            sub.wait(timeout=120 + n / 500)
+            t_end = time.monotonic()
+            c1 = cpu_seconds(bpid)
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+                sub.wait()
+        got = out.read_bytes().count(b"received PUBLISH")
+        return {"qos": qos, "delivered": got, "lost": n - got,
+                "delivered_msg_s": round(got / (t_end - lg.t_start)), "loadgen_msg_s": res["rate"],
+                "broker_cpu_s_per_100k": round((c1 - c0) * 100_000 / n, 3),
+                "broker_peak_rss_mib": round(mem_kb(bpid).get("VmHWM", 0) / 1024, 1),
+                "loadavg": [la0, _loadavg()]}
+    finally:
+        wd.cleanup()
+        cg.remove()
+
+
 def run(quick: bool, n: int = 30_000, rounds: int | None = None, outage: float | None = None,
         quotas: tuple[int, ...] = QUOTAS, live_only: bool = False, ab: str | None = None) -> dict[str, Any]:
     why = _available()
@@ -306,8 +367,17 @@ def _run(quick: bool, n: int, rounds: int | None, outage: float | None, quotas: 
         scen = ("live",) if live_only else ("live", "outage")
         for sc in scen:
             for rnd in range(rounds):
-                order = kinds if rnd % 2 == 0 else kinds[::-1]
+                # the live rounds also measure the floor: the broker alone in the quota
+                # with a QoS 1 (and a QoS 0) subscriber outside it
+                order = kinds + ([GW_OUTSIDE] if sc == "live" else [])
+                order += ["floor1", "floor0"] if sc == "live" and _MOSQUITTO_SUB_OK else []
+                order = order if rnd % 2 == 0 else order[::-1]
                 for kind in order:
+                    if kind.startswith("floor"):
+                        row = _floor(n, pct, int(kind[-1]))
+                        log(f"{pct}% {kind}: {row}")
+                        q.setdefault("floor", {}).setdefault(f"qos{kind[-1]}", []).append(row)
+                        continue
                     row = _one(kind, pct, n, rnd, outage if sc == "outage" else None)
                     q.setdefault(sc, {}).setdefault(kind, []).append(row)
         out["quotas"][str(pct)] = q
@@ -329,6 +399,14 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(f"  {pct}% of one core: loadgen alone {c['loadgen_alone_msg_s']:.0f} msg/s, "
                      f"jailed broker with no subscriber {c['jailed_broker_no_subscriber_msg_s']:.0f} msg/s "
                      f"(load {c['loadavg']})")
+        if not _MOSQUITTO_SUB_OK:
+            lines.append("    floor: not measured (no mosquitto_sub: Debian's mosquitto-clients)")
+        for name, rows in q.get("floor", {}).items():
+            lines.append(f"    floor  broker alone, {name} subscriber outside: "
+                         + "/".join(str(r["delivered_msg_s"]) for r in rows) + " msg/s delivered, lost "
+                         + "/".join(str(r["lost"]) for r in rows) + "; broker CPU s/100k "
+                         + "/".join(str(r["broker_cpu_s_per_100k"]) for r in rows)
+                         + f"; load {[r['loadavg'][1] for r in rows]}")
         for sc in ("live", "outage"):
             for kind, rows in q.get(sc, {}).items():
                 key = "catch_up_msg_s" if sc == "outage" else "delivered_msg_s"
