@@ -116,8 +116,13 @@ class Workdir:
 
     def proc(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         """A child process logging to ``<workdir>/<name>.log``; not started. A process is
-        started once: to restart one, make a new one with the same name (same log)."""
-        p = Proc(args, name, self.path, env=env, die_with_parent=True)
+        started once: to restart one, make a new one with the same name (same log).
+
+        With ``PYTHONPATH`` in ``env`` (another ref's code exported beside, for an A/B) the
+        process runs from that directory: from the checkout, ``python -m`` would put the
+        checkout first on ``sys.path`` and run this tree's code instead."""
+        cwd = env["PYTHONPATH"].split(os.pathsep)[0] if env and env.get("PYTHONPATH") else None
+        p = Proc(args, name, self.path, env=env, cwd=cwd, die_with_parent=True)
         self._started.append(p)
         return p
 
