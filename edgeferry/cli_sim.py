@@ -97,9 +97,13 @@ def sim_run(
         float | None, Opt("--stats-every", help="print a JSON 'stats' line on stderr every S s")
     ] = None,
     procs: Annotated[
-        int, Opt("--procs", help="split the devices over N processes (one core carries a few "
-                 "thousand at 1 msg/s); one manifest")
-    ] = 1,
+        str, Opt("--procs", help="split the devices over N processes, one manifest; auto: one "
+                 "per 2,500 devices, at most one per CPU")
+    ] = "auto",
+    connect_rate: Annotated[
+        float | None, Opt("--connect-rate", help="at most R new connections a second at start "
+                          "[1000]; the ramp also slows down by itself when it falls behind")
+    ] = None,
     log_level: Annotated[str, Opt("--log-level", help="debug, info, warning, error")] = "warning",
     username: Annotated[
         str | None,
@@ -178,9 +182,18 @@ def sim_run(
             outbox=outbox,
             faults=faults,
             chaos=chaos_spec,
+            connect_rate=connect_rate,
         )
     except SimError as e:
         _fail(str(e), 2)
+        return
+    try:
+        nprocs = None if procs.strip().lower() == "auto" else int(procs)
+    except ValueError:
+        _fail(f"--procs {procs}: expected a number or auto", 2)
+        return
+    if nprocs is not None and nprocs < 1:
+        _fail(f"--procs {procs}: expected at least 1", 2)
         return
     from firmware_sim.runner import run_fleet
 
@@ -193,7 +206,7 @@ def sim_run(
             drain_timeout=drain_timeout,
             progress=progress,
             stats_every=stats_every,
-            procs=procs,
+            procs=nprocs,
         )
     except (SimError, ConfigError) as e:
         _fail(str(e), 2 if isinstance(e, ConfigError) else 1)

@@ -109,8 +109,9 @@ def _sum_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     faults: dict[str, int] = {}
     for s in parts:
-        for k in ("devices", "connected", "generated", "acked", "dropped", "held", "boots"):
-            out[k] = out.get(k, 0) + s[k]
+        for k in ("devices", "connected", "generated", "acked", "dropped", "held", "boots",
+                  "waiting", "connecting", "backoffs"):
+            out[k] = out.get(k, 0) + s.get(k, 0)
         for k, v in s["faults"].items():
             faults[k] = faults.get(k, 0) + v
     out["faults"] = faults

@@ -1,7 +1,8 @@
 """What a simulated device shares with its fleet, and nothing more.
 
 A :class:`~firmware_sim.device.Device` gets one :class:`DeviceContext`: the run's
-settings (profile, run id, broker URL, client id prefix, reconnect jitter), its clock
+settings (profile, run id, broker URL, client id prefix, reconnect jitter), the ramp that
+admits its connection attempts (:class:`~firmware_sim.ramp.Ramp`), its clock
 (the wall-clock start, for skewed and drifting device clocks), the fleet's live counters
 (:class:`FleetCounters`, which the progress line and ``Fleet.stats()`` read), the fleet's
 stop state, and two ways to tell the fleet something (``spawn`` a short job in its task
@@ -20,6 +21,7 @@ from typing import Any
 
 from edge.mqtt import BrokerURL
 from firmware_sim.profile import Profile
+from firmware_sim.ramp import Ramp
 
 __all__ = ["DeviceContext", "FleetCounters"]
 
@@ -44,6 +46,7 @@ class DeviceContext:
         "url",
         "client_prefix",
         "rng",
+        "ramp",
         "wall_start",
         "counters",
         "connection_changed",
@@ -69,6 +72,7 @@ class DeviceContext:
         self.url = url  # the broker, or the chaos proxy in front of it
         self.client_prefix = client_prefix
         self.rng = rng  # reconnect jitter only
+        self.ramp = Ramp()  # connection attempts in flight (firmware_sim/ramp.py)
         self.wall_start = time.time()  # set again when the fleet starts
         self.counters = FleetCounters()
         self.connection_changed = asyncio.Event()  # set whenever a device goes on- or offline

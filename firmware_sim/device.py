@@ -4,11 +4,15 @@ A device is a state machine driven by loop timers plus one task (its link):
 
 * **ticks** (``loop.call_at``): every ``interval`` seconds, with seeded jitter, the
   device advances its sensors and puts one reading per due stream into its outbox.
-  Ticks keep running while the link is down, as a microcontroller keeps measuring.
+  They start when the fleet's start-up ramp lets the device make its first connection
+  attempt (it is switched on), and keep running while the link is down, as a
+  microcontroller keeps measuring.
 * **link** (the task): connects with a last will (``offline`` retained on
   ``state/<device>``), subscribes to ``cmd/<device>/+``, publishes its retained birth
   (``{"state": "online", "firmware": ..., "sensors": [...], "boot": n}``), then sends
-  the outbox oldest first with at most ``window`` publishes in flight. A message leaves
+  the outbox oldest first with at most ``window`` publishes in flight. Every attempt
+  waits for a slot of the fleet's :class:`~firmware_sim.ramp.Ramp` (connections in
+  flight, bounded and adapting), held until the birth is acknowledged. A message leaves
   the outbox only on PUBACK. When the connection dies it reconnects with capped,
   jittered exponential backoff and sends again everything still held.
 * **faults** (timers from the seeded plan): network drops (abort, no DISCONNECT),
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from functools import partial
@@ -91,6 +96,7 @@ class Device:
         "state_topic",
         "source",
         "_busy",
+        "measuring",
     )
 
     def __init__(self, ctx: DeviceContext, index: int, name: str, faults: DeviceFaults) -> None:
@@ -145,21 +151,37 @@ class Device:
         self.state_topic = f"state/{name}"
         self.source = f"/{p.site}/devices/{name}"
         self._busy = False  # a reboot or OTA is in progress
+        self.measuring = False  # switched on: ticks were started (first connection attempt)
 
     # ------------------------------------------------------------------ schedule
 
     def start(self, t0: float) -> None:
-        """Power on at loop time ``t0`` (the fleet's start): the first tick comes after a
-        seeded phase within one interval, so a fleet does not report in lockstep."""
+        """Join the fleet started at loop time ``t0``: its fault timers run from ``t0``; its
+        ticks start when it is switched on (:meth:`_switch_on`), on a grid with a seeded
+        phase within one interval, so a fleet does not report in lockstep."""
         loop = asyncio.get_running_loop()
         phase = uniform(self.ctx.profile.seed, self.index, _P_PHASE) * self.interval
         self.anchor = t0 + phase
         self.anchor_k = 0
         self.sim_anchor = phase
         self.last_t = phase
-        self.timer = loop.call_at(self.anchor, self._tick)
         for at, kind, arg in self.faults.timed:
             self.timers.append(loop.call_at(t0 + at, self._fault, kind, arg))
+
+    def _switch_on(self) -> None:
+        """The device is switched on when the start-up ramp lets it make its first
+        connection attempt (firmware_sim/ramp.py): its first tick is the next point of
+        its grid, and it measures from then on, connected or not. Devices still waiting
+        for their turn hold nothing, so a slow ramp does not fill outboxes. Tick ``k``
+        counts from the first tick, so the values do not depend on when that was."""
+        if self.measuring or not self.alive or self.ctx.stopping:
+            return
+        self.measuring = True
+        loop = asyncio.get_running_loop()
+        behind = loop.time() - self.anchor
+        if behind > 0:
+            self.anchor += math.ceil(behind / self.tick_interval) * self.tick_interval
+        self.timer = loop.call_at(self.anchor, self._tick)
 
     def stop_ticks(self) -> None:
         if self.timer is not None:
@@ -333,6 +355,7 @@ class Device:
         if self.alive or self.ctx.stopping:
             return
         self.alive = True
+        self.measuring = True
         self.boot += 1
         self.desired_version = 0
         self.ctx.counters.boots += 1
@@ -362,6 +385,7 @@ class Device:
         loop = asyncio.get_running_loop()
         ctx = self.ctx
         p = ctx.profile
+        ramp = ctx.ramp
         backoff = Backoff(p.reconnect.initial, max(p.reconnect.initial, p.reconnect.cap), ctx.rng)
         delay = connect_at - loop.time()
         if delay > 0:
@@ -372,6 +396,7 @@ class Device:
                 continue
             if loop.time() < self.net_down_until:
                 # the radio is down: attempts fail, and back off as they would
+                self._switch_on()
                 self.counters["connect_failures"] += 1
                 await self._sleep(min(backoff.next(), self.net_down_until - loop.time() + 0.05))
                 continue
@@ -385,46 +410,63 @@ class Device:
                 max_inflight=p.window,
                 connect_timeout=10.0,
             )
+            # one slot of the ramp from the socket's opening to the birth's PUBACK
+            await ramp.acquire()
+            held = True
             try:
-                await client.connect()
-            except (ConnectError, OSError) as e:
-                self.counters["connect_failures"] += 1
-                log.debug("%s: connect failed: %s", self.name, e)
-                await self._sleep(backoff.next())
-                continue
-            # the broker accepted it: a connection from here on, whose abort fires the will
-            self.counters["connects"] += 1
-            if not self.alive or ctx.drain_over:
-                await client.close()
-                continue
-            if loop.time() < self.net_down_until:
-                # the radio went down while the handshake was in flight
-                self._abort(client)
-                continue
-            self.client = client
-            client.closed.add_done_callback(lambda _f: self.wake.set())
-            try:
-                await client.subscribe([(f"cmd/{self.name}/+", 1), (f"shadow/{self.name}/desired", 1)])
-                await client.publish(self.state_topic, self._birth(), 1, retain=True)
-                backoff.connected()  # starts over only if this connection stays up (edge/backoff.py)
-                self._announced = True
-                ctx.counters.connected += 1
-                ctx.connection_changed.set()
+                self._switch_on()
+                t = loop.time()
                 try:
-                    await self._pump(client)
-                finally:
-                    self._announced = False
-                    ctx.counters.connected -= 1
+                    await client.connect()
+                except (ConnectError, OSError) as e:
+                    ramp.failed()
+                    ramp.release()
+                    held = False
+                    self.counters["connect_failures"] += 1
+                    log.debug("%s: connect failed: %s", self.name, e)
+                    await self._sleep(backoff.next())
+                    continue
+                ramp.connack(loop.time() - t)
+                # the broker accepted it: a connection from here on, whose abort fires the will
+                self.counters["connects"] += 1
+                if not self.alive or ctx.drain_over:
+                    await client.close()
+                    continue
+                if loop.time() < self.net_down_until:
+                    # the radio went down while the handshake was in flight
+                    self._abort(client)
+                    continue
+                self.client = client
+                client.closed.add_done_callback(lambda _f: self.wake.set())
+                try:
+                    await client.subscribe(
+                        [(f"cmd/{self.name}/+", 1), (f"shadow/{self.name}/desired", 1)]
+                    )
+                    await client.publish(self.state_topic, self._birth(), 1, retain=True)
+                    ramp.release()
+                    held = False
+                    backoff.connected()  # starts over only if this connection stays up (edge/backoff.py)
+                    self._announced = True
+                    ctx.counters.connected += 1
                     ctx.connection_changed.set()
-            except ConnectionLost:
-                pass
+                    try:
+                        await self._pump(client)
+                    finally:
+                        self._announced = False
+                        ctx.counters.connected -= 1
+                        ctx.connection_changed.set()
+                except ConnectionLost:
+                    pass
+                finally:
+                    self.client = None
+                    if client.connected and (ctx.stopping or not self.alive):
+                        pass  # the fleet (or a reboot) closes it
+                    elif client.connected:
+                        client.abort()
+                    self.outbox.requeue_all()
             finally:
-                self.client = None
-                if client.connected and (ctx.stopping or not self.alive):
-                    pass  # the fleet (or a reboot) closes it
-                elif client.connected:
-                    client.abort()
-                self.outbox.requeue_all()
+                if held:
+                    ramp.release()
             if self.alive and loop.time() >= self.net_down_until and not ctx.drain_over:
                 # the broker or the path to it went away: back off before trying again
                 self.counters["link_lost"] += 1

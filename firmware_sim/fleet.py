@@ -34,6 +34,7 @@ from firmware_sim.errors import ResourceLimitError
 from firmware_sim.faults import NO_FAULTS, plan_faults
 from firmware_sim.manifest import build_manifest
 from firmware_sim.profile import Profile
+from firmware_sim.ramp import Ramp
 
 __all__ = ["Fleet", "raise_open_file_limit"]
 
@@ -126,6 +127,11 @@ class Fleet:
     def acked(self) -> int:
         """Messages the broker acknowledged."""
         return self.counters.acked
+
+    @property
+    def ramp(self) -> Ramp:
+        """The start-up ramp: connection attempts in flight (firmware_sim/ramp.py)."""
+        return self.ctx.ramp
 
     @property
     def faults_fired(self) -> dict[str, int]:
@@ -259,12 +265,13 @@ class Fleet:
 
     async def _lag_monitor(self) -> None:
         """How late the event loop runs timers: the fleet's own health (is one process
-        keeping up with this many devices?)."""
+        keeping up with this many devices?), and a signal for the start-up ramp."""
         loop = asyncio.get_running_loop()
         while True:
             t = loop.time()
             await asyncio.sleep(0.1)
             lag = loop.time() - t - 0.1
+            self.ctx.ramp.lag(lag)
             if lag > self.max_lag:
                 self.max_lag = lag
 
@@ -332,6 +339,10 @@ class Fleet:
             "boots": c.boots,
             "faults": dict(c.faults_fired),
             "max_lag_ms": round(self.max_lag * 1000, 1),
+            # the start-up ramp: devices waiting for their turn, attempts in flight, back-offs
+            "waiting": self.ctx.ramp.waiting,
+            "connecting": self.ctx.ramp.inflight,
+            "backoffs": sum(self.ctx.ramp.backoffs.values()),
         }
         if reset_lag:
             self.max_lag = 0.0

@@ -18,7 +18,28 @@ from firmware_sim.fleet import Fleet, raise_open_file_limit
 from firmware_sim.manifest import write_manifest
 from firmware_sim.profile import Profile
 
-__all__ = ["run_fleet", "RateMeter"]
+__all__ = ["run_fleet", "RateMeter", "auto_procs", "DEVICES_PER_PROCESS"]
+
+# devices one process carries at one message per second with room to spare: one core
+# sustained 5,000 on a fast day and 2,000 on a slow one (docs/simulator.md, Scale)
+DEVICES_PER_PROCESS = 2500
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_procs(profile: Profile, cpus: int | None = None) -> int:
+    """``--procs auto``: one process per ``DEVICES_PER_PROCESS`` devices (rounded up),
+    at most one per CPU; one when a chaos proxy runs (one proxy per fleet)."""
+    if profile.chaos is not None:
+        return 1
+    cpus = cpu_count() if cpus is None else cpus
+    return max(1, min(cpus, -(-profile.devices // DEVICES_PER_PROCESS)))
 
 
 class RateMeter:
@@ -187,13 +208,15 @@ def run_fleet(
     drain_timeout: float = 10.0,
     progress: bool = True,
     stats_every: float | None = None,
-    procs: int = 1,
+    procs: int | None = None,
 ) -> int:
     """Run the fleet to completion on uvloop (when available); return the exit code.
     ``procs`` > 1 splits the devices over that many child processes (firmware_sim/_split.py)
-    and writes one manifest merged from theirs."""
+    and writes one manifest merged from theirs; None picks the number (:func:`auto_procs`)."""
     if isinstance(broker, str):
         parse_url(broker)  # ConfigError with one line if bad
+    if procs is None:
+        procs = auto_procs(profile)
     if procs < 1:
         raise SimError(f"--procs {procs}: expected at least 1")
     procs = min(procs, profile.devices)

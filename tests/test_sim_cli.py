@@ -43,6 +43,9 @@ def test_sim_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
             "cannot read profile",
         ),
         (["sim", "run", "--broker", closed, "--chaos", "soon"], 2, "must look like"),
+        (["sim", "run", "--broker", closed, "--procs", "two"], 2, "expected a number or auto"),
+        (["sim", "run", "--broker", closed, "--procs", "0"], 2, "expected at least 1"),
+        (["sim", "run", "--broker", closed, "--connect-rate", "0"], 2, "connect_rate"),
         (
             ["sim", "run", "--broker", closed, "--devices", "2", "--duration", "1"],
             1,
