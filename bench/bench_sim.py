@@ -11,19 +11,22 @@ line every second; after a warm-up the bench measures, over the steady window:
 * the worst event-loop lag and the most messages held in outboxes.
 
 The steady window starts 2 s after every device is connected and the start-up backlog
-is gone (the fleet connects 1,000 devices a second). A size is *sustained* when the
+is gone (the fleet's start-up ramp takes 1,000 connections a second at most). A size is *sustained* when the
 window covers at least half the run, every device stayed connected, the rate is within 2% of the
 target, outboxes held less than one interval's worth of messages and the loop lag stayed
 under 0.5 s. The same is measured for a bare loop of the same MQTT client (one task per
 connection publishing a fixed payload), the cheapest thing that puts the same load on
 the broker, so the report shows what the simulator's realism costs.
 
-With ``--procs N`` each fleet runs as ``edgeferry sim run --procs N`` and the figures
-(CPU, RSS) are those of the whole process tree; every size also reports CPU per 1,000
-devices, RSS per device and the highest 1-minute load average of the window.
+``sim run`` splits a fleet over processes by itself (``--procs auto``); the figures (CPU,
+RSS) are those of the whole process tree. Every size also reports CPU per 1,000 devices,
+RSS per device, the highest 1-minute load average of the window, the fewest devices
+connected in the window, how long the ramp took, and from the manifest the readings
+sent, acknowledged and dropped. ``--compare ARGS`` runs every size a second time with
+other ``sim run`` arguments right after (e.g. ``--compare '--procs 2 --connect-rate 300'``).
 
     python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000,10000] [--duration 30]
-        [--procs N] [--connect-rate R]
+        [--procs N|auto] [--connect-rate R] [--compare ARGS]... [--duration-at N=S]...
 """
 
 from __future__ import annotations
@@ -171,21 +174,34 @@ def _measure(
     return res
 
 
+def _manifest_totals(path: Any) -> dict[str, Any]:
+    """Readings sent, acknowledged and dropped (by reason), from the run's manifest."""
+    try:
+        with open(path) as f:
+            tot = json.load(f)["totals"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {
+        "sent": tot["sent"],
+        "acked": tot["acked"],
+        "dropped_by_reason": tot["dropped_by_reason"],
+        # readings neither acknowledged by the broker nor counted as dropped by a device
+        "unaccounted": tot["sent"] - tot["acked"] - sum(tot["dropped_by_reason"].values()),
+    }
+
+
 def _one(
     kind: str,
     devices: int,
     duration: float,
     warmup: float,
-    procs: int = 1,
-    connect_rate: float | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
+    """One fleet (``kind`` "sim", with ``extra`` ``sim run`` arguments) or the bare loop."""
+    extra = extra or []
     wd = Workdir("efbench-sim-")
     try:
         broker = wd.broker("edge", f"edge-{kind}-{devices}").start()
-        extra: list[str] = []
-        if connect_rate is not None:
-            (wd / "profile.yaml").write_text(f"connect_rate: {connect_rate:g}\n")
-            extra = ["--profile", str(wd / "profile.yaml")]
         if kind == "sim":
             argv = [
                 PY,
@@ -212,8 +228,6 @@ def _one(
                 "5",
                 "--manifest",
                 str(wd / "manifest.json"),
-                "--procs",
-                str(procs),
                 *extra,
             ]
         else:
@@ -230,8 +244,8 @@ def _one(
             ]
         res = _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
         if kind == "sim":
-            res["procs"] = procs
-            res["connect_rate"] = connect_rate or 1000.0
+            res["config"] = " ".join(extra) or "defaults"
+            res["manifest"] = _manifest_totals(wd / "manifest.json")
         return res
     finally:
         wd.cleanup()
@@ -241,29 +255,45 @@ def run(
     quick: bool,
     sizes: list[int] | None = None,
     duration: float | None = None,
-    procs: int = 1,
+    procs: str | None = None,
     connect_rate: float | None = None,
+    compare: list[str] | None = None,
+    durations: dict[int, float] | None = None,
 ) -> dict[str, Any]:
-    """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate."""
+    """Largest fleet sustained at 1 msg/s per device, RSS at 1,000 devices, achieved rate.
+    ``procs`` and ``connect_rate`` are passed to ``sim run`` when given (its defaults
+    otherwise); each ``compare`` entry is another set of ``sim run`` arguments, run at
+    every size right after the first (the same broker setup, the same machine state).
+    ``durations`` overrides the run length per size."""
     limit = _raise_nofile()
     duration = duration or (20.0 if quick else 30.0)
     warmup = 3.0
     sizes = sizes or ([1000, 2000] if quick else [1000, 2000, 5000, 10000])
+    base: list[str] = []
+    if procs is not None:
+        base += ["--procs", procs]
+    if connect_rate is not None:
+        base += ["--connect-rate", f"{connect_rate:g}"]
+    configs = [base] + [c.split() for c in compare or []]
     fleets: list[dict[str, Any]] = []
     for n in sizes:
         if n + 256 > limit:
             fleets.append({"devices": n, "error": f"open-file hard limit {limit} is too low"})
             continue
-        fleets.append(_one("sim", n, duration, warmup, procs, connect_rate))
+        d = (durations or {}).get(n, duration)
+        for extra in configs:
+            fleets.append(_one("sim", n, d, warmup, extra))
     bare = _one("bare", 1000, duration, warmup)
-    ok = [f for f in fleets if f.get("sustained")]
+    ok = [f for f in fleets if f.get("sustained") and f.get("config") == (" ".join(base) or "defaults")]
     at_1000 = next((f for f in fleets if f.get("devices") == 1000 and "error" not in f), None)
     res: dict[str, Any] = {
         "command": "python -m bench.bench_sim" + (" --quick" if quick else "")
         + (f" --sizes {','.join(map(str, sizes))}" if sizes else "")
         + (f" --duration {duration:g}" if duration else "")
-        + (f" --procs {procs}" if procs > 1 else "")
-        + (f" --connect-rate {connect_rate:g}" if connect_rate else ""),
+        + (f" --procs {procs}" if procs is not None else "")
+        + (f" --connect-rate {connect_rate:g}" if connect_rate else "")
+        + "".join(f" --compare '{c}'" for c in compare or [])
+        + "".join(f" --duration-at {n}={v:g}" for n, v in (durations or {}).items()),
         "machine": machine_info(),
         "duration_s": duration,
         "largest_sustained_devices": max((f["devices"] for f in ok), default=0),
@@ -296,7 +326,7 @@ def summary(res: dict[str, Any]) -> str:
     head = (
         f"  {'devices':>8} {'msg/s':>9} {'err %':>6} {'peak RSS MB':>11} {'CPU %':>6} "
         f"{'broker %':>8} {'lag ms':>7} {'held':>6} {'%/1k dev':>8} {'kB/dev':>6} {'load':>5}"
-        f"  sustained"
+        f" {'conn min':>8} {'ramp s':>6} {'dropped':>7}  sustained  config"
     )
     lines.append(head)
     rows = [("sim", f) for f in res["fleets"]] + [("bare", res["bare_client_loop_1000"])]
@@ -309,8 +339,10 @@ def summary(res: dict[str, Any]) -> str:
             f"{f['peak_rss_mb']:>11} {f['cpu_pct_one_core']:>6} "
             f"{f['broker_cpu_pct_one_core']:>8} {f['loop_lag_max_ms']:>7} {f['held_max']:>6} "
             f"{f['cpu_pct_per_1000_devices']:>8} {f['rss_kb_per_device']:>6} "
-            f"{f['load_avg_1min_max']:>5}  "
-            f"{f['sustained']}" + ("  (bare client loop)" if kind == "bare" else "")
+            f"{f['load_avg_1min_max']:>5} {f['connected_min']:>8} {f['ramp_s'] or '-':>6} "
+            f"{sum(f.get('manifest', {}).get('dropped_by_reason', {}).values()):>7}  "
+            f"{f['sustained']!s:>9}  "
+            + ("(bare client loop)" if kind == "bare" else f.get("config", ""))
         )
     a = res.get("at_1000")
     if a:
@@ -389,8 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", help="comma-separated fleet sizes")
     p.add_argument("--duration", type=float)
-    p.add_argument("--procs", type=int, default=1, help="edgeferry sim run --procs N")
-    p.add_argument("--connect-rate", type=float, help="the profile's connect_rate (default 1000/s)")
+    p.add_argument("--procs", help="edgeferry sim run --procs N|auto (default: sim run's, auto)")
+    p.add_argument("--connect-rate", type=float, help="sim run --connect-rate (default: sim run's)")
+    p.add_argument("--compare", action="append", metavar="ARGS",
+                   help="also run every size with these sim run arguments, e.g. "
+                   "'--procs 2 --connect-rate 300' (repeatable)")
+    p.add_argument("--duration-at", action="append", metavar="N=S", default=[],
+                   help="run length for one size, e.g. 10000=120 (repeatable)")
     p.add_argument("--bare", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--broker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -401,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(_bare(url, a.bare, a.duration or 30.0))
         return 0
     sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else None
-    res = run(a.quick, sizes, a.duration, a.procs, a.connect_rate)
+    durations = {int(k): float(v) for k, v in (x.split("=") for x in a.duration_at)}
+    res = run(a.quick, sizes, a.duration, a.procs, a.connect_rate, a.compare, durations)
     print(summary(res))
     print(json.dumps(res, indent=1))
     return 0
