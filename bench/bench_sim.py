@@ -23,7 +23,8 @@ RSS) are those of the whole process tree. Every size also reports CPU per 1,000 
 RSS per device, the highest 1-minute load average of the window, the fewest devices
 connected in the window, how long the ramp took, and from the manifest the readings
 sent, acknowledged and dropped. ``--compare ARGS`` runs every size a second time with
-other ``sim run`` arguments right after (e.g. ``--compare '--procs 2 --connect-rate 300'``).
+other ``sim run`` arguments right after (e.g. ``--compare '--procs 2 --connect-rate 300'``;
+``--compare '@REF ARGS'`` runs the code of git ref REF, exported, for an A/B).
 
     python -m bench.bench_sim [--quick] [--sizes 1000,2000,5000,10000] [--duration 30]
         [--procs N|auto] [--connect-rate R] [--compare ARGS]... [--duration-at N=S]...
@@ -35,11 +36,12 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from typing import Any
 
-from bench._util import PY, Workdir, cpu_seconds, machine_info, mem_kb, pid_of
+from bench._util import PY, REPO, Workdir, cpu_seconds, machine_info, mem_kb, pid_of
 from edgeferry.procs import Broker, Proc
 
 TARGET_RSS_MB_AT_1000 = 100
@@ -104,9 +106,10 @@ def _measure(
     duration: float,
     warmup: float,
     broker: Broker,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one fleet process; sample its /proc figures at each stats line."""
-    proc = wd.proc(label, argv).start()
+    proc = wd.proc(label, argv, env=env).start()
     samples: list[dict[str, Any]] = []
     seen = 0
     deadline = time.monotonic() + duration + 60
@@ -190,18 +193,39 @@ def _manifest_totals(path: Any) -> dict[str, Any]:
     }
 
 
+def _export(ref: str, wd: Workdir) -> str:
+    """The packages of git ref ``ref`` in a directory of ``wd`` (for PYTHONPATH)."""
+    dest = wd / ("src-" + ref.replace("/", "_"))
+    dest.mkdir()
+    tar = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "edge", "gateway", "edgeferry", "firmware_sim"],
+        check=True, capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return str(dest)
+
+
 def _one(
     kind: str,
     devices: int,
     duration: float,
     warmup: float,
     extra: list[str] | None = None,
+    ref: str | None = None,
 ) -> dict[str, Any]:
-    """One fleet (``kind`` "sim", with ``extra`` ``sim run`` arguments) or the bare loop."""
-    extra = extra or []
+    """One fleet (``kind`` "sim", with ``extra`` ``sim run`` arguments; the code of git
+    ``ref`` when given) or the bare loop. ``--connect-rate R`` goes into a profile file
+    (``connect_rate: R``), which older refs without the flag read too."""
+    label = " ".join(extra or []) or "defaults"
+    extra = list(extra or [])
     wd = Workdir("efbench-sim-")
     try:
         broker = wd.broker("edge", f"edge-{kind}-{devices}").start()
+        env = {"PYTHONPATH": _export(ref, wd)} if ref else None
+        if "--connect-rate" in extra:
+            i = extra.index("--connect-rate")
+            (wd / "profile.yaml").write_text(f"connect_rate: {float(extra[i + 1]):g}\n")
+            extra[i : i + 2] = ["--profile", str(wd / "profile.yaml")]
         if kind == "sim":
             argv = [
                 PY,
@@ -242,9 +266,9 @@ def _one(
                 "--duration",
                 str(duration),
             ]
-        res = _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker)
+        res = _measure(wd, f"{kind}-{devices}", argv, devices, duration, warmup, broker, env)
         if kind == "sim":
-            res["config"] = " ".join(extra) or "defaults"
+            res["config"] = (f"@{ref} " if ref else "") + label
             res["manifest"] = _manifest_totals(wd / "manifest.json")
         return res
     finally:
@@ -274,15 +298,21 @@ def run(
         base += ["--procs", procs]
     if connect_rate is not None:
         base += ["--connect-rate", f"{connect_rate:g}"]
-    configs = [base] + [c.split() for c in compare or []]
+    configs: list[tuple[str | None, list[str]]] = [(None, base)]
+    for c in compare or []:
+        words = c.split()
+        if words and words[0].startswith("@"):  # "@REF args": that git ref's code
+            configs.append((words[0][1:], words[1:]))
+        else:
+            configs.append((None, words))
     fleets: list[dict[str, Any]] = []
     for n in sizes:
         if n + 256 > limit:
             fleets.append({"devices": n, "error": f"open-file hard limit {limit} is too low"})
             continue
         d = (durations or {}).get(n, duration)
-        for extra in configs:
-            fleets.append(_one("sim", n, d, warmup, extra))
+        for ref, extra in configs:
+            fleets.append(_one("sim", n, d, warmup, extra, ref))
     bare = _one("bare", 1000, duration, warmup)
     ok = [f for f in fleets if f.get("sustained") and f.get("config") == (" ".join(base) or "defaults")]
     at_1000 = next((f for f in fleets if f.get("devices") == 1000 and "error" not in f), None)
@@ -425,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect-rate", type=float, help="sim run --connect-rate (default: sim run's)")
     p.add_argument("--compare", action="append", metavar="ARGS",
                    help="also run every size with these sim run arguments, e.g. "
-                   "'--procs 2 --connect-rate 300' (repeatable)")
+                   "'--procs 2 --connect-rate 300'; '@REF ARGS' runs git REF's code (repeatable)")
     p.add_argument("--duration-at", action="append", metavar="N=S", default=[],
                    help="run length for one size, e.g. 10000=120 (repeatable)")
     p.add_argument("--bare", type=int, metavar="N", help=argparse.SUPPRESS)

@@ -194,6 +194,46 @@ class _Protocol(asyncio.Protocol):
         self.client._can_write.set()
 
 
+class _Slots:
+    """The in-flight window of QoS 1 publishes: a semaphore whose free path is one
+    comparison (asyncio.Semaphore builds a generator on every acquire, a publish's hot
+    path). A released slot goes to the oldest waiter still waiting."""
+
+    __slots__ = ("free", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        """Take a free slot without waiting; False when there is none (or others wait)."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
 def _name(ev: object) -> str:
     return "PUBLISH" if type(ev) is Message else type(ev).__name__.upper()
 
@@ -260,7 +300,7 @@ class MQTTClient:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._pid_waiters: list[asyncio.Future[None]] = []
         self._next_pid = 0
-        self._window: asyncio.Semaphore | None = None
+        self._window: _Slots | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._last_rx = self._last_tx = time.monotonic()
@@ -313,7 +353,7 @@ class MQTTClient:
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         self._connack = loop.create_future()
-        self._window = asyncio.Semaphore(self.max_inflight)
+        self._window = _Slots(self.max_inflight)
         self._alive = True
         tls = (self.tls or TLSOptions()) if self.url.tls else None
         if self.password_file:
@@ -484,7 +524,8 @@ class MQTTClient:
             return None
         window = self._window
         assert window is not None
-        await window.acquire()
+        if not window.take():
+            await window.acquire()
         if not self._alive:
             window.release()  # pass the wake-up on to the next waiter
             raise ConnectionLost("not connected")

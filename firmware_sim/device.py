@@ -105,7 +105,7 @@ class Device:
         self.index = index
         self.name = name
         self.faults = faults
-        self.sensors = Sensors(p.seed, index)
+        self.sensors = Sensors(p.seed, index, streams=[s.name for s in p.sensors])
         # (stream, every, topic, type) in the profile's order: the order of reads is fixed
         self.streams = [
             (s.name, s.every, f"dt/{name}/{s.name}", f"io.edgeferry.telemetry.{s.name}")

@@ -57,11 +57,25 @@ class Sensors:
         "door_changes",
         "door_new",
         "battery",
+        "_pres",
+        "_vib",
+        "_door",
     )
 
-    def __init__(self, seed: int, dev: int, start_of_day: float | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        dev: int,
+        start_of_day: float | None = None,
+        streams: tuple[str, ...] | list[str] = STREAMS,
+    ) -> None:
         self.seed = seed
         self.dev = dev
+        # a device advances only the state its streams read (every signal has its own
+        # draws, so a stream's values are the same whichever others are on)
+        self._pres = "pressure" in streams
+        self._vib = "vibration" in streams
+        self._door = "door" in streams
         self.k = -1
         self.t = 0.0
         # the site's local time of day at t = 0 (same for every device of a seed)
@@ -89,17 +103,21 @@ class Sensors:
         cycle = 18.0 + 5.0 * math.sin(2 * math.pi * (day - 9 * 3600) / _DAY)
         self.walk = self.walk * 0.98 + gauss(seed, dev, k, _P_TEMP) * 0.08
         self.temp = cycle + self.temp_bias + self.walk
-        self.pres += (self.pres_base - self.pres) * 0.01 + gauss(seed, dev, k, _P_PRES) * 0.03
-        if self.burst_left:
+        if self._pres:
+            self.pres += (self.pres_base - self.pres) * 0.01 + gauss(seed, dev, k, _P_PRES) * 0.03
+        if not self._vib:
+            pass
+        elif self.burst_left:
             self.burst_left -= 1
         elif uniform(seed, dev, k, _P_BURST) < 0.03:
             self.burst_left = 2 + int(uniform(seed, dev, k, _P_BURST, 1) * 8)
             self.burst_level = between(3.0, 12.0, seed, dev, k, _P_BURST, 2)
-        p = 0.25 if self.door_open else 0.04
-        self.door_new = uniform(seed, dev, k, _P_DOOR) < p
-        if self.door_new:
-            self.door_open = not self.door_open
-            self.door_changes += 1
+        if self._door:
+            p = 0.25 if self.door_open else 0.04
+            self.door_new = uniform(seed, dev, k, _P_DOOR) < p
+            if self.door_new:
+                self.door_open = not self.door_open
+                self.door_changes += 1
         self.battery = max(0.0, self.battery - _IDLE_DRAIN_PCT_PER_S * dt)
 
     def sent(self, n: int) -> None:

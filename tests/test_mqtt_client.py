@@ -267,6 +267,28 @@ async def test_window_waiters_all_return_on_connection_loss(fake):
     assert all(isinstance(t.exception(), ConnectionLost) for t in done)
 
 
+async def test_window_slots_go_to_waiters_in_order_and_a_cancelled_one_passes_its_on():
+    slots = mqtt._Slots(1)
+    assert slots.take() and not slots.take()
+    got: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await slots.acquire()
+        got.append(i)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
+    while len(slots._waiters) < 3:  # the three tasks have started and queued
+        await asyncio.sleep(0)
+    assert not slots.take(), "others wait: no slot taken past them"
+    slots.release()  # to waiter 0, whose task is cancelled before it runs
+    tasks[0].cancel()
+    slots.release()  # to waiter 1 (0 gave its slot back)... or 2 if 0 passed it on
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert got == [1, 2] and slots.free == 0
+    slots.release()
+    assert slots.free == 1 and slots.take()
+
+
 async def test_held_malformed_publish_closes_instead_of_staying_paused(fake):
     """Paused after the first message; a truncated PUBLISH read with it must close the
     connection, not wait (paused, connected) to blow up later."""
@@ -588,7 +610,7 @@ def test_no_bytes_make_the_client_complete_or_deliver_what_they_do_not_hold(part
             (m.topic, m.payload, m.qos, m.retain, m.pid)))
         loop = asyncio.get_running_loop()
         c._closed, c._connack = loop.create_future(), loop.create_future()
-        c._window = asyncio.Semaphore(64)
+        c._window = mqtt._Slots(64)
         c._alive = True
         c._transport = _Transport()  # type: ignore[assignment]
         proto = mqtt._Protocol(c)

@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _series(
-    seed: int, dev: int, ticks: int, interval: float, streams: tuple[str, ...]
+    seed: int, dev: int, ticks: int, interval: float, streams: tuple[str, ...],
+    on: tuple[str, ...] | None = None,
 ) -> list[tuple]:
-    s = Sensors(seed, dev)
+    s = Sensors(seed, dev) if on is None else Sensors(seed, dev, streams=on)
     out = []
     for k in range(ticks):
         s.advance(k, k * interval, interval)
@@ -44,6 +45,17 @@ def test_sensor_values_are_a_function_of_the_seed() -> None:
     d = _series(7, 4, 300, 1.0, STREAMS)
     assert a == b
     assert a != c and a != d
+
+
+def test_a_stream_reads_the_same_whichever_others_are_on() -> None:
+    """A device advances only the state its streams read: each stream's values are those
+    of a device with all six on."""
+    full = _series(5, 2, 400, 1.0, STREAMS)
+    for i, name in enumerate(STREAMS):
+        alone = _series(5, 2, 400, 1.0, (name,), on=(name,))
+        assert [row[i] for row in full] == [row[0] for row in alone], name
+    pair = _series(5, 2, 400, 1.0, ("door", "battery"), on=("door", "battery"))
+    assert [row[4:] for row in full] == pair
 
 
 def test_sensor_signals_are_believable() -> None:
