@@ -271,14 +271,16 @@ async def test_window_slots_go_to_waiters_in_order_and_a_cancelled_one_passes_it
     slots = mqtt._Slots(1)
     assert slots.take() and not slots.take()
     got: list[int] = []
+    started = [asyncio.Event() for _ in range(3)]
 
     async def waiter(i: int) -> None:
+        started[i].set()  # acquire() queues it before this task yields
         await slots.acquire()
         got.append(i)
 
     tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
-    while len(slots._waiters) < 3:  # the three tasks have started and queued
-        await asyncio.sleep(0)
+    for e in started:
+        await asyncio.wait_for(e.wait(), 5)
     assert not slots.take(), "others wait: no slot taken past them"
     slots.release()  # to waiter 0, whose task is cancelled before it runs
     tasks[0].cancel()
