@@ -1,7 +1,9 @@
 """edge: the service SDK and runtime for edgeferry devices, and the MQTT client it runs on.
 
-``import edge`` stays light (no pydantic): the gateway imports :mod:`edge.mqtt` and its
-resident memory matters. :class:`Service` and the event helpers load on first use.
+``import edge`` stays light (no pydantic, no asyncio): the gateway's resident memory
+matters. The client (:class:`MQTTClient` and the names of :mod:`edge.mqtt`),
+:class:`Service` and the event helpers load on first use, so that ``edgeferry gateway
+run`` reads its settings before asyncio is imported (see edge/_nossl.py).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -21,10 +23,10 @@ from edge.errors import (
     SubscriptionRefused,
     TopicNotAllowed,
 )
-from edge.mqtt import BrokerURL, Message, MQTTClient, Will, parse_url
 
 if TYPE_CHECKING:
     from edge.events import Event
+    from edge.mqtt import BrokerURL, Message, MQTTClient, Will, parse_url
     from edge.service import Service, current_event
 
 __all__ = [
@@ -51,7 +53,9 @@ __all__ = [
     "parse_url",
 ]
 
-_LAZY = {"Service": "edge.service", "current_event": "edge.service", "Event": "edge.events"}
+_LAZY = {"Service": "edge.service", "current_event": "edge.service", "Event": "edge.events",
+         "BrokerURL": "edge.mqtt", "Message": "edge.mqtt", "MQTTClient": "edge.mqtt",
+         "Will": "edge.mqtt", "parse_url": "edge.mqtt"}
 
 
 def __getattr__(name: str) -> Any:

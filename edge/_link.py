@@ -33,9 +33,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge._client import Client, ClientFactory
+from edge._url import _redact
 from edge.backoff import Backoff
 from edge.errors import ConnectError, ConnectionLost, ServiceError, SubscriptionRefused
-from edge.mqtt import BrokerURL, Message, MQTTClient, Will, _redact
+from edge.mqtt import BrokerURL, Message, MQTTClient, Will
 
 __all__ = ["Link"]
 

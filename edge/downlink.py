@@ -7,8 +7,6 @@ docs/commands.md and docs/shadow.md describe the protocol.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import time
 from dataclasses import dataclass
@@ -58,16 +56,19 @@ def boot_id() -> str:
     return _BOOT
 
 
-class _Timex(ctypes.Structure):
-    _fields_ = [("modes", ctypes.c_uint), ("rest", ctypes.c_long * 64)]
-
-
 def _wall_synced() -> bool:
     """True when the kernel says the wall clock is synchronised (adjtimex != TIME_ERROR)."""
+    # ctypes here, on first use: the gateway's resident memory (docs/benchmarks.md); the
+    # process's own symbols hold libc's (ctypes.util.find_library would pull in shutil,
+    # tempfile, bz2 and lzma, and run ldconfig)
+    import ctypes
+
+    class Timex(ctypes.Structure):
+        _fields_ = [("modes", ctypes.c_uint), ("rest", ctypes.c_long * 64)]
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
+        tx = Timex()
+        state = ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):
         return False
     return state >= 0 and state != 5  # 5: TIME_ERROR, the clock is not synchronised

@@ -8,7 +8,6 @@ for the same (trigger, producer, n), so a handler that runs twice publishes the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -19,6 +18,11 @@ from typing import Any
 import orjson
 
 from edge.errors import EnvelopeError
+
+try:  # hashlib's blake2b is this one; importing hashlib would load OpenSSL (libcrypto)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import blake2b
 
 __all__ = [
     "SPECVERSION",
@@ -90,7 +94,7 @@ def derived_id(trigger_id: str | None, producer: str, n: int) -> str:
     if trigger_id is None or not is_ulid(trigger_id.upper()):
         return new_id()
     trig = trigger_id.upper()
-    h = hashlib.blake2b(f"{trig}\x00{producer}\x00{n}".encode(), digest_size=10).digest()
+    h = blake2b(f"{trig}\x00{producer}\x00{n}".encode(), digest_size=10).digest()
     return trig[:10] + _b32(int.from_bytes(h, "big"), 16)
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.mqtt import _redact
+from edge._url import _redact
 from firmware_sim.errors import ManifestError
 from firmware_sim.profile import Profile
 

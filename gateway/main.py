@@ -1,20 +1,24 @@
 """Process entry points: ``edgeferry gateway run`` and ``edgeferry ingest run``.
 
 These are reached without importing typer, rich or pydantic (see edgeferry/__main__.py):
-the gateway's resident memory on a Pi is part of what edgeferry promises.
+the gateway's resident memory on a Pi is part of what edgeferry promises. asyncio is
+imported only once the settings are read: a gateway whose settings name no mqtts://
+broker runs without OpenSSL (edge/_nossl.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["run_gateway", "run_ingest", "run_async"]
 
@@ -29,6 +33,8 @@ def _setup_logging(level: str) -> None:
 
 def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a coroutine on uvloop when available, else asyncio."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - not on Linux
@@ -37,6 +43,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
@@ -54,6 +62,7 @@ def _serve(name: str, settings: Any, make: Callable[[Any], Any],
     sink open and cloud broker connected), a STATUS= line every few seconds, WATCHDOG=1
     from this event loop and STOPPING=1 on the signal (edge/_sdnotify.py)."""
     _setup_logging(settings.log_level)
+    import asyncio
 
     async def main() -> int:
         from edge._sdnotify import Notifier
@@ -121,6 +130,8 @@ async def _notify_ready(notifier: Any, name: str, component: Any,
             return f"{name}: running (status unavailable: {type(e).__name__})"
 
     notifier.ready(line())
+    import asyncio
+
     while True:
         await asyncio.sleep(5)
         notifier.status(line())
@@ -149,6 +160,20 @@ def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
         return None
 
 
+def _malloc_arenas(n: int) -> None:
+    """At most ``n`` glibc malloc arenas (``mallopt(M_ARENA_MAX, n)``), before any thread
+    starts. glibc gives each new thread an arena of its own; the store's writer and reader
+    threads then keep SQLite's pages and their freed memory in arenas of their own, about
+    1.5 MB of the gateway's resident memory with a backlog (docs/benchmarks.md). Skipped
+    where there is no glibc mallopt (musl, other systems)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX, from glibc's malloc.h
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def run_gateway(argv: list[str], hooks: Any = None) -> int:
     """``edgeferry gateway run``; ``hooks`` (a :class:`gateway.state.Hooks`) only from
     tests/_failpoint_gateway.py."""
@@ -157,6 +182,11 @@ def run_gateway(argv: list[str], hooks: Any = None) -> int:
     settings = _parse(gateway_settings, argv)
     if settings is None:
         return 2
+    if not settings.uses_tls:
+        from edge._nossl import without_ssl
+
+        without_ssl()  # before asyncio and uvloop import ssl: 4.5 MB less (docs/benchmarks.md)
+    _malloc_arenas(1)
 
     def make(s: Any) -> Any:
         from gateway.gateway import Gateway

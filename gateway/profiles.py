@@ -12,7 +12,6 @@ gateway never uses it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -147,6 +146,8 @@ class TokenBucket:
         while self._tokens < 1:
             wait = (1 - self._tokens) / self.rate
             self.waited += wait
+            import asyncio  # here: reading settings does not import asyncio (edge/_nossl.py)
+
             await asyncio.sleep(wait)  # pacing the link, the limit's own time
             self._refill()
         self._tokens -= 1

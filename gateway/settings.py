@@ -8,9 +8,9 @@ from typing import Any
 
 from edge._codec import check_filter as _codec_check_filter
 from edge._tls import TLSOptions, read_secret
+from edge._url import BrokerURL, parse_url
 from edge.config import TLS_OPTIONS, Option, load_settings, parse_duration, tls_from_settings
 from edge.errors import ConfigError
-from edge.mqtt import BrokerURL, parse_url
 from gateway.profiles import PROFILES, CloudProfile, profile
 from gateway.store import LaneSpec
 from gateway.topics import uplink_topic
@@ -253,6 +253,12 @@ class GatewaySettings(_Identity):
             raise ConfigError("--max-store-bytes must be larger than --max-message-bytes")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("--metrics-port must be a TCP port")
+
+    @property
+    def uses_tls(self) -> bool:
+        """True when the local broker or any cloud broker is mqtts://: only then does the
+        process load OpenSSL (gateway/main.py, edge/_nossl.py)."""
+        return any(parse_url(u).tls for u in (self.local, self.cloud, *self.cloud_urls))
 
     @property
     def gateway_client_id(self) -> str:

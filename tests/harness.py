@@ -4,9 +4,12 @@ processes with line-by-line waiting, free ports, and the last-resort :func:`wait
 
 :data:`DEVICE_PORT` is the port a *deployed* device's broker listens on, read from
 deploy/mosquitto/edge.conf: deploy tests compare rendered settings against it; no test
-connects to it (test brokers get free ports)."""
+connects to it (test brokers get free ports).
+
+:func:`openssl_in` names the OpenSSL libraries a process has mapped (tests/test_nossl.py)."""
 
 import re
+from pathlib import Path
 
 from edgeferry.procs import (
     CLOUD_CONF,
@@ -22,6 +25,16 @@ from edgeferry.procs import (
 
 DEVICE_PORT = int(re.search(r"^listener (\d+)", EDGE_CONF.read_text(), re.M).group(1))  # type: ignore[union-attr]
 
+OPENSSL = ("libssl", "libcrypto", "_ssl.", "_hashlib.")
+
+
+def openssl_in(pid: int) -> list[str]:
+    """The OpenSSL libraries (and Python's modules over them) process ``pid`` has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        names = {Path(line.split()[5]).name for line in f if len(line.split()) > 5}
+    return sorted(n for n in names if n.startswith(OPENSSL))
+
+
 __all__ = [
     "CLOUD_CONF",
     "DEVICE_PORT",
@@ -31,6 +44,7 @@ __all__ = [
     "Broker",
     "Proc",
     "free_port",
+    "openssl_in",
     "python_argv",
     "wait_until",
 ]

@@ -23,7 +23,7 @@ from edge._tls import TLSOptions, explain
 from edge.errors import ConfigError, ConnectError
 from gateway.settings import gateway_settings, ingest_settings
 from tests.certs import CA, tls_dir
-from tests.harness import free_port, wait_until
+from tests.harness import free_port, openssl_in, wait_until
 from tests.pipeline import PY, Pipeline
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,6 +167,10 @@ def test_tls_failures_each_refused_with_its_line_then_delivery_resumes(tls_pipe)
     assert PASSWORD not in shown and URL_PASSWORD not in shown
     assert PASSWORD not in " ".join(pipe.gateway_argv())
     assert "holds a password" in pipe.ingest.log_text()  # the URL's password: said, not shown
+    # an mqtts:// broker: the gateway loaded the real ssl module (a plaintext one does not,
+    # tests/test_nossl.py)
+    libs = openssl_in(pipe.gateway.pid)
+    assert any(lib.startswith("libssl") for lib in libs) and any(lib.startswith("_ssl.") for lib in libs), libs
 
 
 async def _socket_closed(*clients: Any) -> None:
