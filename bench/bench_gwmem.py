@@ -32,7 +32,7 @@ from collections import Counter
 from typing import Any
 
 from bench._uplink_pipelines import Edgeferry
-from bench._util import REPO, Workdir, count_run, machine_info, mem_kb, run_loadgen, wait_line
+from bench._util import PY, REPO, Workdir, count_run, machine_info, mem_kb, run_loadgen, wait_line
 
 __all__ = ["run", "summary"]
 
@@ -81,6 +81,8 @@ def _export(ref: str, wd: Workdir) -> str:
     tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "edge", "gateway", "edgeferry",
                           "firmware_sim"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    # compiled now, as pip does at install: compiling at import would raise the peak
+    subprocess.run([PY, "-m", "compileall", "-q", str(dest)], check=True)
     return str(dest)
 
 
