@@ -252,7 +252,11 @@ class Store:
         db.execute(f"PRAGMA synchronous={self.sync.upper()}")
         db.execute("PRAGMA wal_autocheckpoint=4000")
         db.execute("PRAGMA journal_size_limit=33554432")
-        db.execute("PRAGMA cache_size=-1000")  # KiB: the writer appends whole chunks
+        # KiB. The writer appends whole chunks (mostly overflow pages, written once) and
+        # deletes from the other end; the B-tree's few inner pages stay cached. A commit
+        # larger than this spills to the WAL before its end, which writes nothing twice but
+        # the leaf page. Each KiB here is resident memory (docs/benchmarks.md, issue 15).
+        db.execute("PRAGMA cache_size=-256")
         db.execute("PRAGMA secure_delete=OFF")
         self._migrate(db)
         meta = dict(db.execute("SELECT key, value FROM meta"))
@@ -285,7 +289,8 @@ class Store:
                             "the store until the lane is configured again", name[7:])
         self.next_seq = high + 1
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._reader.execute("PRAGMA cache_size=-500")  # KiB: the reader scans chunks once
+        # KiB: the reader scans chunks once, and each commit of the writer empties its cache
+        self._reader.execute("PRAGMA cache_size=-128")
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
