@@ -147,7 +147,7 @@ class _Slots:
 
     def __init__(self, n: int) -> None:
         self.free = n
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[None]] | None = None  # made when first needed
 
     def take(self) -> bool:
         """Take a free slot without waiting; False when there is none (or others wait)."""
@@ -160,6 +160,8 @@ class _Slots:
         if self.take():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = deque()
         self._waiters.append(fut)
         try:
             await fut

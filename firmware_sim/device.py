@@ -258,7 +258,9 @@ class Device:
             for key, value in reading.items():
                 data[rename.get(key, key)] = value
             data.update(f.newer.extra)
-        return orjson.dumps(
+        # a copy of its own size: orjson's bytes keep their 4 KiB buffer, and a reading
+        # lives in the outbox until its PUBACK (4 KiB per held reading, 0.37 with the copy)
+        return memoryview(orjson.dumps(
             {
                 "specversion": "1.0",
                 "id": new_id(),
@@ -270,7 +272,7 @@ class Device:
                 "simrun": self.ctx.run_id,
                 "data": data,
             }
-        )
+        )).tobytes()
 
     def _time(self) -> str:
         t = time.time()
@@ -281,7 +283,7 @@ class Device:
 
     def _event(self, topic: str, etype: str, data: dict[str, Any], correlationid: str) -> None:
         """Queue an event (reply, OTA progress) in the outbox: it survives a dropped link."""
-        body = orjson.dumps(
+        body = memoryview(orjson.dumps(
             {
                 "specversion": "1.0",
                 "id": new_id(),
@@ -294,7 +296,7 @@ class Device:
                 "simrun": self.ctx.run_id,
                 "data": data,
             }
-        )
+        )).tobytes()  # its own size (see _encode)
         self.outbox.put(Entry(topic, body, None, 0))
         self.counters["events_sent"] += 1
         self.wake.set()
