@@ -11,17 +11,19 @@ chaos proxy.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._util import PY, SinkTail, Workdir, cpu_seconds, pid_of, wait_line, wait_until
+from bench._util import PY, REPO, SinkTail, Workdir, cpu_seconds, pid_of, wait_line, wait_until
 from edgeferry.procs import Broker, Proc
 from firmware_sim.chaos_thread import ThreadedChaosProxy
 
 __all__ = ["BACKOFF", "BRIDGE_ID", "LOGS", "PIPELINES", "PROXY", "RESTART_TIMEOUT", "Bridge",
-           "Edgeferry", "Pipeline", "VARIANTS", "bridge_connects", "bridge_lines", "log"]
+           "Edgeferry", "Pipeline", "VARIANTS", "bridge_connects", "bridge_lines", "export", "log"]
 
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
 BACKOFF = "1s"          # gateway --backoff-max
@@ -33,6 +35,26 @@ PROXY = "firmware_sim.chaos_thread.ThreadedChaosProxy"
 def bridge_connects(cloud: Broker) -> int:
     """How many times the bridge connected to the cloud broker (its log says so)."""
     return cloud.log_text().count(f" as {BRIDGE_ID} ")
+
+
+PACKAGES = ("edge", "gateway", "edgeferry", "firmware_sim")
+
+
+def export(ref: str, dest: Path) -> str:
+    """The packages of git ref ``ref`` in ``dest`` (``worktree``: a copy of the checkout's
+    files as they are, uncommitted changes included), for a gateway and an ingest run from
+    there (cwd and PYTHONPATH), so that both sides of an A/B run exported code: the
+    editable install costs more per message than an export (docs/benchmarks.md)."""
+    dest.mkdir(parents=True)
+    if ref == "worktree":
+        for pkg in PACKAGES:
+            shutil.copytree(REPO / pkg, dest / pkg,
+                            ignore=shutil.ignore_patterns("__pycache__", "data"))
+    else:
+        tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, *PACKAGES],
+                             check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return str(dest)
 
 
 def log(msg: str) -> None:
@@ -128,8 +150,13 @@ class Pipeline:
 class Edgeferry(Pipeline):
     kind = "edgeferry"
 
-    def __init__(self, tag: str, *, sync: str = "full", extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, tag: str, *, sync: str = "full", extra: tuple[str, ...] = (),
+                 src: str | None = None) -> None:
         super().__init__(tag)
+        # src: a directory holding exported packages (export()) the gateway and ingest run
+        # from (Workdir.proc makes it their cwd)
+        self.src = src
+        self.env = {"PYTHONPATH": src} if src else None
         try:
             self._start(sync, extra)
         except BaseException:
@@ -143,7 +170,8 @@ class Edgeferry(Pipeline):
         self.edge = self.wd.broker("edge", "edge").start()
         self.ingest = self.wd.proc("ingest", [
             PY, "-m", "edgeferry", "ingest", "run", "--cloud", self.cloud.url,
-            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"]).start()
+            "--sink", f"jsonl:{self.sink}", "--client-id", "bench-ingest"],
+            env=self.env).start()
         wait_line(self.ingest, "ingest ready")
         self.gateway_argv = [
             PY, "-m", "edgeferry", "gateway", "run", "--local", self.edge.url,
@@ -155,7 +183,7 @@ class Edgeferry(Pipeline):
 
     def start_gateway(self, *, wait: bool = True) -> None:
         """Start the gateway (a new process each time, on the same store and log)."""
-        self.gateway: Proc = self.wd.proc("gateway", self.gateway_argv).start()
+        self.gateway: Proc = self.wd.proc("gateway", self.gateway_argv, env=self.env).start()
         if wait:
             wait_line(self.gateway, "gateway ready", timeout=30)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bench._uplink_pipelines import VARIANTS
 
-__all__ = ["summary", "table"]
+__all__ = ["ab_lines", "summary", "table"]
 
 
 def _median(xs: list[float]) -> float | None:
@@ -159,6 +159,29 @@ def table(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def ab_lines(dr: dict[str, Any]) -> list[str]:
+    """The drain A/B (EFBENCH_AB): per pipeline, each round's figures and their median."""
+    keys = [("drain_s", "drain (s)"), ("reconnect_s", "up->first (s)"),
+            ("gateway_all_uplinked_s", "gw all acked (s)"), ("sink_peak_rss_kb", "sink RSS (kB)"),
+            ("load1", "load")]
+    bridge = _median([r["drain_s"] for r in dr["ab"].get("bridge", [])])
+    lines = [f"  drain A/B, {dr['messages']:,} messages: each round, then [median]"]
+    for kind, rows in dr["ab"].items():
+        lines.append(f"  {kind}")
+        for k, label in keys:
+            vals = [r.get(k) for r in rows]
+            if all(v is None for v in vals):
+                continue
+            lines.append(f"    {label:<18} " + " ".join(_fmt(v) for v in vals)
+                         + f"  [{_fmt(_median(vals))}]")
+        med = _median([r["drain_s"] for r in rows])
+        if kind != "bridge" and med and bridge:
+            lines.append(f"    bridge / this: {bridge / med:.1f}x (medians)")
+        lost = sum(r["lost"] for r in rows), sum(r["duplicated"] for r in rows)
+        lines.append(f"    lost / duplicated: {lost[0]} / {lost[1]}")
+    return lines
+
+
 def summary(res: dict[str, Any]) -> str:
     rows = table(res)
     head = ("what", "edgeferry", "bridge", "ratio", "target", "")
@@ -171,6 +194,8 @@ def summary(res: dict[str, Any]) -> str:
             for j in range(6)))
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
+    if "ab" in (res.get("drain") or {}):
+        lines += ab_lines(res["drain"])
     errors = [f"  {k}: {v['error']}" for k, v in res.items()
               if isinstance(v, dict) and "error" in v]
     if errors:

@@ -36,6 +36,7 @@ from bench._uplink_pipelines import (
     Pipeline,
     bridge_connects,
     bridge_lines,
+    export,
     log,
 )
 from bench._uplink_summary import summary
@@ -118,68 +119,102 @@ def live(n: int, ceiling_n: int, reps: int) -> dict[str, Any]:
     return out
 
 
+def _drain_one(p: Pipeline, run: str, n: int) -> dict[str, Any]:
+    """One pipeline's drain: a backlog of n built while the link is cut, then up()."""
+    p.cut()
+    if isinstance(p, Edgeferry):
+        p.wait_links(cloud=False)
+    cpu0 = p.cpu()
+    lg = run_loadgen(p.edge.url, n, run)
+    p.wait_backlog(n)
+    cpu1 = p.cpu()
+    time.sleep(1.5)  # let reconnect attempts fail a few times: a real outage
+    cpu2 = p.cpu()
+    tl: list[tuple[Any, ...]] = []
+    tl_stop: Callable[[], None] | None = None
+    base = 0
+    if isinstance(p, Edgeferry):
+        base = (p.status() or {"counters": {"uplinked_records": 0}})["counters"][
+            "uplinked_records"]
+    t_up = time.monotonic()
+    if isinstance(p, Edgeferry):
+        tl, tl_stop = p.timeline(t_up, 0.1)
+    p.up()
+    w: dict[str, Any] = p.tail.wait(n, timeout=600, quiet=15, busy_pids=p.sink_pids())
+    cpu3 = p.cpu()
+    if tl_stop is not None:
+        # ingest may write the last records before the gateway counts them as
+        # uplinked: sample on until a sample shows all of them (or 10 s)
+        try:
+            def all_uplinked(tl: list[tuple[Any, ...]] = tl, base: int = base) -> bool:
+                return any(up - base >= n for _, up, *_ in tl)
+            wait_until(all_uplinked, 10, "the gateway to count every record uplinked", 0.05)
+        except AssertionError:
+            p.flag("the gateway did not count every record uplinked")
+        tl_stop()
+    c = _count(p, run, n)
+    row = {
+        **c,
+        "loadgen_msg_s": lg["rate"],
+        "reconnect_s": _r(w["first"] - t_up) if w["first"] else None,
+        "drain_s": _r(w["last"] - w["first"]) if w["first"] else None,
+        "drain_msg_s": _r(c["delivered"] / (w["last"] - w["first"]), 0)
+        if w["first"] and w["last"] > w["first"] else None,
+        "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None,
+        "cpu_s_per_100k_intake": _per100k(cpu0, cpu1, n),
+        "cpu_s_per_100k_drain": _per100k(cpu2, cpu3, c["delivered"]),
+        "forwarder_peak_rss_kb": mem_kb(p.forwarder_pid())["VmHWM"],
+        "sink_peak_rss_kb": mem_kb(p.sink_pids()[0])["VmHWM"],
+        "load1": round(os.getloadavg()[0], 2),
+    }
+    if tl:
+        # when the gateway had every record acknowledged by the cloud broker (the
+        # rest of the drain is ingest writing its sink), sampled every 0.1 s
+        done = [t for t, up, *_ in tl if up - base >= n]
+        row["gateway_all_uplinked_s"] = done[0] if done else None
+    return row
+
+
 def drain(n: int) -> dict[str, Any]:
-    """2 + 5 (outage) + 6 (drain CPU): a backlog built while the link is cut, then up()."""
+    """2 + 5 (outage) + 6 (drain CPU): a backlog built while the link is cut, then up().
+
+    ``EFBENCH_AB=REF[,REF...]`` (``worktree``: the checkout as it is) runs the drain of
+    each ref's gateway and ingest instead, exported (git archive) beside, and the bridge,
+    ``EFBENCH_ROUNDS`` rounds (default 3) in a rotating order: an A/B of exported code
+    against exported code, in the same run."""
     out: dict[str, Any] = {"messages": n, "gateway_backoff_max": BACKOFF,
                            "bridge_restart_timeout": RESTART_TIMEOUT}
-    for kind in ("bridge", "edgeferry"):
-        p = PIPELINES[kind]("drain")
-        try:
-            run = f"drain-{kind}"
-            p.cut()
-            if isinstance(p, Edgeferry):
-                p.wait_links(cloud=False)
-            cpu0 = p.cpu()
-            lg = run_loadgen(p.edge.url, n, run)
-            p.wait_backlog(n)
-            cpu1 = p.cpu()
-            time.sleep(1.5)  # let reconnect attempts fail a few times: a real outage
-            cpu2 = p.cpu()
-            tl: list[tuple[Any, ...]] = []
-            tl_stop: Callable[[], None] | None = None
-            base = 0
-            if isinstance(p, Edgeferry):
-                base = (p.status() or {"counters": {"uplinked_records": 0}})["counters"][
-                    "uplinked_records"]
-            t_up = time.monotonic()
-            if isinstance(p, Edgeferry):
-                tl, tl_stop = p.timeline(t_up, 0.1)
-            p.up()
-            w = p.tail.wait(n, timeout=600, quiet=15, busy_pids=p.sink_pids())
-            cpu3 = p.cpu()
-            if tl_stop is not None:
-                # ingest may write the last records before the gateway counts them as
-                # uplinked: sample on until a sample shows all of them (or 10 s)
+    refs = [r for r in os.environ.get("EFBENCH_AB", "").split(",") if r]
+    if not refs:
+        for kind in ("bridge", "edgeferry"):
+            p = PIPELINES[kind]("drain")
+            try:
+                out[kind] = row = _drain_one(p, f"drain-{kind}", n)
+                log(f"drain {kind}: {row}")
+            finally:
+                p.close()
+        return out
+    wd = Workdir("efbench-ab-")
+    try:
+        srcs = {ref: export(ref, wd / ref.replace("/", "_")) for ref in refs}
+        kinds = ["bridge", *(f"edgeferry@{ref}" for ref in refs)]
+        rounds = int(os.environ.get("EFBENCH_ROUNDS", "3"))
+        out["ab"] = {k: [] for k in kinds}
+        for rnd in range(rounds):
+            order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]
+            for kind in order:
+                ref = kind.partition("@")[2]
+                p = Edgeferry("drain", src=srcs[ref]) if ref else Bridge("drain")
                 try:
-                    def all_uplinked(tl: list[tuple[Any, ...]] = tl, base: int = base) -> bool:
-                        return any(up - base >= n for _, up, *_ in tl)
-                    wait_until(all_uplinked, 10, "the gateway to count every record uplinked", 0.05)
-                except AssertionError:
-                    p.flag("the gateway did not count every record uplinked")
-                tl_stop()
-            c = _count(p, run, n)
-            row = {
-                **c,
-                "loadgen_msg_s": lg["rate"],
-                "reconnect_s": _r(w["first"] - t_up) if w["first"] else None,
-                "drain_s": _r(w["last"] - w["first"]) if w["first"] else None,
-                "drain_msg_s": _r(c["delivered"] / (w["last"] - w["first"]), 0)
-                if w["first"] and w["last"] > w["first"] else None,
-                "up_to_last_s": _r(w["last"] - t_up) if w["last"] else None,
-                "cpu_s_per_100k_intake": _per100k(cpu0, cpu1, n),
-                "cpu_s_per_100k_drain": _per100k(cpu2, cpu3, c["delivered"]),
-                "forwarder_peak_rss_kb": mem_kb(p.forwarder_pid())["VmHWM"],
-                "sink_peak_rss_kb": mem_kb(p.sink_pids()[0])["VmHWM"],
-            }
-            if tl:
-                # when the gateway had every record acknowledged by the cloud broker (the
-                # rest of the drain is ingest writing its sink), sampled every 0.1 s
-                done = [t for t, up, *_ in tl if up - base >= n]
-                row["gateway_all_uplinked_s"] = done[0] if done else None
-            out[kind] = row
-            log(f"drain {kind}: {row}")
-        finally:
-            p.close()
+                    row = _drain_one(p, f"drain-{kind}-{rnd}", n)
+                    out["ab"][kind].append(row)
+                    log(f"drain {kind} round {rnd}: {row}")
+                finally:
+                    p.close()
+        log("drain A/B, per round: " + "; ".join(
+            f"{k}: " + " ".join(f"{r['drain_s']}" for r in rows) for k, rows in out["ab"].items()))
+    finally:
+        wd.cleanup()
     return out
 
 
