@@ -26,7 +26,7 @@ from gateway.cloudsync import CloudSync
 from gateway.errors import FrameError
 from gateway.frames import Gap
 from gateway.settings import IngestSettings
-from gateway.sinks import GapRow, JsonlSink, Row, SqliteSink, is_postgres, open_sink, read_gaps
+from gateway.sinks import GapRow, JsonlSink, Records, SqliteSink, is_postgres, open_sink, read_gaps
 
 if TYPE_CHECKING:
     from gateway.pgsink import PgSink
@@ -53,6 +53,9 @@ GAP_WAIT = 2.0
 (frames of one lane reach several workers in any order) before ingest asks for a resend."""
 
 Acks = dict[tuple[str, int], dict[str, int]]  # (node, epoch) -> lane -> high
+
+DOWNLINK_TOPICS = ("evt/cmd/", "evt/shadow/")
+"""Topics of the records ingest also applies to the cloud state (docs/commands.md)."""
 
 
 def _from_sender(topic: str, node: str, lane: str) -> bool:
@@ -274,9 +277,10 @@ class Ingest:
     def _process(self, batch: list[Message]) -> tuple[int, int, Acks, dict[tuple[str, int, str], int]]:
         """Decode frames and write their records (in the sink thread). A frame that does
         not follow what the sink holds for its lane is not written (see ``gaps``)."""
-        assert self.sink is not None and not self._db_sink
-        rows: list[Row] = []
-        high = self.sink.high
+        sink = self.sink
+        assert isinstance(sink, JsonlSink | SqliteSink)
+        groups: list[Records] = []
+        high = sink.high
         moved: dict[tuple[str, int, str], int] = {}
         gaps: dict[tuple[str, int, str], int] = {}
         gap_rows: list[GapRow] = []
@@ -308,23 +312,23 @@ class Ingest:
             counters["frames"] += 1
             counters["records"] += len(f.records)
             moved[key] = max(have, f.records[-1][0])
-            rows.extend([(node, epoch, lane, seq, ts, topic, payload)
-                         for seq, ts, topic, payload in f.records])
-        written, dups = self.sink.write(rows)
+            groups.append((node, epoch, lane, f.records))
+        written, dups = sink.write_records(groups)
         for g in gap_rows:
-            if self.sink.write_gap(g):
+            if sink.write_gap(g):
                 self._count_gap(g)
         high.update(moved)
-        self._apply_downlink(rows)
+        self._apply_downlink(groups)
         acks: Acks = {}
         for node, epoch in {(k[0], k[1]) for k in moved}:
             acks[(node, epoch)] = {k[2]: v for k, v in high.items() if k[0] == node and k[1] == epoch}
         return written, dups, acks, gaps
 
-    def _apply_downlink(self, rows: list[Row]) -> None:
+    def _apply_downlink(self, groups: list[Records]) -> None:
         if self.state is not None:
             # command statuses and reported state ride the events lane (docs/commands.md)
-            down = [(r[0], r[5], r[6]) for r in rows if r[5].startswith(("evt/cmd/", "evt/shadow/"))]
+            down = [(node, r[2], r[3]) for node, _e, _lane, recs in groups for r in recs
+                    if r[2].startswith(DOWNLINK_TOPICS)]
             if down:
                 self.counters["downlink_applied"] += self.state.apply_records(down)
 
@@ -351,9 +355,7 @@ class Ingest:
         done = sink.write_frames(batch_frames, gap_rows)
         for g in done.new_gaps:
             self._count_gap(g)
-        if self.state is not None:
-            self._apply_downlink([(n, e, lane, s, ts, t, p) for n, e, lane, _prev, recs in batch_frames
-                                  for s, ts, t, p in recs])
+        self._apply_downlink([(n, e, lane, recs) for n, e, lane, _prev, recs in batch_frames])
         return done.written, done.duplicates, done.acks, {}
 
     async def _hole_watch(self) -> None:
