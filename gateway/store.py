@@ -170,17 +170,22 @@ def pack(records: list[Record]) -> bytes:
     return pack_topics(topics) + b"".join(parts)
 
 
-def unpack(base: int, data: bytes) -> list[Record]:
-    """The records of a chunk blob whose first record has seq ``base``."""
+def unpack(base: int, data: bytes, after: int = -1, limit: int = 1 << 62) -> list[Record]:
+    """The records of a chunk blob whose first record has seq ``base``: those above
+    ``after``, at most ``limit`` (the uplink reads a frame's worth; chunks and frames do
+    not start at the same seqs, and a record passed over costs no tuple)."""
     topics, pos = read_topics(data)
-    out = []
+    out: list[Record] = []
     up = _REC.unpack_from
     size = _REC.size
     n = len(data)
     while pos < n:
         delta, ts, idx, pid, plen = up(data, pos)
         pos += size
-        out.append((base + delta, ts, topics[idx], data[pos : pos + plen], pid))
+        if base + delta > after:
+            if len(out) >= limit:
+                break
+            out.append((base + delta, ts, topics[idx], data[pos : pos + plen], pid))
         pos += plen
     return out
 
@@ -627,9 +632,7 @@ class Store:
         total = 0
         try:
             for first, data in cur:
-                for r in unpack(first, data):
-                    if r[0] <= after_seq:
-                        continue
+                for r in unpack(first, data, after_seq, max_records - len(out)):
                     total += len(r[2]) + len(r[3]) + RECORD_OVERHEAD
                     if out and (total > max_bytes or len(out) >= max_records):
                         return out
