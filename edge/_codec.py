@@ -52,6 +52,7 @@ __all__ = [
     "Message",
     "PingResp",
     "PubAck",
+    "RawPublish",
     "SubAck",
     "UnsubAck",
     "check_filter",
@@ -62,6 +63,7 @@ __all__ = [
     "encode_publish",
     "encode_subscribe",
     "encode_unsubscribe",
+    "raw_message",
 ]
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -196,6 +198,16 @@ class PingResp:
 PINGRESP_EVENT = PingResp()
 
 Event = Message | ConnAck | PubAck | SubAck | PingResp
+
+RawPublish = tuple[str, bytes, int, int]
+"""A PUBLISH from a ``Decoder(raw=True)``: (topic, payload, packet id or 0, the fixed
+header's first byte)."""
+
+
+def raw_message(p: RawPublish) -> Message:
+    """The :class:`Message` of a raw PUBLISH tuple."""
+    first = p[3]
+    return Message(p[0], p[1], (first >> 1) & 3, first & 1 == 1, first & 8 == 8, p[2])
 
 
 # ------------------------------------------------------------------ encoding
@@ -392,15 +404,23 @@ def encode_event(ev: Event) -> bytes:
 class Decoder:
     """Bytes from a broker in (:meth:`feed`, as they arrive), events out.
 
+    With ``raw=True`` each PUBLISH is a :data:`RawPublish` tuple instead of a
+    :class:`Message`; every packet is checked exactly as otherwise.
+
     After a :class:`ProtocolError` the decoder is spent: the connection must close.
     """
 
-    __slots__ = ("max_packet_bytes", "_buf", "_topics", "_failed")
+    __slots__ = ("max_packet_bytes", "raw", "controls", "_buf", "_topics", "_failed")
 
-    def __init__(self, max_packet_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_packet_bytes: int = 16 * 1024 * 1024, *, raw: bool = False) -> None:
         if not 0 < max_packet_bytes <= MAX_REMAINING:
             raise ConfigError(f"max_packet_bytes must be 1..{MAX_REMAINING}, not {max_packet_bytes!r}")
         self.max_packet_bytes = max_packet_bytes
+        # raw: a PUBLISH comes out as a plain tuple (topic, payload, pid, first byte)
+        # instead of a Message: the same checks, no object per message (the gateway's
+        # batch path); qos is (first >> 1) & 3, retain first & 1, dup first & 8
+        self.raw = raw
+        self.controls = 0  # packets other than PUBLISH in the last feed's events
         self._buf = bytearray()  # the start of a packet that has not arrived whole yet
         self._topics: dict[bytes, str] = {}  # topic bytes already checked -> str
         self._failed = False
@@ -414,6 +434,7 @@ class Decoder:
         """Take the next bytes; return the packets they complete, in order."""
         if self._failed:
             raise ProtocolError("the decoder already failed: the connection must close")
+        self.controls = 0
         if type(data) is not bytes:
             data = bytes(data)
         buf = self._buf
@@ -481,6 +502,7 @@ class Decoder:
         first_rules = _FIRST
         topics = self._topics
         limit = self.max_packet_bytes
+        raw = self.raw
         n = len(data)
         pos = 0
         while pos < n:
@@ -531,10 +553,14 @@ class Decoder:
                         raise ProtocolError("PUBLISH: DUP set on a QoS 0 message (MQTT-3.3.1-2)")
                     pid = 0
                     payload = data[t_end:end]
-                append(Message(topic, payload, qos, first & 1 == 1, first & 8 == 8, pid))
+                if raw:
+                    append((topic, payload, pid, first))  # type: ignore[arg-type]
+                else:
+                    append(Message(topic, payload, qos, first & 1 == 1, first & 8 == 8, pid))
                 pos = end
                 continue
             ptype = first >> 4
+            self.controls += 1
             if ptype == PUBACK or ptype == UNSUBACK:
                 if length != 2:
                     raise ProtocolError(f"{NAMES[ptype]}: remaining length {length}, must be 2 (MQTT-3.{ptype}.1)")

@@ -14,7 +14,9 @@ An exception raised by ``on_message`` closes the connection too (logged with its
 traceback): its message is not acknowledged, so the broker sends it again next session.
 
 Received messages are handed to a plain callback, packet by packet, in the order the
-broker sent them. QoS 1 acknowledgements (:meth:`MQTTClient.ack`, :meth:`~MQTTClient.ack_many`)
+broker sent them; or, with ``on_batch`` instead of ``on_message``, as one list of plain
+tuples per socket read (:data:`~edge._codec.RawPublish`: no object per message, the same
+checks; the gateway's intake uses it). QoS 1 acknowledgements (:meth:`MQTTClient.ack`, :meth:`~MQTTClient.ack_many`)
 may be given in any order; the client writes the PUBACKs in the order the PUBLISHes
 arrived (MQTT-4.6.0-2), holding back one whose earlier ones are not acknowledged yet.
 Reconnecting is the caller's job: make a new client (docs/decisions.md says why that, and
@@ -53,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import Any
 
 from edge._codec import (
@@ -65,6 +68,7 @@ from edge._codec import (
     Message,
     PingResp,
     PubAck,
+    RawPublish,
     SubAck,
     UnsubAck,
     check_topic,
@@ -181,7 +185,13 @@ class _Slots:
 
 
 def _name(ev: object) -> str:
-    return "PUBLISH" if type(ev) is Message else type(ev).__name__.upper()
+    return "PUBLISH" if type(ev) is Message or type(ev) is tuple else type(ev).__name__.upper()
+
+
+_QOS1_NEW = frozenset((0x32, 0x33))
+"""First bytes of a QoS 1 PUBLISH without DUP (retained or not): the batch path's common case."""
+_PID = itemgetter(2)
+_FIRST_BYTE = itemgetter(3)
 
 
 def refused_filters(filters: list[tuple[str, int]] | list[str], granted: list[int]) -> list[str]:
@@ -197,7 +207,10 @@ class MQTTClient:
 
     ``on_message`` is called synchronously for every PUBLISH received, in order; for
     QoS 1 the receiver must later call :meth:`ack` (or :meth:`ack_many`) with ``msg.pid``.
-    ``max_inflight`` bounds QoS 1 publishes awaiting PUBACK; :meth:`publish` waits for room.
+    ``on_batch`` instead: called with a list of (topic, payload, pid, first byte) tuples,
+    the consecutive PUBLISHes of one socket read, in order (a pause asked for during the
+    call takes effect after the list). ``max_inflight`` bounds QoS 1 publishes awaiting
+    PUBACK; :meth:`publish` waits for room.
     Every argument is checked here: a client id or will that MQTT cannot carry, a
     keepalive above 65535 s or a QoS other than 0 and 1 is a :class:`ConfigError`.
     """
@@ -211,6 +224,7 @@ class MQTTClient:
         keepalive: float = 30,
         will: Will | None = None,
         on_message: Callable[[Message], None] | None = None,
+        on_batch: Callable[[list[RawPublish]], None] | None = None,
         max_inflight: int = 64,
         max_packet_bytes: int = 16 * 1024 * 1024,
         connect_timeout: float = 10.0,
@@ -230,9 +244,13 @@ class MQTTClient:
         if not isinstance(max_inflight, int) or not 0 < max_inflight <= 65535:
             raise ConfigError(f"max_inflight must be 1..65535, not {max_inflight!r}")
         self._connect_bytes = self._connect_packet()  # checks every field now
+        if on_message is not None and on_batch is not None:
+            raise ConfigError("give on_message or on_batch, not both")
         self.on_message = on_message or (lambda m: None)
+        self.on_batch = on_batch
+        self._handler = self._handle if on_batch is None else self._handle_batch
         self.max_inflight = max_inflight
-        self._decoder = Decoder(max_packet_bytes)
+        self._decoder = Decoder(max_packet_bytes, raw=on_batch is not None)
         self.max_packet_bytes = max_packet_bytes
         self.connect_timeout = connect_timeout
         self.session_present = False
@@ -268,8 +286,8 @@ class MQTTClient:
         self._reading_paused = False  # the receiver asked for no more deliveries
         self._transport_paused = False  # the socket is not being read
         # PUBLISHes read (and checked) after a pause, in order; other packets behind
-        # them are handled at once
-        self._held: deque[Message] = deque()
+        # them are handled at once (RawPublish tuples with on_batch)
+        self._held: deque[Any] = deque()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -652,6 +670,13 @@ class MQTTClient:
 
     def _deliver_held(self) -> None:
         held = self._held
+        if self.on_batch is not None:
+            if held and self._alive:
+                batch = list(held)
+                held.clear()
+                self._deliver(batch)
+            self._flow()
+            return
         on_message = self.on_message
         try:
             while held and not self._reading_paused and self._alive:
@@ -752,7 +777,7 @@ class MQTTClient:
             return
         self._last_rx = time.monotonic()
         try:
-            self._handle(events)
+            self._handler(events)
         except ProtocolError as e:
             self._fail(str(e))
 
@@ -807,14 +832,18 @@ class MQTTClient:
         rx = self._rx
         held = self._held
         for ev in events:
-            if type(ev) is not Message:
+            t = type(ev)
+            if t is tuple:
+                qos, pid, dup = (ev[3] >> 1) & 3, ev[2], ev[3] & 8
+            elif t is Message:
+                qos, pid, dup = ev.qos, ev.pid, ev.dup
+            else:
                 self._control(ev)
                 if not self._alive:
                     return
                 continue
-            if ev.qos:
-                pid = ev.pid
-                if ev.qos != 1:
+            if qos:
+                if qos != 1:
                     raise ProtocolError(
                         "PUBLISH: QoS 2, above the QoS 1 every subscription of this client "
                         "asks for (MQTT-3.8.4-6)")
@@ -822,11 +851,88 @@ class MQTTClient:
                     self._rx_count += 1
                     rx[pid] = self._rx_count
                     self._rx_order.append(pid)
-                elif not ev.dup:
+                elif not dup:
                     raise ProtocolError(
                         f"PUBLISH: packet id {pid} is still in use by an unacknowledged "
                         "PUBLISH (MQTT-2.3.1-2)")
             held.append(ev)
+
+    def _handle_batch(self, events: list[Any]) -> None:
+        """With ``on_batch``: consecutive PUBLISHes of a read go to the receiver in one
+        list; a packet of another type between them is handled in its place."""
+        if not self._got_connack and type(events[0]) is not ConnAck:
+            raise ProtocolError(f"{_name(events[0])} before CONNACK (MQTT-3.2.0-1)")
+        if self._reading_paused or self._held:
+            return self._hold(events)
+        if not self._decoder.controls:
+            self._take(events)  # the common case: only PUBLISHes
+            return
+        run: list[RawPublish] = []
+        for k, ev in enumerate(events):
+            if type(ev) is tuple:
+                run.append(ev)
+                continue
+            if run:
+                self._take(run)
+                run = []
+                if not self._alive:
+                    return
+                if self._reading_paused:
+                    return self._hold(events[k:])
+            self._control(ev)
+            if not self._alive:
+                return
+        if run:
+            self._take(run)
+
+    def _take(self, batch: list[RawPublish]) -> None:
+        """Register the batch's QoS 1 packet ids in arrival order (for PUBACK order and
+        MQTT-2.3.1-2), then hand it to ``on_batch``. At a protocol violation the
+        PUBLISHes before it are delivered, then the connection fails."""
+        rx = self._rx
+        k = len(batch)
+        pids = list(map(_PID, batch))
+        if set(map(_FIRST_BYTE, batch)) <= _QOS1_NEW:
+            c = self._rx_count
+            new = dict(zip(pids, range(c + 1, c + 1 + k), strict=True))
+            if len(new) == k and rx.keys().isdisjoint(new):
+                rx.update(new)
+                self._rx_order += pids
+                self._rx_count = c + k
+                self._deliver(batch)
+                return
+        count = self._rx_count
+        append = self._rx_order.append
+        for i, (_, _, pid, first) in enumerate(batch):
+            qos = (first >> 1) & 3
+            why = None
+            if qos == 1:
+                if pid not in rx:
+                    count += 1
+                    rx[pid] = count
+                    append(pid)
+                elif not first & 8:
+                    why = (f"PUBLISH: packet id {pid} is still in use by an unacknowledged "
+                           "PUBLISH (MQTT-2.3.1-2)")
+                # else: the broker sends it again on this connection: deliver it again;
+                # one PUBACK answers both
+            elif qos:
+                why = ("PUBLISH: QoS 2, above the QoS 1 every subscription of this client "
+                       "asks for (MQTT-3.8.4-6)")
+            if why is not None:
+                self._rx_count = count
+                if i:
+                    self._deliver(batch[:i])
+                raise ProtocolError(why)
+        self._rx_count = count
+        self._deliver(batch)
+
+    def _deliver(self, batch: list[RawPublish]) -> None:
+        assert self.on_batch is not None
+        try:
+            self.on_batch(batch)
+        except Exception as e:
+            self._fail(f"on_batch raised {e!r}", e)
 
     def _control(self, ev: Any) -> None:
         t = type(ev)
