@@ -81,7 +81,7 @@ def _loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "") -> dict[str, Any]:
+def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "", perf: str = "") -> dict[str, Any]:
     p = type("P", (Exported,), {"src": src})(tag)
     try:
         run = f"steady-{tag}"
@@ -97,8 +97,12 @@ def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "") -> di
         lg = Loadgen(p.edge.url, n, run, rate=rate).start()
         spy = None
         if pyspy:  # the middle half of the run; py-spy's stops inflate the CPU figure
-            spy = subprocess.Popen(["py-spy", "record", "--native", "-r", "250", "--format", "raw",
+            spy = subprocess.Popen(["py-spy", "record", "-r", "250", "--format", "raw",
                                     "-o", f"{pyspy}-{tag}.txt", "-p", str(pid), "-d", str(max(1, n // rate // 2))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if perf:  # the middle half of the run
+            spy = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", f"{perf}-{tag}.data",
+                                    "-p", str(pid), "--", "sleep", str(max(1, n // rate // 2))],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if offline:
             # the load generator is done when the broker has everything; then poll the
@@ -136,6 +140,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--mode", choices=("live", "offline", "both"), default="both")
     ap.add_argument("--pyspy", default="", help="record py-spy (raw) to PREFIX-TAG.txt")
+    ap.add_argument("--perf", default="", help="record perf -g to PREFIX-TAG.data")
     a = ap.parse_args()
     modes = ("live", "offline") if a.mode == "both" else (a.mode,)
     res: dict[str, dict[str, list[float]]] = {}
@@ -145,7 +150,7 @@ def main() -> None:
             order = a.refs if rnd % 2 == 0 else a.refs[::-1]
             for mode in modes:
                 for ref in order:
-                    row = one(srcs[ref], mode, a.rate, a.count, f"{mode[:3]}{rnd}-{ref[:8]}", a.pyspy)
+                    row = one(srcs[ref], mode, a.rate, a.count, f"{mode[:3]}{rnd}-{ref[:8]}", a.pyspy, a.perf)
                     row.update(ref=ref, round=rnd)
                     print(json.dumps(row), flush=True)
                     res.setdefault(ref, {}).setdefault(mode, []).append(row["cpu_per_100k"])
