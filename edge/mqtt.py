@@ -211,10 +211,10 @@ class MQTTClient:
     the consecutive PUBLISHes of one socket read, in order (a pause asked for during the
     call takes effect after the list). ``max_inflight`` bounds QoS 1 publishes awaiting
     PUBACK; :meth:`publish` waits for room. ``read_hold`` (seconds, 0 by default): while
-    messages stream in (a read within ``2 * read_hold`` of the previous one), the socket
-    rests ``read_hold`` after each read, so the next read takes what gathered meanwhile
-    in one go (fewer reads and wake-ups per message, each delivery up to ``read_hold``
-    later); a message after a quiet spell is read at once.
+    messages stream in (a read of PUBLISHes within ``2 * read_hold`` of the previous
+    one), the socket rests ``read_hold`` after each read, so the next read takes what
+    gathered meanwhile in one go (fewer reads and wake-ups per message, each delivery up
+    to ``read_hold`` later); a message after a quiet spell is read at once.
     Every argument is checked here: a client id or will that MQTT cannot carry, a
     keepalive above 65535 s or a QoS other than 0 and 1 is a :class:`ConfigError`.
     """
@@ -795,7 +795,7 @@ class MQTTClient:
             self._fail(str(e))
             return
         hold = self.read_hold
-        if hold:
+        if hold and len(events) > self._decoder.controls:  # the read held PUBLISHes
             if (now - self._prev_read < 2 * hold and self._alive and not self._transport_paused
                     and self._hold_timer is None and self._transport is not None):
                 # messages are streaming in: let the next ones gather in the socket
