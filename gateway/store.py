@@ -54,12 +54,15 @@ import re
 import sqlite3
 import struct
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import accumulate, repeat
+from operator import add, itemgetter
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import StoreCorrupt, StoreError
-from gateway.frames import pack_topics, read_topics
+from gateway.frames import pack_records, read_topics
 
 __all__ = ["RECORD_OVERHEAD", "Clock", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size",
            "inspect"]
@@ -157,17 +160,7 @@ Record = tuple[int, int, str, bytes, int]  # seq, ts ms, topic, payload, local p
 
 def pack(records: list[Record]) -> bytes:
     """Pack records (ascending seq) into a chunk blob."""
-    base = records[0][0]
-    topics: dict[str, int] = {}
-    parts: list[bytes] = []
-    pk = _REC.pack
-    for seq, ts, topic, payload, pid in records:
-        idx = topics.get(topic)
-        if idx is None:
-            idx = topics[topic] = len(topics)
-        parts.append(pk(seq - base, ts, idx, pid, len(payload)))
-        parts.append(payload)
-    return pack_topics(topics) + b"".join(parts)
+    return pack_records(records, _REC, True)
 
 
 def unpack(base: int, data: bytes, after: int = -1, limit: int = 1 << 62) -> list[Record]:
@@ -420,13 +413,8 @@ class Store:
         res = CommitResult()
         seq = self.next_seq
         res.first_seq = seq
-        by_lane: dict[str, list[Record]] = {}
-        for lane_name, topic, payload, ts, pid in inserts:
-            recs = by_lane.get(lane_name)
-            if recs is None:
-                recs = by_lane[lane_name] = []
-            recs.append((seq, ts, topic, payload, pid))
-            seq += 1
+        by_lane = _by_lane(inserts, seq)
+        seq += len(inserts)
         res.last_seq = seq - 1
         res.inserted = by_lane
         floor_changed = False
@@ -441,13 +429,18 @@ class Store:
             oldest = {name: lane.oldest_clock for name, lane in self.lanes.items()}
             for lane_name, recs in by_lane.items():
                 lane = self.lanes[lane_name]
+                # a chunk takes records while it holds fewer than CHUNK_RECORDS and fewer
+                # than CHUNK_BYTES (the record that reaches it is the chunk's last);
+                # cum[i]: the bytes of records 0..i
+                cum = list(accumulate(map(add, map(add, map(len, map(_TOPIC, recs)),
+                                                   map(len, map(_PAYLOAD, recs))),
+                                          repeat(RECORD_OVERHEAD)), initial=0))
                 start = 0
                 while start < len(recs):
-                    end, size = start, 0
-                    while end < len(recs) and end - start < CHUNK_RECORDS and size < CHUNK_BYTES:
-                        size += len(recs[end][2]) + len(recs[end][3]) + RECORD_OVERHEAD
-                        end += 1
-                    _insert_chunk(db, lane.table, recs[start:end], clock)
+                    end = min(bisect_left(cum, cum[start] + CHUNK_BYTES, start + 1), len(recs),
+                              start + CHUNK_RECORDS)
+                    size = cum[end] - cum[start]
+                    _insert_chunk(db, lane.table, recs[start:end], clock, size)
                     dcount[lane_name] += end - start
                     dbytes[lane_name] += size
                     start = end
@@ -672,9 +665,35 @@ def _create_lane(db: sqlite3.Connection, table: str) -> None:
     )
 
 
-def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record], clock: int) -> None:
-    """One chunk; ``clock`` is the store clock of its commit (ages and TTLs)."""
-    size = sum(record_size(r[2], r[3]) for r in recs)
+_TOPIC = itemgetter(2)
+_PAYLOAD = itemgetter(3)
+
+
+def _by_lane(inserts: list[tuple[str, str, bytes, int, int]], seq: int) -> dict[str, list[Record]]:
+    """The store's records of a commit's ``(lane, topic, payload, ts_ms, pid)`` inserts,
+    per lane, numbered from ``seq`` in order."""
+    if not inserts:
+        return {}
+    lanes, topics, payloads, tss, pids = zip(*inserts, strict=True)
+    if lanes.count(lanes[0]) == len(lanes):  # the common case: one lane
+        return {lanes[0]: list(zip(range(seq, seq + len(inserts)), tss, topics, payloads, pids,
+                                   strict=True))}
+    by_lane: dict[str, list[Record]] = {}
+    for lane_name, topic, payload, ts, pid in inserts:
+        recs = by_lane.get(lane_name)
+        if recs is None:
+            recs = by_lane[lane_name] = []
+        recs.append((seq, ts, topic, payload, pid))
+        seq += 1
+    return by_lane
+
+
+def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record], clock: int,
+                  size: int | None = None) -> None:
+    """One chunk (``size``: its records' bytes, if known); ``clock`` is the store clock of
+    its commit (ages and TTLs)."""
+    if size is None:
+        size = sum(record_size(r[2], r[3]) for r in recs)
     db.execute(
         f"INSERT INTO {table} (first_seq, last_seq, n, bytes, first_ts, last_ts, data, clock) "
         "VALUES (?,?,?,?,?,?,?,?)",

@@ -163,3 +163,63 @@ def test_read_spans_chunks_and_partly_delivered_chunks_stay(tmp_path):
     assert r.deleted == {"telemetry": (700, 700 * (6 + 10 + RECORD_OVERHEAD))}
     assert s.read("telemetry", 1000, 5, 10**9)[0][0] == 1001
     assert len(s.recent_hashes(100)) == 100
+
+
+def _chunks_by_the_book(recs, first_seq):
+    """The chunk layout by the rule, record by record: a chunk takes records while it
+    holds fewer than CHUNK_RECORDS and fewer than CHUNK_BYTES bytes."""
+    from gateway.store import CHUNK_BYTES, CHUNK_RECORDS
+    out, start = [], 0
+    while start < len(recs):
+        end, size = start, 0
+        while end < len(recs) and end - start < CHUNK_RECORDS and size < CHUNK_BYTES:
+            size += len(recs[end][0]) + len(recs[end][1]) + RECORD_OVERHEAD
+            end += 1
+        out.append((first_seq + start, first_seq + end - 1, end - start, size))
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("sizes", [
+    [10] * 2500,                                   # cut by CHUNK_RECORDS
+    [100_000, 100_000, 56_000, 5, 200_000, 1],     # cut by CHUNK_BYTES, at and past it
+    [262_144 - 6 - RECORD_OVERHEAD, 1, 262_144, 7],  # a record exactly filling a chunk
+    [(i * 7919) % 3000 for i in range(1500)],       # mixed
+])
+def test_a_commit_cuts_chunks_by_the_rule(tmp_path, sizes):
+    """Store.commit's chunking (cumulative sizes and a bisection) gives exactly the chunks
+    the record-by-record rule gives, and every record reads back as it went in."""
+    s = open_store(tmp_path / "s.db", max_bytes=10**9)
+    inserts = [("telemetry", "dt/d/t", bytes([i % 251]) * n, 1000 + i, i % 65535 + 1)
+               for i, n in enumerate(sizes)]
+    first = s.next_seq
+    s.commit(inserts)
+    rows = s._db.execute("SELECT first_seq, last_seq, n, bytes FROM chunks_telemetry "
+                         "ORDER BY first_seq").fetchall()
+    assert rows == _chunks_by_the_book([i[1:] for i in inserts], first)
+    got = s.read("telemetry", 0, len(inserts), 10**10)
+    assert got == [(first + i, r[3], r[1], r[2], r[4]) for i, r in enumerate(inserts)]
+
+
+def test_chunk_blobs_and_frames_are_packed_as_before():
+    """pack_records (column by column) gives the bytes of the record-by-record packing."""
+    import struct
+
+    from gateway import frames, store
+
+    def by_the_book(records, rec, with_pid):
+        topics, parts = {}, []
+        for r in records:
+            idx = topics.setdefault(r[2], len(topics))
+            fields = (r[0] - records[0][0], r[1], idx) + ((r[4],) if with_pid else ()) + (len(r[3]),)
+            parts += [rec.pack(*fields), r[3]]
+        return frames.pack_topics(topics) + b"".join(parts)
+
+    records = [(50 + i, 1_700_000_000_000 + i, ["a/é", "b", "a/é", "c/d"][i % 4] if i % 5 else "z",
+                bytes([i]) * (i % 7), i + 1) for i in range(40)]
+    assert store.pack(records) == by_the_book(records, store._REC, True)
+    assert store.unpack(50, store.pack(records)) == records
+    assert frames.pack_records(records, frames._REC, False) == by_the_book(records, frames._REC, False)
+    f = frames.decode(frames.encode("n", 1, "telemetry", records, prev_seq=49))
+    assert [(r[0], r[1], r[2], r[3]) for r in f.records] == [r[:4] for r in records]
+    assert isinstance(store._REC, struct.Struct)
