@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from bench._uplink_pipelines import Edgeferry
-from bench._util import REPO, Loadgen, count_run, cpu_seconds, wait_line
+from bench._util import REPO, Loadgen, count_run, cpu_seconds
 
 
 def export(ref: str, root: str) -> str:
@@ -48,19 +48,6 @@ def export(ref: str, root: str) -> str:
     if not all(g.startswith(dest) for g in got):
         raise RuntimeError(f"{ref}: imports {got}, not the export in {dest}")
     return dest
-
-
-class Exported(Edgeferry):
-    """The uplink bench's edgeferry pipeline with the gateway from an export."""
-
-    src = ""
-
-    def start_gateway(self, *, wait: bool = True) -> None:
-        self.gateway = self.wd.proc("gateway", self.gateway_argv, env={"PYTHONPATH": self.src})
-        self.gateway.cwd = self.src  # type: ignore[assignment]
-        self.gateway.start()
-        if wait:
-            wait_line(self.gateway, "gateway ready", timeout=60)
 
 
 def _times(pid: int) -> tuple[float, float]:
@@ -82,7 +69,7 @@ def _loadavg() -> float:
 
 
 def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "", perf: str = "") -> dict[str, Any]:
-    p = type("P", (Exported,), {"src": src})(tag)
+    p = Edgeferry(tag, src=src)  # gateway and ingest run from the export, as their cwd
     try:
         run = f"steady-{tag}"
         offline = mode == "offline"
