@@ -503,29 +503,10 @@ class Decoder:
         topics = self._topics
         limit = self.max_packet_bytes
         raw = self.raw
-        fast = raw and limit >= 127
         n = len(data)
         pos = 0
         while pos < n:
             first = data[pos]
-            if first == 0x32 and fast:
-                # the raw path's common case, in fewer steps: a QoS 1 PUBLISH (no DUP, not
-                # retained) shorter than 128 bytes, whole, whose topic was seen (and checked)
-                # before, with a packet id that is not 0. Anything else, or short of that,
-                # goes on to the general path below, which checks all of it again.
-                if pos + 1 < n:
-                    length = data[pos + 1]
-                    end = pos + 2 + length
-                    if 5 <= length < 0x80 and end <= n:
-                        t_end = pos + 4 + ((data[pos + 2] << 8) | data[pos + 3])
-                        if t_end + 2 <= end:
-                            topic = topics.get(data[pos + 4 : t_end])
-                            if topic is not None:
-                                pid = (data[t_end] << 8) | data[t_end + 1]
-                                if pid:
-                                    append((topic, data[t_end + 2 : end], pid, 0x32))  # type: ignore[arg-type]
-                                    pos = end
-                                    continue
             if first & 0xF0 != 0x30 or first & 6 == 6:  # not a PUBLISH of QoS 0-2
                 why = first_rules[first]
                 if why is not None:

@@ -31,9 +31,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
-from operator import sub
-from typing import Any
 
 from gateway.errors import FrameError
 
@@ -90,24 +87,6 @@ def pack_topics(topics: dict[str, int]) -> bytes:
     return b"".join(parts)
 
 
-def pack_records(records: Sequence[Sequence[Any]], rec: struct.Struct, with_pid: bool) -> bytes:
-    """A topic table, then per record ``rec`` of (seq - first seq, ts, topic index[,
-    pid], payload length) and the payload; records are (seq, ts, topic, payload[, pid]).
-    Topics are indexed in order of first appearance. Built column by column with map
-    and zip (no Python loop per record): the chunk blobs of the store and the frames'
-    bodies."""
-    cols = tuple(zip(*records, strict=True))
-    topics, payloads = cols[2], cols[3]
-    index = {t: i for i, t in enumerate(dict.fromkeys(topics))}
-    deltas = map(sub, cols[0], repeat(cols[0][0]))
-    idxs = map(index.__getitem__, topics)
-    if with_pid:
-        heads = map(rec.pack, deltas, cols[1], idxs, cols[4], map(len, payloads))
-    else:
-        heads = map(rec.pack, deltas, cols[1], idxs, map(len, payloads))
-    return pack_topics(index) + b"".join(chain.from_iterable(zip(heads, payloads, strict=True)))
-
-
 def read_topics(data: bytes, pos: int = 0) -> tuple[list[str], int]:
     """Read a topic table at ``pos``; return the topics and the position after it."""
     (count,) = _U16.unpack_from(data, pos)
@@ -141,7 +120,18 @@ def encode(
     base = records[0][0]
     if prev_seq >= base:
         raise ValueError("prev_seq must be below the first record's seq")
-    body = pack_records(records, _REC, False)
+    topics: dict[str, int] = {}
+    parts: list[bytes] = []
+    pack = _REC.pack
+    for r in records:
+        topic = r[2]
+        idx = topics.get(topic)
+        if idx is None:
+            idx = topics[topic] = len(topics)
+        payload = r[3]
+        parts.append(pack(r[0] - base, r[1], idx, len(payload)))
+        parts.append(payload)
+    body = pack_topics(topics) + b"".join(parts)
     flags = 0
     if compress:
         body = _zstd().ZstdCompressor(level=1).compress(body)

@@ -22,7 +22,6 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from itertools import repeat
 
 from edge._codec import RawPublish, raw_message
 from edge.backoff import Backoff, connect_retrying, sleep_unless
@@ -166,12 +165,10 @@ class Intake:
         return route
 
     def _on_batch(self, batch: list[RawPublish]) -> None:
-        """The PUBLISHes of one socket read, in order, with one wall-clock read. The
-        common case, a batch of new messages, none retained, all of one lane, each within
-        its size limit and all within the store's room, is checked and added column by
-        column (no Python loop per message); otherwise one loop takes the messages while
-        they are of that kind, and from the first that is not, the rest of the batch goes
-        message by message through :meth:`_on_message`, every rule in order."""
+        """The PUBLISHes of one socket read, in order. The common case (new messages, not
+        retained, that fit) in one loop with the batch's state in locals and one
+        wall-clock read; at the first message that is not, the state is written back and
+        the rest of the batch goes message by message through :meth:`_on_message`."""
         st = self.st
         st.counters["received"] += len(batch)
         client = self.client
@@ -192,19 +189,6 @@ class Intake:
         room = st.s.max_store_bytes - used
         added = 0
         ts = int(time.time() * 1000)
-        topics, payloads, pids, firsts = zip(*batch, strict=True)
-        rs = [routes.get(t) or self._route(t) for t in set(topics)]
-        lane = rs[0][0]
-        if all(r[0] == lane for r in rs) and not any(f & 1 for f in set(firsts)):
-            size = sum(map(len, topics)) + sum(map(len, payloads)) + RECORD_OVERHEAD * len(batch)
-            if size <= room and max(map(len, payloads)) <= min(r[1] for r in rs):
-                pending.extend(zip(repeat(lane), topics, payloads, repeat(ts), pids, strict=False))
-                pending_bytes[lane] = pending_bytes.get(lane, 0) + size
-                st.used = used + size
-                st.pending_size += size
-                if len(pending) >= COMMIT_RECORDS or st.pending_size >= COMMIT_BYTES:
-                    self._batch_full(client)
-                return
         lane = ""  # the lane whose bytes accumulate in lane_bytes
         lane_bytes = 0
         i = -1

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import StoreCorrupt, StoreError
-from gateway.frames import pack_records, read_topics
+from gateway.frames import pack_topics, read_topics
 
 __all__ = ["RECORD_OVERHEAD", "Clock", "LaneSpec", "LaneState", "Store", "CommitResult", "record_size",
            "inspect"]
@@ -96,6 +96,10 @@ CHUNK_RECORDS = 1000
 CHUNK_BYTES = 256 * 1024
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+_TOPIC = itemgetter(2)  # of a Record
+_PAYLOAD = itemgetter(3)
 
 
 def record_size(topic: str, payload: bytes) -> int:
@@ -160,7 +164,17 @@ Record = tuple[int, int, str, bytes, int]  # seq, ts ms, topic, payload, local p
 
 def pack(records: list[Record]) -> bytes:
     """Pack records (ascending seq) into a chunk blob."""
-    return pack_records(records, _REC, True)
+    base = records[0][0]
+    topics: dict[str, int] = {}
+    parts: list[bytes] = []
+    pk = _REC.pack
+    for seq, ts, topic, payload, pid in records:
+        idx = topics.get(topic)
+        if idx is None:
+            idx = topics[topic] = len(topics)
+        parts.append(pk(seq - base, ts, idx, pid, len(payload)))
+        parts.append(payload)
+    return pack_topics(topics) + b"".join(parts)
 
 
 def unpack(base: int, data: bytes, after: int = -1, limit: int = 1 << 62) -> list[Record]:
@@ -413,8 +427,13 @@ class Store:
         res = CommitResult()
         seq = self.next_seq
         res.first_seq = seq
-        by_lane = _by_lane(inserts, seq)
-        seq += len(inserts)
+        by_lane: dict[str, list[Record]] = {}
+        for lane_name, topic, payload, ts, pid in inserts:
+            recs = by_lane.get(lane_name)
+            if recs is None:
+                recs = by_lane[lane_name] = []
+            recs.append((seq, ts, topic, payload, pid))
+            seq += 1
         res.last_seq = seq - 1
         res.inserted = by_lane
         floor_changed = False
@@ -663,29 +682,6 @@ def _create_lane(db: sqlite3.Connection, table: str) -> None:
         " n INTEGER NOT NULL, bytes INTEGER NOT NULL, first_ts INTEGER NOT NULL,"
         " last_ts INTEGER NOT NULL, data BLOB NOT NULL, clock INTEGER NOT NULL DEFAULT 0)"
     )
-
-
-_TOPIC = itemgetter(2)
-_PAYLOAD = itemgetter(3)
-
-
-def _by_lane(inserts: list[tuple[str, str, bytes, int, int]], seq: int) -> dict[str, list[Record]]:
-    """The store's records of a commit's ``(lane, topic, payload, ts_ms, pid)`` inserts,
-    per lane, numbered from ``seq`` in order."""
-    if not inserts:
-        return {}
-    lanes, topics, payloads, tss, pids = zip(*inserts, strict=True)
-    if lanes.count(lanes[0]) == len(lanes):  # the common case: one lane
-        return {lanes[0]: list(zip(range(seq, seq + len(inserts)), tss, topics, payloads, pids,
-                                   strict=True))}
-    by_lane: dict[str, list[Record]] = {}
-    for lane_name, topic, payload, ts, pid in inserts:
-        recs = by_lane.get(lane_name)
-        if recs is None:
-            recs = by_lane[lane_name] = []
-        recs.append((seq, ts, topic, payload, pid))
-        seq += 1
-    return by_lane
 
 
 def _insert_chunk(db: sqlite3.Connection, table: str, recs: list[Record], clock: int,

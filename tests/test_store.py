@@ -200,26 +200,3 @@ def test_a_commit_cuts_chunks_by_the_rule(tmp_path, sizes):
     got = s.read("telemetry", 0, len(inserts), 10**10)
     assert got == [(first + i, r[3], r[1], r[2], r[4]) for i, r in enumerate(inserts)]
 
-
-def test_chunk_blobs_and_frames_are_packed_as_before():
-    """pack_records (column by column) gives the bytes of the record-by-record packing."""
-    import struct
-
-    from gateway import frames, store
-
-    def by_the_book(records, rec, with_pid):
-        topics, parts = {}, []
-        for r in records:
-            idx = topics.setdefault(r[2], len(topics))
-            fields = (r[0] - records[0][0], r[1], idx) + ((r[4],) if with_pid else ()) + (len(r[3]),)
-            parts += [rec.pack(*fields), r[3]]
-        return frames.pack_topics(topics) + b"".join(parts)
-
-    records = [(50 + i, 1_700_000_000_000 + i, ["a/é", "b", "a/é", "c/d"][i % 4] if i % 5 else "z",
-                bytes([i]) * (i % 7), i + 1) for i in range(40)]
-    assert store.pack(records) == by_the_book(records, store._REC, True)
-    assert store.unpack(50, store.pack(records)) == records
-    assert frames.pack_records(records, frames._REC, False) == by_the_book(records, frames._REC, False)
-    f = frames.decode(frames.encode("n", 1, "telemetry", records, prev_seq=49))
-    assert [(r[0], r[1], r[2], r[3]) for r in f.records] == [r[:4] for r in records]
-    assert isinstance(store._REC, struct.Struct)
