@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import FrameError
 
@@ -54,13 +54,15 @@ _U16 = struct.Struct("<H")
 
 @dataclass(slots=True)
 class Frame:
-    """A decoded frame; ``records`` are ``(seq, ts_ms, topic, payload)``."""
+    """A decoded frame; ``records`` are ``(seq, ts_ms, topic, payload)``; ``topics`` the
+    frame's topic table (every topic its records name; empty: not known)."""
 
     node: str
     epoch: int
     lane: str
     records: list[tuple[int, int, str, bytes]]
     prev_seq: int = 0
+    topics: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -184,7 +186,7 @@ def decode(data: bytes) -> Frame:
         raise
     except Exception as e:  # struct.error, IndexError, UnicodeDecodeError, zstd errors
         raise FrameError(f"corrupt frame: {e}") from None
-    return Frame(node, epoch, lane, records, prev_seq)
+    return Frame(node, epoch, lane, records, prev_seq, topics)
 
 
 def _short(name: str, s: str) -> bytes:

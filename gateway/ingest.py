@@ -280,6 +280,7 @@ class Ingest:
         sink = self.sink
         assert isinstance(sink, JsonlSink | SqliteSink)
         groups: list[Records] = []
+        down: list[Records] = []  # the frames that may hold command statuses or reports
         high = sink.high
         moved: dict[tuple[str, int, str], int] = {}
         gaps: dict[tuple[str, int, str], int] = {}
@@ -313,16 +314,22 @@ class Ingest:
             counters["records"] += len(f.records)
             moved[key] = max(have, f.records[-1][0])
             groups.append((node, epoch, lane, f.records))
+            if self._downlink_in(f):
+                down.append(groups[-1])
         written, dups = sink.write_records(groups)
         for g in gap_rows:
             if sink.write_gap(g):
                 self._count_gap(g)
         high.update(moved)
-        self._apply_downlink(groups)
+        self._apply_downlink(down)
         acks: Acks = {}
         for node, epoch in {(k[0], k[1]) for k in moved}:
             acks[(node, epoch)] = {k[2]: v for k, v in high.items() if k[0] == node and k[1] == epoch}
         return written, dups, acks, gaps
+
+    def _downlink_in(self, f: frames.Frame) -> bool:
+        """May frame ``f`` hold records for the cloud state? (Its topic table says.)"""
+        return self.state is not None and (not f.topics or any(t.startswith(DOWNLINK_TOPICS) for t in f.topics))
 
     def _apply_downlink(self, groups: list[Records]) -> None:
         if self.state is not None:
@@ -342,6 +349,7 @@ class Ingest:
         counters = self.counters
         batch_frames = []
         gap_rows: list[GapRow] = []
+        down: list[Records] = []
         for m in batch:
             f = self._accepted(m)
             if f is None:
@@ -352,10 +360,12 @@ class Ingest:
             counters["frames"] += 1
             counters["records"] += len(f.records)
             batch_frames.append((f.node, f.epoch, f.lane, f.prev_seq, f.records))
+            if self._downlink_in(f):
+                down.append((f.node, f.epoch, f.lane, f.records))
         done = sink.write_frames(batch_frames, gap_rows)
         for g in done.new_gaps:
             self._count_gap(g)
-        self._apply_downlink([(n, e, lane, recs) for n, e, lane, _prev, recs in batch_frames])
+        self._apply_downlink(down)
         return done.written, done.duplicates, done.acks, {}
 
     async def _hole_watch(self) -> None:
