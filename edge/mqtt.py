@@ -41,8 +41,9 @@ ping. A broker process that hangs while its TCP stays up is noticed only once re
 resumes: the outstanding pings then get a fresh ``keepalive / 2`` to be answered.
 
 Size: one connection's state (the publish window, packet ids, acknowledgement order,
-pings and keepalive, pause and held deliveries) interlocks on connection loss, and is
-easiest to check in one place; the packets themselves are in edge/_codec.py.
+pings and keepalive, pause and held deliveries, the batch receive path and burst reads
+that share them) interlocks on connection loss, and is easiest to check in one place;
+the packets themselves are in edge/_codec.py.
 """
 
 from __future__ import annotations
