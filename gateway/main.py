@@ -162,10 +162,10 @@ def _parse(parse: Callable[[list[str]], Any], argv: list[str]) -> Any:
 
 def _malloc_arenas(n: int) -> None:
     """At most ``n`` glibc malloc arenas (``mallopt(M_ARENA_MAX, n)``), before any thread
-    starts. glibc gives each new thread an arena of its own; the store's writer and reader
-    threads then keep SQLite's pages and their freed memory in arenas of their own, about
-    1.5 MB of the gateway's resident memory with a backlog (docs/benchmarks.md). Skipped
-    where there is no glibc mallopt (musl, other systems)."""
+    starts. glibc gives each new thread an arena of its own; the store's reader thread then
+    keeps the chunks it reads for a drain in an arena of its own: about 0.5 MB of the
+    gateway's peak while it drains a large backlog (docs/benchmarks.md, issue 15; no
+    difference in CPU measured). Skipped where there is no glibc mallopt (musl, others)."""
     try:
         import ctypes
 
