@@ -164,8 +164,9 @@ def _malloc_arenas(n: int) -> None:
     """At most ``n`` glibc malloc arenas (``mallopt(M_ARENA_MAX, n)``), before any thread
     starts. glibc gives each new thread an arena of its own; the store's reader thread then
     keeps the chunks it reads for a drain in an arena of its own: about 0.5 MB of the
-    gateway's peak while it drains a large backlog (docs/benchmarks.md, issue 15; no
-    difference in CPU measured). Skipped where there is no glibc mallopt (musl, others)."""
+    gateway's peak while it drains a large backlog, on average, within the noise of the
+    runs (docs/benchmarks.md, issue 15; no CPU difference measured). Skipped where there is
+    no glibc mallopt (musl, others)."""
     try:
         import ctypes
 
