@@ -99,10 +99,15 @@ SSL_ERROR_WANT_WRITE = 3
 SSL_ERROR_SYSCALL = 5
 
 
+class _NoSuchName(TLSUnavailable, AttributeError):
+    """Any other name of ssl: still TLSUnavailable, and an AttributeError, so that a
+    ``hasattr(ssl, ...)`` probe answers False instead of raising."""
+
+
 def __getattr__(name: str) -> Any:
     if name.startswith("__"):  # the import system's own probes (__path__, __file__ ...)
         raise AttributeError(name)
-    raise TLSUnavailable(f"ssl.{name}: {_WHY}")
+    raise _NoSuchName(f"ssl.{name}: {_WHY}")
 
 
 def is_stub(module: Any) -> bool:

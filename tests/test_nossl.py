@@ -82,6 +82,7 @@ def test_the_stand_in_refuses_tls_with_one_line():
         "    return 'not refused'\n"
         "print(refused(lambda: TLSOptions().context()))\n"
         "print(refused(lambda: ssl.PROTOCOL_TLS_CLIENT))\n"
+        "assert not hasattr(ssl, 'HAS_SNI'), 'a probe must answer False'\n"
         "srv = socket.create_server(('127.0.0.1', 0))\n"
         "async def connect():\n"
         "    try:\n"
