@@ -31,8 +31,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench._uplink_pipelines import Edgeferry
-from bench._util import PY, REPO, Workdir, count_run, machine_info, mem_kb, run_loadgen, wait_line
+from bench._uplink_pipelines import Edgeferry, export
+from bench._util import PY, REPO, Workdir, count_run, machine_info, mem_kb, run_loadgen
 
 __all__ = ["run", "summary"]
 
@@ -63,34 +63,19 @@ def smaps(pid: int) -> dict[str, int]:
     return dict(out.most_common())
 
 
-class _Gateway(Edgeferry):
-    """The edgeferry pipeline with the gateway's packages from ``src`` (PYTHONPATH)."""
-
-    src: str | None = None
-
-    def start_gateway(self, *, wait: bool = True) -> None:
-        env = {"PYTHONPATH": self.src} if self.src else None
-        self.gateway = self.wd.proc("gateway", self.gateway_argv, env=env).start()
-        if wait:
-            wait_line(self.gateway, "gateway ready", timeout=60)
-
-
 def _export(ref: str, wd: Workdir) -> str:
-    dest = wd / ref.replace("/", "_")
-    dest.mkdir()
-    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "edge", "gateway", "edgeferry",
-                          "firmware_sim"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    dest = export(ref, wd / ref.replace("/", "_"))
     # compiled now, as pip does at install: compiling at import would raise the peak
-    subprocess.run([PY, "-m", "compileall", "-q", str(dest)], check=True)
-    return str(dest)
+    subprocess.run([PY, "-m", "compileall", "-q", dest], check=True)
+    return dest
 
 
 def _one(label: str, src: str | None, n: int, rnd: int) -> dict[str, Any]:
-    sub = type("G", (_Gateway,), {"src": src})
-    p = sub(f"gwmem{rnd}")
+    p = Edgeferry(f"gwmem{rnd}", src=src)  # src: the exported packages it runs from
     try:
         pid = p.gateway.pid
+        if src and os.path.realpath(f"/proc/{pid}/cwd") != os.path.realpath(src):
+            raise RuntimeError(f"{label}: the gateway does not run from {src}: not an A/B")
         row: dict[str, Any] = {"gateway": label, "round": rnd, "loadavg": _loadavg(),
                                "ready": mem_kb(pid), "ready_smaps": smaps(pid), "steps": []}
         run = f"gwmem-{rnd}-{label}"
