@@ -342,7 +342,7 @@ class Fleet:
             # the start-up ramp: devices waiting for their turn, attempts in flight, back-offs
             "waiting": self.ctx.ramp.waiting,
             "connecting": self.ctx.ramp.inflight,
-            "backoffs": sum(self.ctx.ramp.backoffs.values()),
+            "backoffs": sum(self.ctx.ramp.backoffs.values()),  # the window halved
         }
         if reset_lag:
             self.max_lag = 0.0
