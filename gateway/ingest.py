@@ -48,6 +48,10 @@ frames of 100 records: 2 workers at half the rate of one with 256 frames a batch
 MAX_BATCH_DB_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
+AHEAD_RECORDS = 50_000
+"""File and SQLite sinks: records of frames that arrived ahead of a hole held in memory
+until the gap notice or the resend fills it (beyond, such frames are dropped)."""
+
 GAP_WAIT = 2.0
 """With a database sink: how long frames written ahead of a hole wait for it to fill
 (frames of one lane reach several workers in any order) before ingest asks for a resend."""
@@ -81,6 +85,9 @@ class Ingest:
         self._client: MQTTClient | None = None
         self._ran = False
         self._nacked: dict[tuple[str, int, str], tuple[int, float]] = {}
+        # frames that arrived ahead of a hole, per (node, epoch, lane), until it is filled
+        self._ahead: dict[tuple[str, int, str], list[frames.Frame]] = {}
+        self._ahead_records = 0
         self._paused = False
         self._confirming = False  # publishing confirmations: reading must go on (their PUBACKs)
         self.state: CloudState | None = None  # commands and shadows (docs/commands.md)
@@ -286,6 +293,7 @@ class Ingest:
         gaps: dict[tuple[str, int, str], int] = {}
         gap_rows: list[GapRow] = []
         counters = self.counters
+        ahead = self._ahead
         for m in batch:
             f = self._accepted(m)
             if f is None:
@@ -303,19 +311,26 @@ class Ingest:
                     continue
                 gap_rows.append((node, epoch, lane, f.after, f.upto, f.missing, f.reason))
                 moved[key] = f.upto
-                continue
-            if f.prev_seq > have:
+            elif f.prev_seq > have:
                 # a frame before this one went missing: write nothing out of order, ask
-                # the gateway to resend from what we hold
+                # the gateway to resend from what we hold, and keep this frame for when
+                # the hole is filled or announced (under --confirm broker the gateway may
+                # no longer hold it to resend: dropping it lost records the broker delivered)
                 counters["gap_frames"] += 1
-                gaps[key] = have
+                if not self._hold(key, f):
+                    gaps[key] = have
                 continue
-            counters["frames"] += 1
-            counters["records"] += len(f.records)
-            moved[key] = max(have, f.records[-1][0])
-            groups.append((node, epoch, lane, f.records))
-            if self._downlink_in(f):
-                down.append(groups[-1])
+            else:
+                counters["frames"] += 1
+                counters["records"] += len(f.records)
+                moved[key] = max(have, f.records[-1][0])
+                groups.append((node, epoch, lane, f.records))
+                if self._downlink_in(f):
+                    down.append(groups[-1])
+            if ahead and key in ahead:
+                self._release(key, moved[key], groups, moved, down)
+        for key in (*gaps, *ahead):  # ask for what follows all we hold (at most once a second, _nack)
+            gaps[key] = moved.get(key, high.get(key, 0))
         written, dups = sink.write_records(groups)
         for g in gap_rows:
             if sink.write_gap(g):
@@ -326,6 +341,37 @@ class Ingest:
         for node, epoch in {(k[0], k[1]) for k in moved}:
             acks[(node, epoch)] = {k[2]: v for k, v in high.items() if k[0] == node and k[1] == epoch}
         return written, dups, acks, gaps
+
+    def _hold(self, key: tuple[str, int, str], f: frames.Frame) -> bool:
+        """Keep a frame that arrived ahead of a hole (at most AHEAD_RECORDS records in all;
+        beyond, False: it is dropped and the gateway's resend or gap notice answers for it)."""
+        if self._ahead_records + len(f.records) > AHEAD_RECORDS:
+            return False
+        self._ahead.setdefault(key, []).append(f)
+        self._ahead_records += len(f.records)
+        return True
+
+    def _release(self, key: tuple[str, int, str], have: int, groups: list[Records],
+                 moved: dict[tuple[str, int, str], int], down: list[Records]) -> None:
+        """The frames held for ``key`` that now follow what the sink holds, in order."""
+        held = self._ahead[key]
+        held.sort(key=lambda f: f.prev_seq)
+        i = 0
+        while i < len(held) and held[i].prev_seq <= have:
+            f = held[i]
+            i += 1
+            self._ahead_records -= len(f.records)
+            self.counters["frames"] += 1
+            self.counters["records"] += len(f.records)
+            have = max(have, f.records[-1][0])
+            groups.append((f.node, f.epoch, f.lane, f.records))
+            if self._downlink_in(f):
+                down.append(groups[-1])
+        moved[key] = have
+        if i == len(held):
+            del self._ahead[key]
+        else:
+            del held[:i]
 
     def _downlink_in(self, f: frames.Frame) -> bool:
         """May frame ``f`` hold records for the cloud state? (Its topic table says.)"""
@@ -406,7 +452,11 @@ class Ingest:
                 continue  # asked already; the resend is on its way
             self._nacked[(node, epoch, lane)] = (after, now)
             log.info("frame gap from %s lane %s after seq %d: asking for a resend", node, lane, after)
-            body = json.dumps({"epoch": epoch, "lane": lane, "after": after}).encode()
+            ask: dict[str, object] = {"epoch": epoch, "lane": lane, "after": after}
+            held = self._ahead.get((node, epoch, lane))
+            if held:  # the hole ends at most there: what follows is here (exact gap notices)
+                ask["held_after"] = min(f.prev_seq for f in held)
+            body = json.dumps(ask).encode()
             try:
                 await client.publish_nowait(nack_topic(node), body, 1)
             except ConnectionLost:

@@ -103,6 +103,7 @@ class State:
         self.uplink_wake = asyncio.Event()
         self.resend = False  # ingest lost its queue: send again what it has not confirmed
         self.rewind: dict[str, int] = {}  # per lane: ingest asked to resend after this seq
+        self.rewind_held: dict[str, int] = {}  # per lane: ...and holds a frame that follows this one
         # nacks about a previous store (epoch, lane) -> after: answered with a gap notice
         self.old_epoch_nacks: dict[tuple[int, str], int] = {}
         self.ledger = Ledger({})  # made once the store is open (gateway.py)

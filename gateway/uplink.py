@@ -136,6 +136,9 @@ class Uplink:
         limits = st.limits
         resend_after = s.resend_after if s.confirm == "ingest" else 0.0
         unconfirmed: dict[str, deque[Unconfirmed]] = {n: deque() for n in lane_order}
+        # per lane being resent after a nack: up to where ingest may lack what was sent;
+        # records of that range that leave the store meanwhile get a gap notice of their own
+        resending: dict[str, int] = {}
         next_pass: float | None = None  # when the resend timer looks at them next
         while not st.stop.is_set():
             if client.closed.done():
@@ -146,6 +149,8 @@ class Uplink:
                 st.resend = False
                 sent = {lane: st.delivered(lane) for lane in lane_order}
                 st.rewind.clear()
+                st.rewind_held.clear()
+                resending.clear()
                 for q in unconfirmed.values():
                     q.clear()
                 log.info("ingest started a new session: resending unconfirmed records")
@@ -153,10 +158,16 @@ class Uplink:
                 # ingest saw a frame that did not follow what it holds: resend that lane,
                 # after a gap notice for what is no longer here
                 rewind, st.rewind = st.rewind, {}
+                held, st.rewind_held = st.rewind_held, {}
                 for lane, after in rewind.items():
                     if sent[lane] > after:
                         log.info("ingest asked to resend lane %s after seq %d", lane, after)
-                        sent[lane] = await self._gap_notice(client, lane, after)
+                        # what ingest may lack: up to what it holds ahead (its nack says), or
+                        # everything sent
+                        stop = min(sent[lane], held.get(lane, sent[lane]))
+                        sent[lane] = await self._gap_notice(client, lane, after, held.get(lane))
+                        if sent[lane] < stop:
+                            resending[lane] = max(stop, resending.get(lane, stop))
                         q = unconfirmed[lane]
                         while q and q[-1][2] > sent[lane]:  # sent again by the loop below
                             q.pop()
@@ -171,6 +182,8 @@ class Uplink:
                 deadline = max(0.0, next_pass - time.monotonic())
             for name in lane_order:
                 if lanes[name].newest_seq <= sent[name]:
+                    if name in resending:  # nothing left to resend: announce what is gone
+                        sent[name] = await self._resend_gap(client, name, sent[name], None, resending.pop(name))
                     continue
                 wait, lost_after = limits.probe_wait(name)  # cautious mode (profiles.py)
                 if lost_after is not None:
@@ -185,6 +198,13 @@ class Uplink:
                 if rows is None:  # not among the last commits: read back from the store
                     rows = await loop.run_in_executor(
                         st.reader, store.read, name, sent[name], s.frame_max_records, cap)
+                if name in resending:
+                    # records of the resend that left the store since the last read (the
+                    # cloud broker's PUBACK, TTL, eviction): a gap notice before these rows
+                    stop = resending[name]
+                    sent[name] = await self._resend_gap(client, name, sent[name], rows[0][0] if rows else None, stop)
+                    if not rows or rows[-1][0] >= stop:
+                        del resending[name]
                 if not rows:  # evicted or expired meanwhile
                     sent[name] = max(sent[name], lanes[name].newest_seq)
                     continue
@@ -257,14 +277,29 @@ class Uplink:
             return None
         return max(oldest + resend_after, now + resend_after if due else now)
 
-    async def _gap_notice(self, client: MQTTClient, lane: str, after: int) -> int:
+    async def _gap_notice(self, client: MQTTClient, lane: str, after: int, held: int | None) -> int:
         """Before resending ``lane`` after ``after``: if records in between left the store
-        unconfirmed, send a gap notice for them; return the seq the resend follows."""
+        unconfirmed, send a gap notice for them; return the seq the resend follows.
+        ``held``: ingest holds a frame that follows this seq (the gap ends there at most)."""
         st = self.st
         first = await asyncio.get_running_loop().run_in_executor(st.reader, st.store.read, lane, after, 1, 1)
         before = first[0][0] if first else st.store.next_seq
+        if held is not None:
+            before = min(before, held + 1)
         missing, upto, reason = st.ledger.missing(lane, after, before)
         if missing == 0 or upto <= after:
+            return after
+        await self._send_gap(client, st.store.epoch, lane, after, upto, missing, reason)
+        return upto
+
+    async def _resend_gap(self, client: MQTTClient, lane: str, after: int, first: int | None, stop: int) -> int:
+        """During a resend up to ``stop``: a gap notice for the records after ``after``
+        and before ``first`` (the next row read; None: none) that left the store
+        unconfirmed since; return the seq the next frame follows."""
+        st = self.st
+        before = stop + 1 if first is None else min(first, stop + 1)
+        missing, upto, reason = st.ledger.missing(lane, after, before)
+        if not missing or upto <= after:  # (unknown: the first notice of the resend said so)
             return after
         await self._send_gap(client, st.store.epoch, lane, after, upto, missing, reason)
         return upto
@@ -327,6 +362,9 @@ class Uplink:
                 if lane in st.ingested:
                     st.limits.nacked(lane, after)  # a frame the broker dropped? (profiles.py)
                     st.rewind[lane] = min(after, st.rewind.get(lane, after))
+                    held = ack.get("held_after")
+                    if held is not None and int(held) > after:  # ingest holds what follows it
+                        st.rewind_held[lane] = min(int(held), st.rewind_held.get(lane, int(held)))
                     st.uplink_wake.set()
                 return
             for lane, seq in ack["lanes"].items():

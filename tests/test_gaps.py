@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import pytest
 
+from edge.mqtt import Message
 from gateway.errors import FrameError
 from gateway.frames import SEQ_MAX, Frame, Gap, decode, decode_message, encode, encode_gap
 from gateway.gaps import BROKER_ACKED, STORE_FULL, TTL, Ledger
+from gateway.ingest import Ingest
+from gateway.settings import gateway_settings, ingest_settings
 from gateway.sinks import gaps_path, open_sink, read_gaps, read_sink
+from gateway.state import State
 from gateway.store import LaneSpec, Store
+from gateway.topics import nack_topic, uplink_topic
+from gateway.uplink import Uplink
 
 # ---------------------------------------------------------------- the notice
 
@@ -127,3 +135,135 @@ def test_store_remembers_per_lane_up_to_where_it_removed_records(tmp_path):
     assert led.missing("telemetry", 5, evicted_upto + 1)[0] is None
     assert led.missing("events", 5, 100) == (0, 5, "")
     s.close()
+
+
+# ---------------------------------------------------------------- ingest ahead of a hole
+
+
+class _NackClient:
+    """Stands in for ingest's MQTT client: keeps what ingest publishes."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, object]]] = []
+
+    async def publish_nowait(self, topic: str, body: bytes, qos: int, retain: bool = False) -> None:
+        self.sent.append((topic, json.loads(body)))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "sqlite"])
+def test_ingest_keeps_frames_ahead_of_a_hole_until_the_gap_notice_comes(tmp_path, kind):
+    # under --confirm broker the gateway may have removed the frames after the hole by
+    # the time it answers the nack (their PUBACK): ingest must write the ones it received
+    path = tmp_path / ("sink.jsonl" if kind == "jsonl" else "sink.db")
+    ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", f"{kind}:{path}",
+                                  "--downlink", "off"]))
+    ing.sink = open_sink(f"{kind}:{path}")
+    topic = uplink_topic("pi-1", "telemetry")
+
+    def msg(data: bytes) -> Message:
+        return Message(topic, data, 1, False, False, 1)
+
+    first = encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"x") for s in (1, 2, 3)], prev_seq=0)
+    ahead = [encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"y") for s in (11, 12)], prev_seq=10),
+             encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"z") for s in (13, 14)], prev_seq=12)]
+    key = ("pi-1", 7, "telemetry")
+    written, _, _, gaps = ing._process([msg(first), *map(msg, ahead)])
+    assert written == 3 and gaps == {key: 3}
+    client = _NackClient()
+    asyncio.run(ing._nack(client, gaps))  # type: ignore[arg-type]
+    assert client.sent == [(nack_topic("pi-1"), {"epoch": 7, "lane": "telemetry", "after": 3, "held_after": 10})]
+    notice = encode_gap("pi-1", 7, "telemetry", 3, 10, 7, BROKER_ACKED)
+    written, _, acks, gaps = ing._process([msg(notice), msg(ahead[0])])  # and a resend of one
+    assert (written, gaps, acks) == (4, {}, {("pi-1", 7): {"telemetry": 14}})
+    assert ing.counters["gap_records"] == 7 and not ing._ahead
+    ing.sink.close()
+    assert sorted(r["seq"] for r in read_sink(f"{kind}:{path}")) == [1, 2, 3, 11, 12, 13, 14]
+
+
+# ---------------------------------------------------------------- the gateway's resend
+
+
+class _CloudClient:
+    """Stands in for the uplink's cloud connection: every publish is acknowledged at once
+    (the cloud broker's PUBACK) and kept, decoded."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent: list[Frame | Gap] = []
+
+    async def publish_nowait(self, topic: str, body: bytes, qos: int) -> asyncio.Future[None]:
+        self.sent.append(decode_message(body))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+def _follow(have: int, sent: list[Frame | Gap]) -> tuple[int, int]:
+    """What ingest makes of ``sent`` holding the lane up to ``have``: (held up to, missing)."""
+    missing = 0
+    for f in sent:
+        if isinstance(f, Gap):
+            if f.after <= have < f.upto:
+                have, missing = f.upto, missing + (f.missing or 0)
+        elif f.prev_seq <= have:
+            have = max(have, f.records[-1][0])
+    return have, missing
+
+
+@pytest.mark.parametrize("held_after", [None, 15])
+def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path, held_after):
+    # --confirm broker: ingest asks for lane telemetry after 0 when records 1-10 are gone
+    # (their PUBACK) and 11-20 were sent and acknowledged too; a commit removes 11-20
+    # between the gap notice's read and the resend's. Before, the notice covered 1-10, the
+    # resend found nothing and the lane stalled: ingest had dropped 11-20 as out of order.
+    # With held_after (ingest kept the frames after 15), only 1-15 are announced.
+    async def body() -> None:
+        s = gateway_settings(["--local", "mqtt://127.0.0.1:9", "--cloud", "mqtt://127.0.0.1:9",
+                              "--store", str(tmp_path / "store.db"), "--node-id", "pi-1",
+                              "--confirm", "broker", "--frame-max-records", "5", "--frame-linger", "0",
+                              "--lane", "telemetry:drop_oldest:dt/#", "--default-lane", "telemetry"])
+        st = State(s)
+        st.store.open()
+        st.opened()
+        st.ledger = Ledger({"telemetry": 0})
+        for i0 in range(0, 20, 5):  # (records leave the store by commit)
+            st.store.commit([("telemetry", "dt/a", b"x", 1_700_000_000_000 + i, i + 1) for i in range(i0, i0 + 5)])
+        up = Uplink(st)
+        client = _CloudClient()
+        drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
+        try:
+            for _ in range(200):
+                if st.acked["telemetry"] == 20:
+                    break
+                await asyncio.sleep(0.01)  # (the fake client acknowledges at once)
+            assert st.acked["telemetry"] == 20 and st.ledger.size("telemetry") == 20
+            st.store.commit([], {"telemetry": 10})
+            assert st.store.read("telemetry", 0, 1, 1)[0][0] == 11
+            gap_notice = up._gap_notice
+
+            async def then_commit(*args: object) -> int:
+                after = await gap_notice(*args)  # type: ignore[arg-type]
+                st.store.commit([], {"telemetry": 20})  # lands between the two reads
+                return after
+
+            up._gap_notice = then_commit  # type: ignore[method-assign]
+            del client.sent[:]
+            ask: dict[str, object] = {"epoch": st.store.epoch, "lane": "telemetry", "after": 0}
+            if held_after is not None:
+                ask["held_after"] = held_after
+            up._on_message(Message("ef/pi-1/nack", json.dumps(ask).encode(), 0, False, False, 0))
+            for _ in range(200):
+                if client.sent and _follow(0, client.sent)[0] >= (held_after or 20):
+                    break
+                await asyncio.sleep(0.01)
+            have, missing = _follow(0, client.sent)
+            want = held_after or 20
+            assert (have, missing) == (want, want), client.sent
+            assert st.counters["gap_records"] == want
+        finally:
+            drain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await drain
+            st.store.close()
+
+    asyncio.run(asyncio.wait_for(body(), 20))
