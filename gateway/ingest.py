@@ -451,11 +451,12 @@ class Ingest:
             if last is not None and last[0] == after and now - last[1] < 1.0:
                 continue  # asked already; the resend is on its way
             self._nacked[(node, epoch, lane)] = (after, now)
-            log.info("frame gap from %s lane %s after seq %d: asking for a resend", node, lane, after)
             ask: dict[str, object] = {"epoch": epoch, "lane": lane, "after": after}
             held = self._ahead.get((node, epoch, lane))
             if held:  # the hole ends at most there: what follows is here (exact gap notices)
                 ask["held_after"] = min(f.prev_seq for f in held)
+            log.info("frame gap from %s lane %s after seq %d: asking for a resend%s", node, lane, after,
+                     f" (keeping {len(held)} frames after seq {ask['held_after']})" if held else "")
             body = json.dumps(ask).encode()
             try:
                 await client.publish_nowait(nack_topic(node), body, 1)
