@@ -47,10 +47,12 @@ REDELIVERY_WINDOW = 20000
 """Newest stored records checked against redeliveries after a restart (more than
 Mosquitto's in-flight window; packet ids repeat only every 65535 messages)."""
 
-READ_HOLD = 0.01
+READ_HOLD = 0.05
 """While messages stream in, the local socket rests this long after each read (at most a
-tenth of commit_interval): a message waits for its commit anyway, and the next read takes
-what gathered meanwhile in one go (edge.mqtt.MQTTClient's ``read_hold``)."""
+quarter of commit_interval): a message waits for its group commit anyway, and the next
+read takes what gathered meanwhile in one go (edge.mqtt.MQTTClient's ``read_hold``). A
+streaming message may so reach its commit up to this much later; a message after a quiet
+spell is read at once."""
 
 ROUTE_CACHE = 4096
 """Topics whose lane and size limit the intake keeps (the cache is dropped when full)."""
@@ -104,7 +106,7 @@ class Intake:
         # set before connecting: redeliveries can arrive with the CONNACK
         self.client = MQTTClient(s.local, s.gateway_client_id, clean_session=False,
                                  keepalive=s.local_keepalive, on_batch=self._on_batch,
-                                 read_hold=min(READ_HOLD, s.commit_interval / 10),
+                                 read_hold=min(READ_HOLD, s.commit_interval / 4),
                                  password_file=s.local_password_file)
         return self.client
 
