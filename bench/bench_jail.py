@@ -434,7 +434,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=30_000)
     p.add_argument("--rounds", type=int)
     p.add_argument("--outage", type=float)
-    p.add_argument("--quotas", default=",".join(map(str, QUOTAS)), help="% of one core, e.g. 10,25")
+    p.add_argument("--quotas", default=",".join(map(str, QUOTAS)), help="%% of one core, e.g. 10,25")
     p.add_argument("--live-only", action="store_true")
     p.add_argument("--ab", metavar="REF", help="also run the gateway of this git ref (interleaved)")
     a = p.parse_args()
