@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -190,12 +191,29 @@ class _CloudClient:
     def __init__(self) -> None:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sent: list[Frame | Gap] = []
+        self._acked = asyncio.Event()  # set after each PUBACK has been handled
 
     async def publish_nowait(self, topic: str, body: bytes, qos: int) -> asyncio.Future[None]:
         self.sent.append(decode_message(body))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.call_soon(self._puback, fut)
         return fut
+
+    def _puback(self, fut: asyncio.Future[None]) -> None:
+        fut.set_result(None)  # queues the uplink's done callbacks ...
+        asyncio.get_running_loop().call_soon(self._acked.set)  # ... and this after them
+
+    async def until(self, predicate: Callable[[], object], timeout: float = 5) -> None:  # noqa: ASYNC109
+        """Wait until ``predicate()`` holds, re-checked after each acknowledged publish, at
+        most ``timeout`` s: the caller's assertion then says what was missing."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            pass
 
 
 def _follow(have: int, sent: list[Frame | Gap]) -> tuple[int, int]:
@@ -232,10 +250,7 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
         client = _CloudClient()
         drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
         try:
-            for _ in range(200):
-                if st.acked["telemetry"] == 20:
-                    break
-                await asyncio.sleep(0.01)  # (the fake client acknowledges at once)
+            await client.until(lambda: st.acked["telemetry"] == 20)
             assert st.acked["telemetry"] == 20 and st.ledger.size("telemetry") == 20
             st.store.commit([], {"telemetry": 10})
             assert st.store.read("telemetry", 0, 1, 1)[0][0] == 11
@@ -252,10 +267,7 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
             if held_after is not None:
                 ask["held_after"] = held_after
             up._on_message(Message("ef/pi-1/nack", json.dumps(ask).encode(), 0, False, False, 0))
-            for _ in range(200):
-                if client.sent and _follow(0, client.sent)[0] >= (held_after or 20):
-                    break
-                await asyncio.sleep(0.01)
+            await client.until(lambda: client.sent and _follow(0, client.sent)[0] >= (held_after or 20))
             have, missing = _follow(0, client.sent)
             want = held_after or 20
             assert (have, missing) == (want, want), client.sent
