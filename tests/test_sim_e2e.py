@@ -44,6 +44,31 @@ def _verify(
     rc = p.wait(60)
     return rc, p.log_text()
 
+def _site(
+    tmp_path: Path,
+    broker_factory: Callable[[str], Broker],
+    proc_factory: Callable[..., Proc],
+    client_id: str,
+) -> tuple[Broker, Path, Path]:
+    """An edge broker with a gateway carrying ``dt/#`` to a cloud broker and a JSONL
+    ingest, all ready: (the edge broker, the sink's path, a manifest path)."""
+    edge, cloud = broker_factory("edge"), broker_factory("cloud")
+    sink, manifest = tmp_path / "sink.jsonl", tmp_path / "manifest.json"
+    ingest = proc_factory(
+        [PY, "-m", "edgeferry", "ingest", "run", "--cloud", cloud.url,
+         "--sink", f"jsonl:{sink}", "--client-id", client_id],
+        "ingest",
+    )
+    ingest.wait_for_line("ingest ready", 20)
+    gateway = proc_factory(
+        [PY, "-m", "edgeferry", "gateway", "run", "--local", edge.url, "--cloud", cloud.url,
+         "--store", str(tmp_path / "store.db"), "--node-id", "site-1", "--uplink", "dt/#"],
+        "gateway",
+    )
+    gateway.wait_for_line("gateway ready", 20)
+    return edge, sink, manifest
+
+
 
 async def test_manifest_and_verify_through_the_gateway_with_an_outage(
     tmp_path: Path,
@@ -196,20 +221,7 @@ async def test_procs_2_writes_one_manifest_that_verify_accepts(
 ) -> None:
     """``sim run --procs 2``: two processes, each half the devices, one merged manifest,
     checked by one ``sim verify`` against what went through the gateway."""
-    edge, cloud = broker_factory("edge"), broker_factory("cloud")
-    sink, manifest = tmp_path / "sink.jsonl", tmp_path / "manifest.json"
-    ingest = proc_factory(
-        [PY, "-m", "edgeferry", "ingest", "run", "--cloud", cloud.url,
-         "--sink", f"jsonl:{sink}", "--client-id", "ingest-procs"],
-        "ingest",
-    )
-    ingest.wait_for_line("ingest ready", 20)
-    gateway = proc_factory(
-        [PY, "-m", "edgeferry", "gateway", "run", "--local", edge.url, "--cloud", cloud.url,
-         "--store", str(tmp_path / "store.db"), "--node-id", "site-1", "--uplink", "dt/#"],
-        "gateway",
-    )
-    gateway.wait_for_line("gateway ready", 20)
+    edge, sink, manifest = _site(tmp_path, broker_factory, proc_factory, "ingest-procs")
     sim = proc_factory(
         [PY, "-m", "edgeferry", "sim", "run", "--broker", edge.url, "--devices", "6",
          "--interval", "0.2", "--duration", "3", "--seed", "5", "--sensors", "temperature",

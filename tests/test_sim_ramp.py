@@ -17,7 +17,7 @@ from firmware_sim.chaos import ChaosProxy
 from firmware_sim.ramp import Ramp
 from firmware_sim.runner import DEVICES_PER_PROCESS, auto_procs, cpu_count
 from tests.harness import Broker, Proc, wait_until
-from tests.test_sim_e2e import _sink_rows, _verify
+from tests.test_sim_e2e import _sink_rows, _site, _verify
 from tests.test_sim_support import profile, until
 
 PY = sys.executable
@@ -200,20 +200,7 @@ async def test_procs_auto_splits_a_large_fleet_and_the_merged_manifest_verifies(
     manifest, one ``sim verify`` against what went through the gateway."""
     n = DEVICES_PER_PROCESS + 100
     want = min(cpu_count(), 2)
-    edge, cloud = broker_factory("edge"), broker_factory("cloud")
-    sink, manifest = tmp_path / "sink.jsonl", tmp_path / "manifest.json"
-    ingest = proc_factory(
-        [PY, "-m", "edgeferry", "ingest", "run", "--cloud", cloud.url,
-         "--sink", f"jsonl:{sink}", "--client-id", "ingest-auto"],
-        "ingest",
-    )
-    ingest.wait_for_line("ingest ready", 20)
-    gateway = proc_factory(
-        [PY, "-m", "edgeferry", "gateway", "run", "--local", edge.url, "--cloud", cloud.url,
-         "--store", str(tmp_path / "store.db"), "--node-id", "site-1", "--uplink", "dt/#"],
-        "gateway",
-    )
-    gateway.wait_for_line("gateway ready", 20)
+    edge, sink, manifest = _site(tmp_path, broker_factory, proc_factory, "ingest-auto")
     sim = proc_factory(
         [PY, "-m", "edgeferry", "sim", "run", "--broker", edge.url, "--devices", str(n),
          "--interval", "3", "--duration", "8", "--seed", "6", "--sensors", "temperature",
