@@ -438,21 +438,41 @@ class Decoder:
         if type(data) is not bytes:
             data = bytes(data)
         buf = self._buf
+        start = 0
+        head: list[Event] = []
         if buf:
-            buf += data
+            # a packet began in an earlier read: complete it with the bytes it still needs
+            # (never a copy of the whole read), then parse the rest of the read in place
+            n = len(data)
             total = self._need(buf, 0, len(buf))
-            if total is None or total > len(buf):
-                return []  # still incomplete: nothing copied but this read
-            data = bytes(buf)
+            while total is None and start < n:  # its fixed header first, a byte at a time
+                buf.append(data[start])
+                start += 1
+                total = self._need(buf, 0, len(buf))
+            if total is None or total - len(buf) > n - start:
+                buf += memoryview(data)[start:]
+                return []  # still incomplete
+            end = start + total - len(buf)
+            buf += memoryview(data)[start:end]
+            start = end
+            try:
+                head, _ = self._parse(bytes(buf), 0)
+            except ProtocolError:
+                self._failed = True
+                buf.clear()
+                raise
             buf.clear()
         try:
-            events, pos = self._parse(data)
+            events, pos = self._parse(data, start)
         except ProtocolError:
             self._failed = True
             buf.clear()
             raise
         if pos < len(data):
             buf += memoryview(data)[pos:]
+        if head:
+            head += events
+            return head
         return events
 
     def _need(self, data: bytes | bytearray, pos: int, n: int) -> int | None:
@@ -495,8 +515,9 @@ class Decoder:
                 f"{self.max_packet_bytes} bytes (max_packet_bytes)")
         return length, i
 
-    def _parse(self, data: bytes) -> tuple[list[Event], int]:
-        """The events of the complete packets in ``data``, and where the rest starts."""
+    def _parse(self, data: bytes, pos: int) -> tuple[list[Event], int]:
+        """The events of the complete packets in ``data`` from ``pos`` on, and where the
+        rest starts."""
         events: list[Event] = []
         append = events.append
         first_rules = _FIRST
@@ -504,7 +525,6 @@ class Decoder:
         limit = self.max_packet_bytes
         raw = self.raw
         n = len(data)
-        pos = 0
         while pos < n:
             first = data[pos]
             if first & 0xF0 != 0x30 or first & 6 == 6:  # not a PUBLISH of QoS 0-2
