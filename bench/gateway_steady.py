@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from typing import Any
@@ -33,8 +35,20 @@ from bench._uplink_pipelines import Edgeferry
 from bench._util import REPO, Loadgen, count_run, cpu_seconds
 
 
+def build_accelerator(dest: str) -> None:
+    """Compile an export's edge/_cparse.c in place with the flags setuptools uses, as
+    ``pip install`` does in a checkout (a ref without it parses in pure Python)."""
+    src = os.path.join(dest, "edge", "_cparse.c")
+    if not os.path.exists(src):
+        return
+    so = os.path.join(dest, "edge", "_cparse" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cc = shlex.split(sysconfig.get_config_var("CC")) + shlex.split(sysconfig.get_config_var("CFLAGS"))
+    subprocess.run([*cc, "-fPIC", "-shared", "-I" + sysconfig.get_paths()["include"], src, "-o", so], check=True)
+
+
 def export(ref: str, root: str) -> str:
-    """``git archive REF`` of the packages the gateway imports, in a new directory."""
+    """``git archive REF`` of the packages the gateway imports, in a new directory, with
+    its C accelerator built if it has one."""
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True,
                          capture_output=True, text=True).stdout.strip()
     dest = os.path.join(root, sha)
@@ -42,11 +56,14 @@ def export(ref: str, root: str) -> str:
     tar = subprocess.run(["git", "-C", str(REPO), "archive", sha, "edge", "gateway", "edgeferry",
                           "firmware_sim"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=tar, check=True)
+    build_accelerator(dest)
     env = dict(os.environ, PYTHONPATH=dest)
-    got = subprocess.run([sys.executable, "-c", "import gateway, edge; print(gateway.__file__, edge.__file__)"],
+    got = subprocess.run([sys.executable, "-c", "import gateway, edge._codec as c; print(gateway.__file__, c.__file__,"
+                          " getattr(c, 'PARSE_PATH', 'python'))"],
                          cwd=dest, env=env, check=True, capture_output=True, text=True).stdout.split()
-    if not all(g.startswith(dest) for g in got):
-        raise RuntimeError(f"{ref}: imports {got}, not the export in {dest}")
+    if not all(g.startswith(dest) for g in got[:2]):
+        raise RuntimeError(f"{ref}: imports {got[:2]}, not the export in {dest}")
+    print(f"{ref} ({sha}): parse path {got[2]}", flush=True)
     return dest
 
 

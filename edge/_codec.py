@@ -38,8 +38,9 @@ of everything (a function call per packet costs measurably).
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from edge.errors import ConfigError, ProtocolError
 
@@ -401,6 +402,23 @@ def encode_event(ev: Event) -> bytes:
 # ------------------------------------------------------------------ decoding
 
 
+def _accelerator() -> Callable[[bytes, int, int, dict[bytes, str], list[Event]], int] | None:
+    """edge/_cparse.c's fast path for raw PUBLISHes, unless it was not built (no compiler
+    at install time) or ``EDGEFERRY_PURE_PYTHON=1`` asks for the pure Python path."""
+    if os.environ.get("EDGEFERRY_PURE_PYTHON") == "1":
+        return None
+    try:
+        from edge._cparse import parse_publishes
+    except ImportError:
+        return None
+    return parse_publishes  # type: ignore[no-any-return]
+
+
+_fast_publishes = _accelerator()
+PARSE_PATH = "c" if _fast_publishes is not None else "python"
+"""Which parse path a raw decoder takes: "c" (edge/_cparse.c) or "python"."""
+
+
 class Decoder:
     """Bytes from a broker in (:meth:`feed`, as they arrive), events out.
 
@@ -410,7 +428,7 @@ class Decoder:
     After a :class:`ProtocolError` the decoder is spent: the connection must close.
     """
 
-    __slots__ = ("max_packet_bytes", "raw", "controls", "_buf", "_topics", "_failed")
+    __slots__ = ("max_packet_bytes", "raw", "controls", "_buf", "_topics", "_failed", "_fast")
 
     def __init__(self, max_packet_bytes: int = 16 * 1024 * 1024, *, raw: bool = False) -> None:
         if not 0 < max_packet_bytes <= MAX_REMAINING:
@@ -424,6 +442,9 @@ class Decoder:
         self._buf = bytearray()  # the start of a packet that has not arrived whole yet
         self._topics: dict[bytes, str] = {}  # topic bytes already checked -> str
         self._failed = False
+        # the C fast path takes the runs of ordinary PUBLISHes whose topic is already in
+        # self._topics and stops at anything else, which the loop below handles as ever
+        self._fast = _fast_publishes if raw else None
 
     @property
     def buffered(self) -> int:
@@ -524,8 +545,13 @@ class Decoder:
         topics = self._topics
         limit = self.max_packet_bytes
         raw = self.raw
+        fast = self._fast
         n = len(data)
         while pos < n:
+            if fast is not None:
+                pos = fast(data, pos, limit, topics, events)
+                if pos == n:
+                    break
             first = data[pos]
             if first & 0xF0 != 0x30 or first & 6 == 6:  # not a PUBLISH of QoS 0-2
                 why = first_rules[first]
