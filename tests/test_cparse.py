@@ -86,8 +86,8 @@ publishes = st.builds(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(publishes, min_size=1, max_size=5), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
-       st.booleans())
+@given(st.lists(publishes, min_size=1, max_size=5),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3), st.booleans())
 def test_publish_streams_decode_as_in_pure_python_split_anywhere(msgs, changes, cached):
     """Valid PUBLISH streams (topics cached or not, one too long to cache, QoS 2, DUP),
     with a few bytes set (pid 0, DUP on QoS 0, flags, lengths), split at every boundary."""
@@ -105,7 +105,8 @@ def test_remaining_length_edges_and_the_limit(remaining, qos):
     body = remaining - 3 - 2 * qos  # topic "a" (2 + 1 bytes), packet id
     big = encode_event(Message("a", b"p" * body, qos, False, False, 7 if qos else 0))
     assert big[1 : 1 + len(varint(remaining))] == varint(remaining)
-    stream = encode_event(Message("a", b"x", 1, False, False, 1)) + big + encode_event(Message("a", b"", 0, True, False, 0))
+    small = encode_event(Message("a", b"x", 1, False, False, 1))
+    stream = small + big + encode_event(Message("a", b"", 0, True, False, 0))
     for limit in (remaining, remaining - 1):
         for topics in (CHECKED, None):
             same(stream, [], limit=limit, topics=topics)
