@@ -31,6 +31,12 @@ Buffering: a read that holds only whole packets is parsed where it lies. A packe
 across reads is collected in one bytearray (appended to, never copied whole per read) and
 parsed once complete; the buffer never holds more than one packet's prefix plus one read.
 
+The C fast path: a raw decoder hands runs of ordinary PUBLISHes (QoS 0/1, legal flags, a
+topic already checked and cached) to ``parse_publishes`` of edge/_cparse.c when that
+optional extension is built, which stops at any other packet for the loop below; the
+rules and their messages live here only (docs/decisions.md). ``EDGEFERRY_PURE_PYTHON=1``
+forces the pure Python path; :data:`PARSE_PATH` says which one runs.
+
 Size: the rules of every packet type a client sends or receives, in one place to check
 against the specification; the decoder's loop is one function because it is the hot path
 of everything (a function call per packet costs measurably).
