@@ -174,6 +174,8 @@ def main() -> None:
             tar = subprocess.run(["git", "-C", here, "archive", a.against, "edge", "gateway", "edgeferry",
                                   "firmware_sim", "bench"], check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+            from bench._uplink_pipelines import build_accelerator
+            build_accelerator(d)  # as pip builds it in a checkout
             # this file runs the old tree's code
             with open(os.path.join(here, "bench", "gateway_hot.py"), "rb") as f:
                 open(os.path.join(d, "bench", "gateway_hot.py"), "wb").write(f.read())

@@ -23,27 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from typing import Any
 
-from bench._uplink_pipelines import Edgeferry
+from bench._uplink_pipelines import Edgeferry, build_accelerator
 from bench._util import REPO, Loadgen, count_run, cpu_seconds
-
-
-def build_accelerator(dest: str) -> None:
-    """Compile an export's edge/_cparse.c in place with the flags setuptools uses, as
-    ``pip install`` does in a checkout (a ref without it parses in pure Python)."""
-    src = os.path.join(dest, "edge", "_cparse.c")
-    if not os.path.exists(src):
-        return
-    so = os.path.join(dest, "edge", "_cparse" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cc = shlex.split(sysconfig.get_config_var("CC")) + shlex.split(sysconfig.get_config_var("CFLAGS"))
-    subprocess.run([*cc, "-fPIC", "-shared", "-I" + sysconfig.get_paths()["include"], src, "-o", so], check=True)
 
 
 def export(ref: str, root: str) -> str:
