@@ -77,7 +77,8 @@ parse_publishes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         PyObject *key = PyBytes_FromStringAndSize((const char *)p + i + 2, topic_len);
         if (key == NULL)
             return NULL;
-        PyObject *topic = PyDict_GetItemWithError(topics, key);  /* borrowed */
+        PyObject *topic = PyDict_GetItemWithError(topics, key);  /* borrowed: owned at once */
+        Py_XINCREF(topic);
         Py_DECREF(key);
         if (topic == NULL) {
             if (PyErr_Occurred())
@@ -85,10 +86,11 @@ parse_publishes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
             break;  /* not checked yet: the Python code checks and caches it */
         }
         PyObject *event = PyTuple_New(4);
-        if (event == NULL)
+        if (event == NULL) {
+            Py_DECREF(topic);
             return NULL;
-        Py_INCREF(topic);
-        PyTuple_SET_ITEM(event, 0, topic);
+        }
+        PyTuple_SET_ITEM(event, 0, topic);  /* the tuple owns it now */
         PyObject *item = PyBytes_FromStringAndSize((const char *)p + t_end, end - t_end);
         if (item == NULL)
             goto fail;
