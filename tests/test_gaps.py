@@ -363,3 +363,50 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
             st.store.close()
 
     asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_a_gap_notice_stops_where_ingest_holds_frames(tmp_path):
+    # --confirm broker: records 1-20 left the store at their PUBACK; the cloud broker lost
+    # 1-15 and delivered the frame of 16-20, which ingest keeps ahead of the hole. Its nack
+    # says so (held_after 15), and the notice must end there: announcing 1-20 would count
+    # 16-20 as lost though ingest writes them (a sink that trusts the notice, PostgreSQL,
+    # would drop them as below its high).
+    async def body() -> None:
+        sink = f"jsonl:{tmp_path / 'sink.jsonl'}"
+        ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", sink, "--downlink", "off"]))
+        ing.sink = open_sink(sink)
+        topic = uplink_topic("pi-1", "telemetry")
+        st = _broker_confirmed(tmp_path)
+        up = Uplink(st)
+        client = _CloudClient()
+        drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
+        try:
+            await client.until(lambda: st.acked["telemetry"] == 20)
+            st.store.commit([], {"telemetry": 20})
+            delivered = [f for f in client.sent if isinstance(f, Frame) and f.prev_seq == 15]
+            del client.sent[:]
+            assert [r[0] for r in delivered[0].records] == [16, 17, 18, 19, 20]
+            frame = encode("pi-1", st.store.epoch, "telemetry", delivered[0].records, prev_seq=15)
+            _, _, _, gaps = ing._process([Message(topic, frame, 1, False, False, 1)])
+            asked = _NackClient()
+            await ing._nack(asked, gaps)  # type: ignore[arg-type]
+            [(_, nack)] = asked.sent
+            assert nack["held_after"] == 15
+            _nack(up, st, int(nack["after"]), int(nack["held_after"]))  # type: ignore[call-overload]
+            await client.until(lambda: client.sent)
+            assert client.sent == [Gap("pi-1", st.store.epoch, "telemetry", 0, 15, 15, BROKER_ACKED)]
+            assert st.counters["gap_records"] == 15
+        finally:
+            drain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await drain
+            st.store.close()
+        [g] = client.sent
+        assert isinstance(g, Gap)
+        notice = encode_gap(g.node, g.epoch, g.lane, g.after, g.upto, g.missing, g.reason)
+        written, _, _, gaps = ing._process([Message(topic, notice, 1, False, False, 1)])
+        ing.sink.close()
+        assert (written, gaps, ing.counters["gap_records"]) == (5, {}, 15)
+        assert [r["seq"] for r in read_sink(sink)] == [16, 17, 18, 19, 20]
+
+    asyncio.run(asyncio.wait_for(body(), 20))
