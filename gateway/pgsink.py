@@ -271,8 +271,12 @@ class PgSink:
             waiting: dict[LaneKey, list[tuple[int, int]]] = {}
             for r in cur.fetchall():
                 waiting.setdefault((r[0], r[1], r[2]), []).append((r[3], r[4]))
-            gap_list = [g for k in keys for g in _exact_gaps(
-                held[k][0], spans.get(k, []) + waiting.get(k, []), [g for g in gap_list if g[:3] == k])]
+            by_lane: dict[LaneKey, list[GapRow]] = {}
+            for g in gap_list:
+                by_lane.setdefault(g[:3], []).append(g)
+            gap_list = []
+            for k, notices in by_lane.items():
+                gap_list += _exact_gaps(held[k][0], spans.get(k, []) + waiting.get(k, []), notices)
             for g in gap_list:
                 spans.setdefault(g[:3], []).append((g[3], g[4]))
             new_high = {k: _cover(held[k][0], spans.get(k, []) + waiting.get(k, [])) for k in keys}
