@@ -1,6 +1,7 @@
 # edgeferry — the two commands: `make demo` and `make test` (ruff and mypy, then pytest).
-# Both create .venv when missing, install the project with its dev extra, and make sure
-# the mosquitto binary exists (from the Debian package, when running as root).
+# Both create .venv when missing, install the project with its dev extra (editable: the C
+# accelerator edge/_cparse.c is built in place, or skipped without a C compiler), and make
+# sure the mosquitto binary exists (from the Debian package, when running as root).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.edgeferry-installed
 
 setup: $(STAMP) mosquitto cloud-brokers
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py edge/_cparse.c
 	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing python3-venv (Debian package)"; \

@@ -11,9 +11,11 @@ chaos proxy.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from edgeferry.procs import Broker, Proc
 from firmware_sim.chaos_thread import ThreadedChaosProxy
 
 __all__ = ["BACKOFF", "BRIDGE_ID", "LOGS", "PIPELINES", "PROXY", "RESTART_TIMEOUT", "Bridge",
-           "Edgeferry", "Pipeline", "VARIANTS", "bridge_connects", "bridge_lines", "export", "log"]
+           "Edgeferry", "Pipeline", "VARIANTS", "bridge_connects", "bridge_lines", "build_accelerator", "export",
+           "log"]
 
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
 BACKOFF = "1s"          # gateway --backoff-max
@@ -54,7 +57,19 @@ def export(ref: str, dest: Path) -> str:
         tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, *PACKAGES],
                              check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    build_accelerator(str(dest))
     return str(dest)
+
+
+def build_accelerator(dest: str) -> None:
+    """Compile an export's edge/_cparse.c in place with the flags setuptools uses, as
+    ``pip install`` does in a checkout (a ref without it parses in pure Python)."""
+    src = os.path.join(dest, "edge", "_cparse.c")
+    if not os.path.exists(src):
+        return
+    so = os.path.join(dest, "edge", "_cparse" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cc = shlex.split(sysconfig.get_config_var("CC")) + shlex.split(sysconfig.get_config_var("CFLAGS"))
+    subprocess.run([*cc, "-fPIC", "-shared", "-I" + sysconfig.get_paths()["include"], src, "-o", so], check=True)
 
 
 def log(msg: str) -> None:

@@ -4,7 +4,7 @@
 A prepared byte stream of 20,000 QoS 1 PUBLISH packets (10 device topics, the load
 generator's 100-byte payloads), in 64 KiB reads, goes through the gateway's own code:
 
-1. parse: ``edge._codec.Decoder.feed`` (packets -> Message objects);
+1. parse: ``edge._codec.Decoder(raw=True).feed`` (packets -> tuples, as the intake parses);
 2. deliver: the MQTT client's ``_feed`` (parse, packet-id bookkeeping, ``on_message``)
    into ``gateway.intake.Intake._on_message`` (lane, size checks, the pending batch),
    minus (1);
@@ -79,7 +79,7 @@ async def _once() -> dict[str, float]:
         written: list[int] = []
         client._write = lambda data: written.append(len(data))  # type: ignore[method-assign]
 
-        dec = Decoder()
+        dec = Decoder(raw=True)  # as the gateway's intake parses
         t0 = time.perf_counter()
         for r in reads:
             dec.feed(r)
@@ -174,6 +174,8 @@ def main() -> None:
             tar = subprocess.run(["git", "-C", here, "archive", a.against, "edge", "gateway", "edgeferry",
                                   "firmware_sim", "bench"], check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+            from bench._uplink_pipelines import build_accelerator
+            build_accelerator(d)  # as pip builds it in a checkout
             # this file runs the old tree's code
             with open(os.path.join(here, "bench", "gateway_hot.py"), "rb") as f:
                 open(os.path.join(d, "bench", "gateway_hot.py"), "wb").write(f.read())

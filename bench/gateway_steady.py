@@ -29,12 +29,13 @@ import tempfile
 import time
 from typing import Any
 
-from bench._uplink_pipelines import Edgeferry
+from bench._uplink_pipelines import Edgeferry, build_accelerator
 from bench._util import REPO, Loadgen, count_run, cpu_seconds
 
 
 def export(ref: str, root: str) -> str:
-    """``git archive REF`` of the packages the gateway imports, in a new directory."""
+    """``git archive REF`` of the packages the gateway imports, in a new directory, with
+    its C accelerator built if it has one."""
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True,
                          capture_output=True, text=True).stdout.strip()
     dest = os.path.join(root, sha)
@@ -42,11 +43,14 @@ def export(ref: str, root: str) -> str:
     tar = subprocess.run(["git", "-C", str(REPO), "archive", sha, "edge", "gateway", "edgeferry",
                           "firmware_sim"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=tar, check=True)
+    build_accelerator(dest)
     env = dict(os.environ, PYTHONPATH=dest)
-    got = subprocess.run([sys.executable, "-c", "import gateway, edge; print(gateway.__file__, edge.__file__)"],
+    got = subprocess.run([sys.executable, "-c", "import gateway, edge._codec as c; print(gateway.__file__, c.__file__,"
+                          " getattr(c, 'PARSE_PATH', 'python'))"],
                          cwd=dest, env=env, check=True, capture_output=True, text=True).stdout.split()
-    if not all(g.startswith(dest) for g in got):
-        raise RuntimeError(f"{ref}: imports {got}, not the export in {dest}")
+    if not all(g.startswith(dest) for g in got[:2]):
+        raise RuntimeError(f"{ref}: imports {got[:2]}, not the export in {dest}")
+    print(f"{ref} ({sha}): parse path {got[2]}", flush=True)
     return dest
 
 
@@ -64,6 +68,23 @@ def _io(pid: int) -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
+def _threads(pid: int) -> dict[str, tuple[float, int]]:
+    """Per thread (by name and tid): CPU seconds (utime + stime) and wake-ups (voluntary
+    context switches) so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                vol = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+        except (OSError, StopIteration):
+            continue
+        out["main" if tid == str(pid) else tid] = ((int(rest[11]) + int(rest[12])) / tick, vol)
+    return out
+
+
 def _loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -79,7 +100,7 @@ def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "", perf:
         load0 = _loadavg()
         pid = p.gateway.pid
         cpu0 = cpu_seconds(pid)
-        io0, t0s = _io(pid), _times(pid)
+        io0, t0s, th0 = _io(pid), _times(pid), _threads(pid)
         t0 = time.monotonic()
         lg = Loadgen(p.edge.url, n, run, rate=rate).start()
         spy = None
@@ -100,7 +121,7 @@ def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "", perf:
         else:
             p.tail.wait(n, timeout=120 + n / 1000, quiet=15, busy_pids=p.sink_pids())
         cpu1 = cpu_seconds(pid)
-        io1, t1s = _io(pid), _times(pid)
+        io1, t1s, th1 = _io(pid), _times(pid), _threads(pid)
         wall = time.monotonic() - t0
         if not offline:
             sent = lg.result()
@@ -114,6 +135,9 @@ def one(src: str, mode: str, rate: int, n: int, tag: str, pyspy: str = "", perf:
                 "wall_s": round(wall, 1), "loadgen_msg_s": sent["rate"], "lost_or_dup": lost,
                 "reads_per_msg": round((io1["syscr"] - io0["syscr"]) / n, 3),
                 "writes_per_msg": round((io1["syscw"] - io0["syscw"]) / n, 3),
+                "threads": {t: [round((c - th0.get(t, (0, 0))[0]) * 100_000 / n, 3),
+                                round((w - th0.get(t, (0, 0))[1]) / wall)]
+                            for t, (c, w) in th1.items() if c > th0.get(t, (0, 0))[0]},
                 "load": [load0, _loadavg()], "utc": time.strftime("%H:%M:%S", time.gmtime())}
     finally:
         p.close()

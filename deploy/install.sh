@@ -109,8 +109,9 @@ fi
 
 # 3. edgeferry in a virtual environment, reinstalled only when the sources changed
 if [ "$no_venv" != 1 ]; then
-    stamp=$(cd "$src" && find pyproject.toml edge gateway firmware_sim edgeferry -type f -name '*.py' -o -type f \
-            -name '*.toml' -o -type f -name '*.conf' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+    stamp=$(cd "$src" && find pyproject.toml setup.py edge gateway firmware_sim edgeferry -type f -name '*.py' -o \
+            -type f -name '*.toml' -o -type f -name '*.conf' -o -type f -name '*.c' | LC_ALL=C sort | xargs sha256sum \
+            | sha256sum | cut -d' ' -f1)
     if [ ! -x "$opt/venv/bin/python" ]; then
         python3 -m venv "$opt/venv"
         say "created the virtual environment ${opt#"$destdir"}/venv"
@@ -120,6 +121,13 @@ if [ "$no_venv" != 1 ]; then
         "$opt/venv/bin/pip" install -q --upgrade "$src"
         echo "$stamp" > "$opt/.source-sha256"
         say "installed edgeferry into ${opt#"$destdir"}/venv"
+        # the MQTT parse accelerator (edge/_cparse.c) is built only where gcc and the
+        # Python headers are installed; without it the gateway parses in pure Python
+        if ! "$opt/venv/bin/python" -c "import edge._cparse" 2>/dev/null; then
+            say "note: no C compiler or Python headers: the gateway parses MQTT in pure Python" \
+                "(for the C accelerator: apt-get install gcc python3-dev, then" \
+                "${opt#"$destdir"}/venv/bin/pip install --force-reinstall --no-deps $src)"
+        fi
         changed=1
     fi
 fi

@@ -31,6 +31,12 @@ Buffering: a read that holds only whole packets is parsed where it lies. A packe
 across reads is collected in one bytearray (appended to, never copied whole per read) and
 parsed once complete; the buffer never holds more than one packet's prefix plus one read.
 
+The C fast path: a raw decoder hands runs of ordinary PUBLISHes (QoS 0/1, legal flags, a
+topic already checked and cached) to ``parse_publishes`` of edge/_cparse.c when that
+optional extension is built, which stops at any other packet for the loop below; the
+rules and their messages live here only (docs/decisions.md). ``EDGEFERRY_PURE_PYTHON=1``
+forces the pure Python path; :data:`PARSE_PATH` says which one runs.
+
 Size: the rules of every packet type a client sends or receives, in one place to check
 against the specification; the decoder's loop is one function because it is the hot path
 of everything (a function call per packet costs measurably).
@@ -38,8 +44,9 @@ of everything (a function call per packet costs measurably).
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from edge.errors import ConfigError, ProtocolError
 
@@ -401,6 +408,23 @@ def encode_event(ev: Event) -> bytes:
 # ------------------------------------------------------------------ decoding
 
 
+def _accelerator() -> Callable[[bytes, int, int, dict[bytes, str], list[Event]], int] | None:
+    """edge/_cparse.c's fast path for raw PUBLISHes, unless it was not built (no compiler
+    at install time) or ``EDGEFERRY_PURE_PYTHON=1`` asks for the pure Python path."""
+    if os.environ.get("EDGEFERRY_PURE_PYTHON") == "1":
+        return None
+    try:
+        from edge._cparse import parse_publishes
+    except ImportError:
+        return None
+    return parse_publishes  # type: ignore[no-any-return]
+
+
+_fast_publishes = _accelerator()
+PARSE_PATH = "c" if _fast_publishes is not None else "python"
+"""Which parse path a raw decoder takes: "c" (edge/_cparse.c) or "python"."""
+
+
 class Decoder:
     """Bytes from a broker in (:meth:`feed`, as they arrive), events out.
 
@@ -410,7 +434,7 @@ class Decoder:
     After a :class:`ProtocolError` the decoder is spent: the connection must close.
     """
 
-    __slots__ = ("max_packet_bytes", "raw", "controls", "_buf", "_topics", "_failed")
+    __slots__ = ("max_packet_bytes", "raw", "controls", "_buf", "_topics", "_failed", "_fast")
 
     def __init__(self, max_packet_bytes: int = 16 * 1024 * 1024, *, raw: bool = False) -> None:
         if not 0 < max_packet_bytes <= MAX_REMAINING:
@@ -424,6 +448,9 @@ class Decoder:
         self._buf = bytearray()  # the start of a packet that has not arrived whole yet
         self._topics: dict[bytes, str] = {}  # topic bytes already checked -> str
         self._failed = False
+        # the C fast path takes the runs of ordinary PUBLISHes whose topic is already in
+        # self._topics and stops at anything else, which the loop below handles as ever
+        self._fast = _fast_publishes if raw else None
 
     @property
     def buffered(self) -> int:
@@ -438,21 +465,41 @@ class Decoder:
         if type(data) is not bytes:
             data = bytes(data)
         buf = self._buf
+        start = 0
+        head: list[Event] = []
         if buf:
-            buf += data
+            # a packet began in an earlier read: complete it with the bytes it still needs
+            # (never a copy of the whole read), then parse the rest of the read in place
+            n = len(data)
             total = self._need(buf, 0, len(buf))
-            if total is None or total > len(buf):
-                return []  # still incomplete: nothing copied but this read
-            data = bytes(buf)
+            while total is None and start < n:  # its fixed header first, a byte at a time
+                buf.append(data[start])
+                start += 1
+                total = self._need(buf, 0, len(buf))
+            if total is None or total - len(buf) > n - start:
+                buf += memoryview(data)[start:]
+                return []  # still incomplete
+            end = start + total - len(buf)
+            buf += memoryview(data)[start:end]
+            start = end
+            try:
+                head, _ = self._parse(bytes(buf), 0)
+            except ProtocolError:
+                self._failed = True
+                buf.clear()
+                raise
             buf.clear()
         try:
-            events, pos = self._parse(data)
+            events, pos = self._parse(data, start)
         except ProtocolError:
             self._failed = True
             buf.clear()
             raise
         if pos < len(data):
             buf += memoryview(data)[pos:]
+        if head:
+            head += events
+            return head
         return events
 
     def _need(self, data: bytes | bytearray, pos: int, n: int) -> int | None:
@@ -495,17 +542,22 @@ class Decoder:
                 f"{self.max_packet_bytes} bytes (max_packet_bytes)")
         return length, i
 
-    def _parse(self, data: bytes) -> tuple[list[Event], int]:
-        """The events of the complete packets in ``data``, and where the rest starts."""
+    def _parse(self, data: bytes, pos: int) -> tuple[list[Event], int]:
+        """The events of the complete packets in ``data`` from ``pos`` on, and where the
+        rest starts."""
         events: list[Event] = []
         append = events.append
         first_rules = _FIRST
         topics = self._topics
         limit = self.max_packet_bytes
         raw = self.raw
+        fast = self._fast
         n = len(data)
-        pos = 0
         while pos < n:
+            if fast is not None:
+                pos = fast(data, pos, limit, topics, events)
+                if pos == n:
+                    break
             first = data[pos]
             if first & 0xF0 != 0x30 or first & 6 == 6:  # not a PUBLISH of QoS 0-2
                 why = first_rules[first]

@@ -60,6 +60,7 @@ class Committer:
             client = self._intake.client  # the connection that delivered this batch
             batch, st.pending = st.pending, []
             batch_bytes, st.pending_bytes = st.pending_bytes, {}
+            st.committing, st.committing_size = len(batch), st.pending_size
             st.pending_size = 0
             self._intake.took_batch()
             drops, st.new_drops = st.new_drops, {}
@@ -68,6 +69,7 @@ class Committer:
             try:
                 res = await loop.run_in_executor(st.writer, store.commit, batch, deletes, drops)
             except Exception as e:  # disk full, I/O error: keep the batch, try again
+                st.committing = st.committing_size = 0
                 st.drops_committing = {}
                 log.error("store commit failed (%s); retrying", e)
                 st.pending[:0] = batch
@@ -80,6 +82,8 @@ class Committer:
                 await asyncio.sleep(1.0)
                 st.wake.set()
                 continue
+            st.committing = st.committing_size = 0
+            self._intake.took_batch()
             st.drops_committing = {}
             st.counters["commits"] += 1
             for lane, upto in deletes.items():

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edge._codec import PARSE_PATH
 from edge._lifecycle import first_error
 from gateway.committer import Committer
 from gateway.downlink import Downlink
@@ -35,6 +36,10 @@ from gateway.uplink import Uplink
 __all__ = ["Gateway"]
 
 log = logging.getLogger("edgeferry.gateway")
+
+# edge._codec.PARSE_PATH, as the startup line says it
+_PARSE_PATHS = {"c": "C accelerator (edge/_cparse.c)",
+                "python": "pure Python (edge._cparse not built, or EDGEFERRY_PURE_PYTHON=1)"}
 
 
 class Gateway:
@@ -69,10 +74,10 @@ class Gateway:
             st.opened()
             # how many records left before this start is not known; up to which seq is
             st.ledger = Ledger({lane: st.store.removed_upto.get(lane, 0) for lane in st.lane_order})
-            log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d",
-                     self.s.node_id, st.store.path, st.store.epoch,
+            log.info("gateway %s: store %s epoch %d, backlog %d records (%d bytes), next seq %d; "
+                     "MQTT parse: %s", self.s.node_id, st.store.path, st.store.epoch,
                      sum(ln.count for ln in st.store.lanes.values()), st.store.total_bytes,
-                     st.store.next_seq)
+                     st.store.next_seq, _PARSE_PATHS[PARSE_PATH])
             for note in self.s.notes:
                 log.warning("cloud profile: %s", note)
             try:
@@ -112,6 +117,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         st = self.state.status()
         st["downlink"] = self.downlink.status() if self.downlink is not None else None
+        st["mqtt_parse"] = PARSE_PATH
         return st
 
     async def _shutdown(self) -> None:

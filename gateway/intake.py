@@ -39,9 +39,12 @@ COMMIT_RECORDS = 2000
 COMMIT_BYTES = 512 * 1024
 """A batch this large is committed at once, without waiting for commit_interval."""
 
-MAX_PENDING = 5000
+MAX_PENDING = 6000
 MAX_PENDING_BYTES = 8 * 1024 * 1024
-"""Messages (bytes) in hand before the next commit; beyond, the gateway stops reading."""
+"""Messages (bytes) in hand, pending and being committed; beyond, the gateway stops reading
+until a commit ends. One socket read (uvloop's 256 KiB, about 2,000 small messages) may
+go past it. This, not the backlog, sets the gateway's peak memory while a backlog is
+built at full speed (docs/benchmarks.md, issue 15)."""
 
 REDELIVERY_WINDOW = 20000
 """Newest stored records checked against redeliveries after a restart (more than
@@ -261,11 +264,16 @@ class Intake:
         st = self.st
         pending = st.pending
         st.full.set()
-        if (len(pending) >= MAX_PENDING or st.pending_size >= MAX_PENDING_BYTES) and not self._paused:
+        if not self._paused and self._too_much(len(pending), st.pending_size):
             # Mosquitto 2.0.11 does not apply max_inflight_messages to a resumed session's
-            # queue: stop reading until the committer took this batch (TCP holds the rest)
+            # queue: stop reading until a commit made room (TCP holds the rest)
             self._paused = True
             client.pause_reading()
+
+    def _too_much(self, pending: int, pending_size: int) -> bool:
+        st = self.st
+        return (pending + st.committing >= MAX_PENDING
+                or pending_size + st.committing_size >= MAX_PENDING_BYTES)
 
     def _on_message_slow(self, m: Message, lane: str, size: int, client: MQTTClient) -> None:
         """Retained, too large, a possible redelivery, a lane holding messages, a full
@@ -343,8 +351,10 @@ class Intake:
     # ------------------------------------------------------------ from the committer
 
     def took_batch(self) -> None:
-        """The committer took the pending batch: read again if we had paused."""
-        if self._paused:
+        """The committer took the pending batch, or ended a commit: read again if we had
+        paused and there is room."""
+        st = self.st
+        if self._paused and not self._too_much(len(st.pending), st.pending_size):
             self._paused = False
             if self.client is not None:
                 self.client.resume_reading()

@@ -84,6 +84,9 @@ class State:
         self.pending_bytes: dict[str, int] = {}
         self.pending_size = 0
         self.pending_since = 0.0
+        # messages and bytes of the batch the writer thread is committing: in hand too
+        self.committing = 0
+        self.committing_size = 0
         self.full = asyncio.Event()  # the batch is big enough to commit at once
         self.used = 0  # record bytes in the store plus the pending batch
         self.held: dict[str, deque[Message]] = {}  # per block lane that is full: unacknowledged

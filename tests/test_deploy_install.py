@@ -87,6 +87,8 @@ def test_install_twice_changes_nothing(tmp_path: Path, fake_python: tuple[dict[s
     assert after == before
     assert len(pip_log.read_text().splitlines()) == 1  # the venv was not reinstalled
 
+    assert "pure Python" not in first  # the fake venv's python imports anything
+
     etc = root / "etc" / "edgeferry"
     for secret in (etc / "tls" / "node.key", *(etc / "secrets").iterdir()):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
@@ -164,3 +166,19 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     r = subprocess.run(["bash", str(REPO / "deploy" / "install.sh"), "--destdir", str(tmp_path), "--provisioned",
                         str(tmp_path / "nothing")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
+
+
+def test_install_says_when_the_c_accelerator_was_not_built(tmp_path: Path,
+                                                           fake_python: tuple[dict[str, str], Path]) -> None:
+    """A venv whose python cannot import edge._cparse (pip built edgeferry without a C
+    compiler): the install says the gateway parses in pure Python, and how to change it."""
+    env, _ = fake_python
+    root = tmp_path / "root"
+    venv_bin = root / "opt" / "edgeferry" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text("#!/bin/sh\nexit 1\n")
+    (venv_bin / "pip").write_text("#!/bin/sh\n")
+    for f in venv_bin.iterdir():
+        f.chmod(0o755)
+    out = _install(root, env, "--no-systemctl")
+    assert "parses MQTT in pure Python" in out and "apt-get install gcc python3-dev" in out, out

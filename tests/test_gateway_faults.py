@@ -261,6 +261,7 @@ def test_health_status_cli_and_prometheus_metrics_while_running(tmp_path, broker
     import sys
     import urllib.request
 
+    from edge._codec import PARSE_PATH
     from tests.harness import free_port
 
     port = free_port()
@@ -279,6 +280,7 @@ def test_health_status_cli_and_prometheus_metrics_while_running(tmp_path, broker
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["running"] is True and st["link"]["cloud"] == "down" and st["offline_for_s"] > 0
+    assert st["mqtt_parse"] == PARSE_PATH  # the gateway runs this checkout, as this test does
     lane = st["lanes"]["telemetry"]
     assert lane["records"] >= backlog and lane["bytes"] > 0 and lane["oldest_age_s"] >= 0
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:

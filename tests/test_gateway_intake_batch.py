@@ -74,3 +74,34 @@ def test_one_lane_batch_takes_the_column_path(tmp_path):
     a._on_batch([(f"dt/d{i % 3}/t", b"x" * 50, i + 1, 0x32) for i in range(100)])
     assert len(st.pending) == 100 and len({r[3] for r in st.pending}) == 1
     assert st.pending_bytes == {"telemetry": st.pending_size} and st.used == st.pending_size
+
+
+def test_reading_waits_while_pending_and_committing_fill_the_bound(tmp_path, monkeypatch):
+    """The pause bound counts the batch being committed: with a commit in flight the
+    intake stops reading sooner, and reads again only once that commit ended."""
+    import gateway.intake as intake_mod
+
+    monkeypatch.setattr(intake_mod, "MAX_PENDING", 100)
+    monkeypatch.setattr(intake_mod, "COMMIT_RECORDS", 40)  # the bound is checked once a batch is full
+    a, st, _ = _intake(tmp_path, "a", 10**8)
+    paused: list[bool] = []
+    assert a.client is not None
+    a.client.pause_reading = lambda: paused.append(True)  # type: ignore[method-assign]
+    a.client.resume_reading = lambda: paused.append(False)  # type: ignore[method-assign]
+
+    def read(n: int, first_pid: int) -> None:
+        a._on_batch([("dt/d/t", b"x" * 10, first_pid + i, 0x32) for i in range(n)])
+
+    read(60, 1)  # full (40), but 60 in hand
+    assert paused == []
+    # the committer takes these 60 (gateway/committer.py): they are in hand until committed
+    st.committing, st.committing_size, st.pending, st.pending_size = len(st.pending), st.pending_size, [], 0
+    a.took_batch()
+    assert paused == []
+    read(50, 61)  # 50 pending + 60 committing: over 100
+    assert paused == [True]
+    a.took_batch()  # nothing was taken since: still no room
+    assert paused == [True]
+    st.committing = st.committing_size = 0  # the commit ended
+    a.took_batch()
+    assert paused == [True, False]

@@ -3,7 +3,9 @@
 Fuzzed with hypothesis (bounded: the file runs in a few seconds): arbitrary bytes raise
 nothing but ProtocolError and yield only packets the bytes hold; a valid stream split at
 every byte boundary decodes as the whole does; every packet type round-trips, also at
-the remaining-length edges.
+the remaining-length edges. Every decode here runs on each parse path (``decode_all``):
+the ordinary decoder, the raw one in pure Python, and the raw one with the C fast path
+(edge/_cparse.c) when it is built; tests/test_cparse.py compares the last two directly.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from edge._codec import (
     encode_publish,
     encode_subscribe,
     encode_unsubscribe,
+    raw_message,
     varint,
 )
 from edge.errors import ConfigError, ProtocolError
@@ -40,18 +43,41 @@ def as_tuple(ev: object) -> tuple[object, ...]:
     return (repr(ev),)
 
 
+try:
+    from edge._cparse import parse_publishes
+except ImportError:  # not built: the pure Python paths only
+    PATHS = {"ordinary": (False, None), "raw": (True, None)}
+else:
+    PATHS = {"ordinary": (False, None), "raw": (True, None), "raw, C fast path": (True, parse_publishes)}
+
+
 def decode_all(data: bytes, *, chunks: list[int] | None = None, limit: int = 1 << 24) -> list[object]:
-    d = Decoder(limit)
+    """The ordinary decoder's events of ``data``, fed whole or in ``chunks``, or its
+    ProtocolError; checked to be exactly what every other parse path gives."""
+    runs = {name: _decode_on(raw, fast, data, chunks, limit) for name, (raw, fast) in PATHS.items()}
+    out, error = runs["ordinary"]
+    for name, (other, other_error) in runs.items():
+        assert ([as_tuple(e) for e in other], str(other_error)) == ([as_tuple(e) for e in out], str(error)), name
+    if error is not None:
+        raise error
+    return out
+
+
+def _decode_on(raw: bool, fast: object, data: bytes, chunks: list[int] | None,
+               limit: int) -> tuple[list[object], ProtocolError | None]:
+    d = Decoder(limit, raw=raw)
+    d._fast = fast  # type: ignore[assignment]
     out: list[object] = []
-    if chunks is None:
-        out += d.feed(data)
-    else:
-        pos = 0
-        for c in chunks:
+    pos = 0
+    try:
+        for c in chunks or ():
             out += d.feed(data[pos : pos + c])
             pos += c
         out += d.feed(data[pos:])
-    return out
+        error = None
+    except ProtocolError as e:
+        error = e
+    return [raw_message(ev) if type(ev) is tuple else ev for ev in out], error  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ strategies
@@ -158,6 +184,7 @@ def test_a_valid_stream_decodes_the_same_split_anywhere(evs, data):
     parts = d.feed(stream[:cut]) + d.feed(stream[cut:])
     assert [as_tuple(e) for e in parts] == whole
     assert d.buffered == 0
+    assert [as_tuple(e) for e in decode_all(stream, chunks=[cut])] == whole  # on every path
 
 
 def test_every_byte_boundary_and_byte_by_byte():
@@ -166,13 +193,8 @@ def test_every_byte_boundary_and_byte_by_byte():
     stream = b"".join(encode_event(e) for e in evs)
     want = [as_tuple(e) for e in evs]
     for cut in range(len(stream) + 1):
-        d = Decoder()
-        assert [as_tuple(e) for e in d.feed(stream[:cut]) + d.feed(stream[cut:])] == want
-    d = Decoder()
-    got: list[object] = []
-    for i in range(len(stream)):
-        got += d.feed(stream[i : i + 1])
-    assert [as_tuple(e) for e in got] == want
+        assert [as_tuple(e) for e in decode_all(stream, chunks=[cut])] == want
+    assert [as_tuple(e) for e in decode_all(stream, chunks=[1] * len(stream))] == want
 
 
 @FUZZ
@@ -260,6 +282,7 @@ BAD = {
     "reserved type 15": (b"\xf0", "reserved"),
     "remaining length of 5 bytes": (b"\x30\xff\xff\xff\xff\x01", "longer than 4 bytes"),
     "remaining length not shortest": (b"\xd0\x80\x00", "shortest form"),
+    "PUBLISH remaining length not shortest": (b"\x30\x85\x00\x00\x01axy", "shortest form"),
     "268,435,455 bytes declared": (b"\x30\xff\xff\xff\x7f", "exceeds the limit"),
 }
 

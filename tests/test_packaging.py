@@ -53,7 +53,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("packaging")
     src = tmp / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "results", "*.db*"))
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "results", "*.db*", "*.so"))
     r = _run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_sdist('dist'))"],
              src)
     sdist = src / "dist" / r.stdout.strip().splitlines()[-1]
@@ -85,6 +85,17 @@ def test_the_wheel_is_what_runs(venv: Path):
     for pkg in ("edge", "gateway", "firmware_sim", "edgeferry"):
         assert (site / pkg / "py.typed").is_file(), f"{pkg}/py.typed is not in the wheel"
     assert list(site.glob("edgeferry-*.dist-info/licenses/LICENSE")), "LICENSE is not in the wheel"
+
+
+def test_the_wheel_carries_the_c_accelerator(venv: Path):
+    """Built from edge/_cparse.c in the sdist (the copy of the checkout holds no .so),
+    imported from the wheel, and taken by a raw decoder there."""
+    if not shutil.which(sysconfig.get_config_var("CC").split()[0]) or not (
+            Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        pytest.skip("no C compiler or Python headers here: the wheel is built without the accelerator")
+    out = _run([venv / "python", "-c", "import edge._cparse as c, edge._codec as d; print(c.__file__, d.PARSE_PATH)"],
+               venv.parent).stdout.split()
+    assert Path(out[0]).is_relative_to(venv.parent) and out[1] == "c", out
 
 
 def test_demo_help_outside_the_checkout(venv: Path):

@@ -4,13 +4,20 @@
 # device variables or a volume at start (edgeferry-entrypoint.sh); none is in the image.
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# a C compiler for the MQTT parse accelerator (edge/_cparse.c), in this stage only: the
+# image gets the built module, not the compiler (the base image has the Python headers)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE* ./
+COPY pyproject.toml setup.py README.md LICENSE* ./
 COPY edge ./edge
 COPY gateway ./gateway
 COPY firmware_sim ./firmware_sim
 COPY edgeferry ./edgeferry
-RUN python -m venv /opt/edgeferry && /opt/edgeferry/bin/pip install --no-compile .
+# the accelerator is optional for pip (built when it can be); the image must have it
+RUN python -m venv /opt/edgeferry && /opt/edgeferry/bin/pip install --no-compile . \
+    && /opt/edgeferry/bin/python -c "import edge._cparse"
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/edgeferry/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
