@@ -305,7 +305,10 @@ class Ingest:
                 # the gateway no longer holds (after, upto]: count it, and go on after it
                 if have >= f.upto:
                     continue  # recorded already (the notice came again)
-                if f.after > have:
+                if f.after != have:
+                    # ahead of what we hold, or from below it (an answer to an earlier
+                    # request, whose count includes records held or counted since): ask
+                    # from what we hold; that answer counts exactly what is missing
                     counters["gap_frames"] += 1
                     gaps[key] = have
                     continue

@@ -21,6 +21,9 @@ leave a hole unnoticed: the second waits for the first's lock and sees its high.
 frame that arrives ahead of a hole is written at once (with MQTT shared subscriptions
 frames of one lane reach several workers in any order) and the hole is asked for again
 (a nack) only when it is still open after ``gap_wait`` seconds (:meth:`PgSink.waiting`).
+A gap notice is recorded only when it starts exactly at the lane's high (after the
+batch's frames and those waiting): its count is then exactly what is missing, and no
+record is counted twice (docs/wire-format.md, Gap notices).
 
 Records are partitioned by day of ``ts`` (when the gateway received the message): the
 same record carries the same ``ts`` on every resend, so it always lands in the same
@@ -152,6 +155,22 @@ def _cover(high: int, spans: Iterable[tuple[int, int]]) -> int:
     return high
 
 
+def _exact_gaps(high: int, spans: list[tuple[int, int]], gaps: list[GapRow]) -> list[GapRow]:
+    """The gap notices of one lane that start exactly at what is held (``high``, followed
+    through ``spans``), each after the one before: only those are recorded, so no record
+    is counted twice. One from below (an answer to an earlier request that reaches
+    further: its count includes records held or counted since) or ahead of what is held
+    is not; the hole it leaves is asked for again (:meth:`PgSink.waiting`), and the
+    gateway's answer starts at the high."""
+    exact = []
+    high = _cover(high, spans)
+    for g in sorted(gaps, key=lambda g: g[3]):
+        if g[3] == high:
+            exact.append(g)
+            high = _cover(g[4], spans)
+    return exact
+
+
 def _day(d: dt.date) -> tuple[str, dt.datetime, dt.datetime]:
     lo = dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC)
     return f"records_{d:%Y%m%d}", lo, lo + dt.timedelta(days=1)
@@ -234,13 +253,10 @@ class PgSink:
         for node, epoch, lane, prev, recs in frames:
             if recs and prev < recs[-1][0]:
                 spans.setdefault((node, epoch, lane), []).append((prev, recs[-1][0]))
-        gap_list = list(gaps)
-        for node, epoch, lane, after, upto, _m, _r in gap_list:
-            if after < upto:
-                spans.setdefault((node, epoch, lane), []).append((after, upto))
-        if not spans:
+        gap_list = [g for g in gaps if g[3] < g[4]]
+        keys = sorted({*spans, *(g[:3] for g in gap_list)})
+        if not keys:
             return out
-        keys = sorted(spans)
         cols = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
         with db.transaction(), db.cursor() as cur:
             cur.execute("INSERT INTO lanes (node, epoch, lane) SELECT * FROM"
@@ -255,10 +271,15 @@ class PgSink:
             waiting: dict[LaneKey, list[tuple[int, int]]] = {}
             for r in cur.fetchall():
                 waiting.setdefault((r[0], r[1], r[2]), []).append((r[3], r[4]))
-            new_high: dict[LaneKey, int] = {}
-            for k in keys:
-                high, _received = held[k]
-                new_high[k] = _cover(high, spans[k] + waiting.get(k, []))
+            by_lane: dict[LaneKey, list[GapRow]] = {}
+            for g in gap_list:
+                by_lane.setdefault(g[:3], []).append(g)
+            gap_list = []
+            for k, notices in by_lane.items():
+                gap_list += _exact_gaps(held[k][0], spans.get(k, []) + waiting.get(k, []), notices)
+            for g in gap_list:
+                spans.setdefault(g[:3], []).append((g[3], g[4]))
+            new_high = {k: _cover(held[k][0], spans.get(k, []) + waiting.get(k, [])) for k in keys}
             # the records above what was held (below it: written before, or a known gap)
             staged = 0
             with cur.copy("COPY ef_stage FROM STDIN (FORMAT BINARY)") as cp:
@@ -288,14 +309,14 @@ class PgSink:
                 if cur.rowcount:
                     out.new_gaps.append(g)
             # lanes and what still waits behind a hole
-            ups = [(k[0], k[1], k[2], new_high[k], max(s[1] for s in spans[k])) for k in keys]
+            ups = [(k[0], k[1], k[2], new_high[k], max((s[1] for s in spans.get(k, ())), default=0)) for k in keys]
             cur.execute(
                 "UPDATE lanes l SET high = u.high, received = greatest(l.received, u.received),"
                 " last_seen = now() FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[],"
                 " %s::bigint[]) AS u(node, epoch, lane, high, received)"
                 " WHERE (l.node, l.epoch, l.lane) = (u.node, u.epoch, u.lane)",
                 tuple(list(c) for c in zip(*ups, strict=True)))
-            ahead = [(k[0], k[1], k[2], a, u) for k in keys for a, u in spans[k] if a > new_high[k]]
+            ahead = [(k[0], k[1], k[2], a, u) for k in keys for a, u in spans.get(k, ()) if a > new_high[k]]
             cur.execute("DELETE FROM pending p USING unnest(%s::text[], %s::bigint[], %s::text[],"
                         " %s::bigint[]) AS u(node, epoch, lane, high) WHERE (p.node, p.epoch, p.lane)"
                         " = (u.node, u.epoch, u.lane) AND p.upto <= u.high",

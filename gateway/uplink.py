@@ -56,6 +56,8 @@ class Uplink:
         self.st = state
         self.client: MQTTClient | None = None
         self._ring: UrlRing | None = None  # --cloud URLs, tried in turn
+        # per lane: the highest seq a gap notice of this store announced (counted once)
+        self._announced: dict[str, int] = {}
 
     async def run(self) -> None:
         st, s = self.st, self.st.s
@@ -315,7 +317,15 @@ class Uplink:
         await st.limits.take()  # the cloud's publish rate counts it like a frame
         await client.publish_nowait(uplink_topic(s.node_id, lane), body, 1)
         st.counters["gap_notices"] += 1
-        st.counters["gap_records"] += missing or 0
+        new = missing or 0
+        if epoch == st.store.epoch and new:
+            # a repeated request gets the same answer, or one reaching further: count
+            # only the records no notice announced before
+            announced = self._announced.get(lane, 0)
+            if after < announced:
+                new = (st.ledger.missing(lane, announced, upto + 1)[0] or 0) if upto > announced else 0
+            self._announced[lane] = max(upto, announced)
+        st.counters["gap_records"] += new
 
     def _frame_acked(self, lane: str, q: deque[Inflight], n: int, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:

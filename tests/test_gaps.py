@@ -181,6 +181,42 @@ def test_ingest_keeps_frames_ahead_of_a_hole_until_the_gap_notice_comes(tmp_path
     assert sorted(r["seq"] for r in read_sink(f"{kind}:{path}")) == [1, 2, 3, 11, 12, 13, 14]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "sqlite"])
+def test_a_gap_reported_again_is_counted_once(tmp_path, kind):
+    # ingest holds 1-3 and asked twice for what follows (a repeated nack); the gateway's
+    # first answer announces 4-10 (7 records), its second the same range and what left
+    # the store meanwhile, 4-14 (11: the 7 again and 4 more), then the identical first
+    # notice arrives again (redelivered after a reconnect). 11 records are lost, not 25.
+    path = tmp_path / ("sink.jsonl" if kind == "jsonl" else "sink.db")
+    ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", f"{kind}:{path}",
+                                  "--downlink", "off"]))
+    ing.sink = open_sink(f"{kind}:{path}")
+    topic = uplink_topic("pi-1", "telemetry")
+
+    def msg(data: bytes) -> Message:
+        return Message(topic, data, 1, False, False, 1)
+
+    key = ("pi-1", 7, "telemetry")
+    first = encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"x") for s in (1, 2, 3)], prev_seq=0)
+    ing._process([msg(first)])
+    notice = encode_gap("pi-1", 7, "telemetry", 3, 10, 7, BROKER_ACKED)
+    again_further = encode_gap("pi-1", 7, "telemetry", 3, 14, 11, BROKER_ACKED)
+    _, _, acks, gaps = ing._process([msg(notice), msg(again_further), msg(notice)])
+    assert ing.counters["gap_records"] == 7, "the records of 4-10 were counted again"
+    assert acks == {("pi-1", 7): {"telemetry": 10}}
+    assert gaps == {key: 10}  # the rest is asked for from what ingest holds ...
+    client = _NackClient()
+    asyncio.run(ing._nack(client, gaps))  # type: ignore[arg-type]
+    assert client.sent == [(nack_topic("pi-1"), {"epoch": 7, "lane": "telemetry", "after": 10})]
+    exact = encode_gap("pi-1", 7, "telemetry", 10, 14, 4, BROKER_ACKED)  # ... and answered exactly
+    _, _, acks, gaps = ing._process([msg(exact), msg(notice), msg(again_further), msg(exact)])
+    assert (acks, gaps) == ({("pi-1", 7): {"telemetry": 14}}, {})
+    assert ing.counters["gap_records"] == 11 and ing.counters["gaps"] == 2
+    assert ing.status()["gaps"] == [{"node": "pi-1", "lane": "telemetry", "notices": 2, "records": 11, "unknown": 0}]
+    ing.sink.close()
+    assert [(g["after"], g["upto"], g["missing"]) for g in read_gaps(f"{kind}:{path}")] == [(3, 10, 7), (10, 14, 4)]
+
+
 # ---------------------------------------------------------------- the gateway's resend
 
 
@@ -228,6 +264,66 @@ def _follow(have: int, sent: list[Frame | Gap]) -> tuple[int, int]:
     return have, missing
 
 
+def _broker_confirmed(tmp_path) -> State:  # noqa: ANN001
+    """A gateway's state under --confirm broker with records 1-20 of lane telemetry
+    stored (frames of 5), none sent yet."""
+    s = gateway_settings(["--local", "mqtt://127.0.0.1:9", "--cloud", "mqtt://127.0.0.1:9",
+                          "--store", str(tmp_path / "store.db"), "--node-id", "pi-1",
+                          "--confirm", "broker", "--frame-max-records", "5", "--frame-linger", "0",
+                          "--lane", "telemetry:drop_oldest:dt/#", "--default-lane", "telemetry"])
+    st = State(s)
+    st.store.open()
+    st.opened()
+    st.ledger = Ledger({"telemetry": 0})
+    for i0 in range(0, 20, 5):  # (records leave the store by commit)
+        st.store.commit([("telemetry", "dt/a", b"x", 1_700_000_000_000 + i, i + 1) for i in range(i0, i0 + 5)])
+    return st
+
+
+def _nack(up: Uplink, st: State, after: int, held_after: int | None = None) -> None:
+    """Ingest's resend request, as the uplink receives it."""
+    ask: dict[str, object] = {"epoch": st.store.epoch, "lane": "telemetry", "after": after}
+    if held_after is not None:
+        ask["held_after"] = held_after
+    up._on_message(Message("ef/pi-1/nack", json.dumps(ask).encode(), 0, False, False, 0))
+
+
+def test_a_repeated_nack_answered_by_the_same_notice_counts_its_records_once(tmp_path):
+    # ingest asked twice for lane telemetry after 0 (its first request unanswered within a
+    # second) when records 1-20 had left the store at their PUBACK: both answers are the
+    # notice for 1-20. The gateway sent two notices and announced 20 records, not 40;
+    # ingest, given both, counts 20 too.
+    async def body() -> None:
+        st = _broker_confirmed(tmp_path)
+        up = Uplink(st)
+        client = _CloudClient()
+        drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
+        try:
+            await client.until(lambda: st.acked["telemetry"] == 20)
+            st.store.commit([], {"telemetry": 20})
+            del client.sent[:]
+            for n in (1, 2):
+                _nack(up, st, 0)
+                await client.until(lambda n=n: len(client.sent) == n)
+            assert client.sent == 2 * [Gap("pi-1", st.store.epoch, "telemetry", 0, 20, 20, BROKER_ACKED)]
+            assert (st.counters["gap_notices"], st.counters["gap_records"]) == (2, 20)
+        finally:
+            drain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await drain
+            st.store.close()
+        sink = f"jsonl:{tmp_path / 'sink.jsonl'}"
+        ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", sink, "--downlink", "off"]))
+        ing.sink = open_sink(sink)
+        topic = uplink_topic("pi-1", "telemetry")
+        ing._process([Message(topic, encode_gap(g.node, g.epoch, g.lane, g.after, g.upto, g.missing, g.reason),
+                              1, False, False, 1) for g in client.sent if isinstance(g, Gap)])
+        ing.sink.close()
+        assert ing.counters["gap_records"] == 20
+
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
 @pytest.mark.parametrize("held_after", [None, 15])
 def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path, held_after):
     # --confirm broker: ingest asks for lane telemetry after 0 when records 1-10 are gone
@@ -236,16 +332,7 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
     # resend found nothing and the lane stalled: ingest had dropped 11-20 as out of order.
     # With held_after (ingest kept the frames after 15), only 1-15 are announced.
     async def body() -> None:
-        s = gateway_settings(["--local", "mqtt://127.0.0.1:9", "--cloud", "mqtt://127.0.0.1:9",
-                              "--store", str(tmp_path / "store.db"), "--node-id", "pi-1",
-                              "--confirm", "broker", "--frame-max-records", "5", "--frame-linger", "0",
-                              "--lane", "telemetry:drop_oldest:dt/#", "--default-lane", "telemetry"])
-        st = State(s)
-        st.store.open()
-        st.opened()
-        st.ledger = Ledger({"telemetry": 0})
-        for i0 in range(0, 20, 5):  # (records leave the store by commit)
-            st.store.commit([("telemetry", "dt/a", b"x", 1_700_000_000_000 + i, i + 1) for i in range(i0, i0 + 5)])
+        st = _broker_confirmed(tmp_path)
         up = Uplink(st)
         client = _CloudClient()
         drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
@@ -263,10 +350,7 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
 
             up._gap_notice = then_commit  # type: ignore[method-assign]
             del client.sent[:]
-            ask: dict[str, object] = {"epoch": st.store.epoch, "lane": "telemetry", "after": 0}
-            if held_after is not None:
-                ask["held_after"] = held_after
-            up._on_message(Message("ef/pi-1/nack", json.dumps(ask).encode(), 0, False, False, 0))
+            _nack(up, st, 0, held_after)
             await client.until(lambda: client.sent and _follow(0, client.sent)[0] >= (held_after or 20))
             have, missing = _follow(0, client.sent)
             want = held_after or 20
@@ -277,5 +361,52 @@ def test_records_that_leave_the_store_during_a_resend_get_a_gap_notice(tmp_path,
             with pytest.raises(asyncio.CancelledError):
                 await drain
             st.store.close()
+
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_a_gap_notice_stops_where_ingest_holds_frames(tmp_path):
+    # --confirm broker: records 1-20 left the store at their PUBACK; the cloud broker lost
+    # 1-15 and delivered the frame of 16-20, which ingest keeps ahead of the hole. Its nack
+    # says so (held_after 15), and the notice must end there: announcing 1-20 would count
+    # 16-20 as lost though ingest writes them (a sink that trusts the notice, PostgreSQL,
+    # would drop them as below its high).
+    async def body() -> None:
+        sink = f"jsonl:{tmp_path / 'sink.jsonl'}"
+        ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", sink, "--downlink", "off"]))
+        ing.sink = open_sink(sink)
+        topic = uplink_topic("pi-1", "telemetry")
+        st = _broker_confirmed(tmp_path)
+        up = Uplink(st)
+        client = _CloudClient()
+        drain = asyncio.create_task(up._drain(client))  # type: ignore[arg-type]
+        try:
+            await client.until(lambda: st.acked["telemetry"] == 20)
+            st.store.commit([], {"telemetry": 20})
+            delivered = [f for f in client.sent if isinstance(f, Frame) and f.prev_seq == 15]
+            del client.sent[:]
+            assert [r[0] for r in delivered[0].records] == [16, 17, 18, 19, 20]
+            frame = encode("pi-1", st.store.epoch, "telemetry", delivered[0].records, prev_seq=15)
+            _, _, _, gaps = ing._process([Message(topic, frame, 1, False, False, 1)])
+            asked = _NackClient()
+            await ing._nack(asked, gaps)  # type: ignore[arg-type]
+            [(_, nack)] = asked.sent
+            assert nack["held_after"] == 15
+            _nack(up, st, int(nack["after"]), int(nack["held_after"]))  # type: ignore[call-overload]
+            await client.until(lambda: client.sent)
+            assert client.sent == [Gap("pi-1", st.store.epoch, "telemetry", 0, 15, 15, BROKER_ACKED)]
+            assert st.counters["gap_records"] == 15
+        finally:
+            drain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await drain
+            st.store.close()
+        [g] = client.sent
+        assert isinstance(g, Gap)
+        notice = encode_gap(g.node, g.epoch, g.lane, g.after, g.upto, g.missing, g.reason)
+        written, _, _, gaps = ing._process([Message(topic, notice, 1, False, False, 1)])
+        ing.sink.close()
+        assert (written, gaps, ing.counters["gap_records"]) == (5, {}, 15)
+        assert [r["seq"] for r in read_sink(sink)] == [16, 17, 18, 19, 20]
 
     asyncio.run(asyncio.wait_for(body(), 20))

@@ -468,6 +468,50 @@ async def test_paused_connection_pings_and_arms_the_kernel_timeout(fake):
     assert client.connected
 
 
+async def test_keepalive_timer_wakes_only_when_something_can_be_due(fake, monkeypatch):
+    """A fleet process carries thousands of connections, so the keepalive timer must not
+    wake on a fixed short period: it sleeps until the earliest moment a ping or the
+    unanswered-ping check can be due. Over 4 keepalive periods an idle connection (its
+    pings answered) and a busy one (a message each way every 50 ms) each wake about twice
+    a period (once per half keepalive); the fixed keepalive / 8 period woke 8 times. Both
+    stay connected, and the idle one kept pinging."""
+    wakes: dict[int, int] = {}
+    tick = MQTTClient._tick
+
+    def counted(self: MQTTClient) -> None:
+        wakes[id(self)] = wakes.get(id(self), 0) + 1
+        tick(self)
+
+    monkeypatch.setattr(MQTTClient, "_tick", counted)
+    idle, idle_conn = await fake.session(keepalive=1)
+    busy, busy_conn = await fake.session(keepalive=1)
+    pings = {idle_conn: 0, busy_conn: 0}
+
+    async def broker_side(conn: Conn) -> None:
+        while True:
+            first, _ = await conn.packet()
+            if first == 0xC0:
+                pings[conn] += 1
+                conn.send(b"\xd0\x00")
+
+    periods = 4
+    async with asyncio.TaskGroup() as tg:
+        answering = [tg.create_task(broker_side(c)) for c in (idle_conn, busy_conn)]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < periods * idle.keepalive:
+            busy_conn.send(publish(b"down"))
+            await busy.publish("up", b"x", qos=0)
+            await asyncio.sleep(0.05)  # the pace of the busy connection's traffic
+        for task in answering:
+            task.cancel()
+    counts = {"idle": wakes.get(id(idle), 0), "busy": wakes.get(id(busy), 0)}
+    print(f"\n[keepalive timer] wake-ups in {periods} keepalive periods: {counts}; pings {list(pings.values())}")
+    assert idle.connected and busy.connected
+    assert pings[idle_conn] >= 2 * periods - 2, "the idle connection stopped pinging"
+    for name, n in counts.items():
+        assert n <= 3 * periods, f"the {name} connection's keepalive timer woke {n} times"
+
+
 async def test_unanswered_ping_closes_within_the_bound(fake):
     client, conn = await fake.session(keepalive=1)
     t0 = time.monotonic()

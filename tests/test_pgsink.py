@@ -131,6 +131,28 @@ def test_gap_notice_counts_as_held(pg_url):  # noqa: F811
     assert [(g["after"], g["upto"], g["missing"]) for g in read_gaps(pg_url)] == [(5, 9, 4)]
 
 
+def test_a_gap_reported_again_is_counted_once(pg_url):  # noqa: F811
+    """A notice counts from exactly what is held: one from below it (an answer to an
+    earlier request, reaching further) or ahead of it is not recorded, so no record is
+    counted twice; the hole it leaves is asked for again (waiting) and answered exactly."""
+    from gateway.sinks import read_gaps
+
+    sink = open_pg(pg_url)
+    try:
+        sink.write_frames([("n1", 1, "telemetry", 0, recs(1, 5))])
+        assert sink.write_gap(("n1", 1, "telemetry", 5, 9, 4, "evicted")) is True
+        assert sink.write_gap(("n1", 1, "telemetry", 5, 12, 7, "evicted")) is False  # 6-9 again
+        assert sink.write_gap(("n1", 1, "telemetry", 14, 16, 2, "evicted")) is False  # ahead
+        b = sink.write_frames([("n1", 1, "telemetry", 16, recs(17, 18))], [("n1", 1, "telemetry", 5, 9, 4, "evicted")])
+        assert not b.new_gaps and b.acks == {("n1", 1): {"telemetry": 9}}
+        assert sink.waiting(0.0) == {("n1", 1, "telemetry"): 9}
+        b = sink.write_frames([], [("n1", 1, "telemetry", 9, 16, 5, "evicted")])  # the exact answer
+        assert len(b.new_gaps) == 1 and b.acks == {("n1", 1): {"telemetry": 18}}
+    finally:
+        sink.close()
+    assert [(g["after"], g["upto"], g["missing"]) for g in read_gaps(pg_url)] == [(5, 9, 4), (9, 16, 5)]
+
+
 def test_partitions_ahead_default_moved_and_retention(pg_url):  # noqa: F811
     from gateway.pgsink import ensure_partitions, parse_keep, retention
 
