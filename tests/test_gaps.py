@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -151,10 +152,9 @@ class _NackClient:
         self.sent.append((topic, json.loads(body)))
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "sqlite"])
-def test_ingest_keeps_frames_ahead_of_a_hole_until_the_gap_notice_comes(tmp_path, kind):
-    # under --confirm broker the gateway may have removed the frames after the hole by
-    # the time it answers the nack (their PUBACK): ingest must write the ones it received
+def _ingest(tmp_path: Path, kind: str) -> tuple[Ingest, Callable[[bytes], Message], Path]:
+    """Ingest with a ``kind`` sink and no broker (its ``_process`` is called directly), the
+    message of node pi-1's telemetry lane for a payload, and the sink's path."""
     path = tmp_path / ("sink.jsonl" if kind == "jsonl" else "sink.db")
     ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", f"{kind}:{path}",
                                   "--downlink", "off"]))
@@ -164,6 +164,14 @@ def test_ingest_keeps_frames_ahead_of_a_hole_until_the_gap_notice_comes(tmp_path
     def msg(data: bytes) -> Message:
         return Message(topic, data, 1, False, False, 1)
 
+    return ing, msg, path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "sqlite"])
+def test_ingest_keeps_frames_ahead_of_a_hole_until_the_gap_notice_comes(tmp_path, kind):
+    # under --confirm broker the gateway may have removed the frames after the hole by
+    # the time it answers the nack (their PUBACK): ingest must write the ones it received
+    ing, msg, path = _ingest(tmp_path, kind)
     first = encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"x") for s in (1, 2, 3)], prev_seq=0)
     ahead = [encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"y") for s in (11, 12)], prev_seq=10),
              encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"z") for s in (13, 14)], prev_seq=12)]
@@ -187,15 +195,7 @@ def test_a_gap_reported_again_is_counted_once(tmp_path, kind):
     # first answer announces 4-10 (7 records), its second the same range and what left
     # the store meanwhile, 4-14 (11: the 7 again and 4 more), then the identical first
     # notice arrives again (redelivered after a reconnect). 11 records are lost, not 25.
-    path = tmp_path / ("sink.jsonl" if kind == "jsonl" else "sink.db")
-    ing = Ingest(ingest_settings(["--cloud", "mqtt://127.0.0.1:9", "--sink", f"{kind}:{path}",
-                                  "--downlink", "off"]))
-    ing.sink = open_sink(f"{kind}:{path}")
-    topic = uplink_topic("pi-1", "telemetry")
-
-    def msg(data: bytes) -> Message:
-        return Message(topic, data, 1, False, False, 1)
-
+    ing, msg, path = _ingest(tmp_path, kind)
     key = ("pi-1", 7, "telemetry")
     first = encode("pi-1", 7, "telemetry", [(s, 1, "dt/a", b"x") for s in (1, 2, 3)], prev_seq=0)
     ing._process([msg(first)])

@@ -299,5 +299,4 @@ async def test_a_connection_lost_during_a_rest_cancels_it(fake):
     conn.close()
     client.abort()
     assert timer.cancelled() and client._hold_timer is None
-    await asyncio.sleep(0)
     assert not mqtt.MQTTClient.connected.fget(client)  # type: ignore[attr-defined]
